@@ -1,0 +1,5 @@
+import sys
+
+from refloop.cli import main
+
+sys.exit(main())

@@ -1,0 +1,255 @@
+"""The `refloop` command. The only module that sets up logging, prints, or calls sys.exit.
+
+Exit codes: 0 ok, 1 the operation failed (e.g. a NAK from `send`), 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from refloop import __version__
+from refloop.config import ConfigError, Settings, load_settings
+
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    path = args.config or os.environ.get("REFLOOP_CONFIG") or None
+    return load_settings(path, os.environ)
+
+
+# -- serve ----------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from refloop.daemon.server import Server, StartupError
+    from refloop.logs import setup_logging
+
+    settings = _settings(args)
+    setup_logging(settings.log.level, settings.log.format)
+    server = Server(settings, migrate_schema=args.migrate)
+    try:
+        _run(server.serve())
+    except StartupError as exc:
+        print(f"refloop: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except OSError as exc:
+        print(f"refloop: cannot listen: {exc.strerror} ({exc.errno})", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop  # type: ignore[import-not-found]
+
+        uvloop.run(coro)  # pragma: no cover - optional accelerator
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+# -- db -------------------------------------------------------------------------------------------
+def cmd_db(args: argparse.Namespace) -> int:
+    from refloop.store import migrate
+    from refloop.store.engine import make_engine
+
+    settings = _settings(args)
+    engine = make_engine(settings.database)
+    try:
+        if args.db_command == "upgrade":
+            before = migrate.current_revision(engine)
+            migrate.upgrade(engine)
+            after = migrate.current_revision(engine)
+            print(f"database at revision {after}" + ("" if before == after else f" (was {before or 'empty'})"))
+        elif args.db_command == "current":
+            cur = migrate.current_revision(engine)
+            head = migrate.head_revision()
+            print(f"current {cur or 'empty'}, head {head}" + ("" if cur == head else " (upgrade needed)"))
+            return EXIT_OK if cur == head else EXIT_FAIL
+    finally:
+        engine.dispose()
+    return EXIT_OK
+
+
+# -- check-config ---------------------------------------------------------------------------------
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    print(f"configuration ok: MLLP {settings.mllp.host}:{settings.mllp.port}, HTTP "
+          f"{settings.http.host}:{settings.http.port}, {len(settings.profiles)} sender profile(s)")
+    return EXIT_OK
+
+
+# -- send -----------------------------------------------------------------------------------------
+def split_messages(data: bytes) -> Iterator[bytes]:
+    """Messages in a file: CR, LF or CRLF line ends; a new message starts at each MSH/FHS/BHS line."""
+    text = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    current: list[bytes] = []
+    for line in text.split(b"\n"):
+        if not line.strip():
+            continue
+        if line.startswith((b"MSH", b"FHS", b"BHS")) and current and not current[0].startswith(
+            (b"FHS", b"BHS")
+        ):
+            yield b"\r".join(current) + b"\r"
+            current = []
+        current.append(line)
+    if current:
+        yield b"\r".join(current) + b"\r"
+
+
+def read_ack(sock: socket.socket, timeout: float) -> bytes:
+    from refloop.daemon.framing import Frame, Framer
+
+    sock.settimeout(timeout)
+    framer = Framer()
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("connection closed before the ACK arrived")
+        for ev in framer.feed(chunk):
+            if isinstance(ev, Frame):
+                return ev.payload
+
+
+def ack_fields(ack: bytes) -> tuple[str, str]:
+    """(MSA-1, MSA-2) of an ACK."""
+    text = ack.decode("latin-1")
+    sep = text[3:4] or "|"
+    for seg in text.replace("\n", "\r").split("\r"):
+        if seg.startswith("MSA"):
+            parts = seg.split(sep)
+            return (parts[1] if len(parts) > 1 else "", parts[2] if len(parts) > 2 else "")
+    return "", ""
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    failures = 0
+    with socket.create_connection((args.host, args.port), timeout=args.timeout) as sock:
+        for name in args.files:
+            data = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+            for msg in split_messages(data):
+                sock.sendall(b"\x0b" + msg + b"\x1c\r")
+                ack = read_ack(sock, args.timeout)
+                code, _ = ack_fields(ack)
+                print(ack.decode("latin-1").replace("\r", "\n").rstrip("\n"))
+                print()
+                if code not in ("AA", "CA"):
+                    failures += 1
+    if failures:
+        print(f"refloop send: {failures} message(s) not accepted", file=sys.stderr)
+    return EXIT_FAIL if failures else EXIT_OK
+
+
+# -- messages -------------------------------------------------------------------------------------
+def cmd_messages(args: argparse.Namespace) -> int:
+    from refloop.store import queries
+    from refloop.store.engine import make_engine
+
+    engine = make_engine(_settings(args).database)
+    try:
+        rows = queries.list_messages(engine, limit=args.limit, control_id=args.control_id)
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    cols = ("id", "received_at", "sender", "type", "control_id", "outcome", "ack_code", "duplicate_of")
+    table = [[str(r[c] if r[c] is not None else "") for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in table]) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for row in table:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    return EXIT_OK
+
+
+# -- replay ---------------------------------------------------------------------------------------
+def cmd_replay(args: argparse.Namespace) -> int:
+    from refloop.clock import SystemClock
+    from refloop.daemon.replay import replay
+    from refloop.routes.router import Router
+    from refloop.routes.table import DEFAULT_ROUTES
+    from refloop.store.engine import make_engine
+
+    settings = _settings(args)
+    since = _parse_time(args.since) if args.since else None
+    engine = make_engine(settings.database)
+    try:
+        summary = replay(engine, settings, Router(DEFAULT_ROUTES), SystemClock(), since=since,
+                         message_id=args.id)
+    finally:
+        engine.dispose()
+    print(json.dumps(summary, indent=2) if args.json else
+          "replayed {replayed} message(s): {outcomes}".format(**summary))
+    return EXIT_OK
+
+
+def _parse_time(value: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError("--since", f"not an ISO 8601 time: {value!r}") from None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+# -- parser ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="refloop", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--version", action="version", version=f"refloop {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--config", metavar="PATH", help="TOML configuration file (or $REFLOOP_CONFIG)")
+        return sp
+
+    sp = with_config(sub.add_parser("serve", help="run the daemon in the foreground"))
+    sp.add_argument("--migrate", action="store_true", help="apply database migrations before serving")
+    sp.set_defaults(func=cmd_serve)
+
+    sp = with_config(sub.add_parser("db", help="database schema"))
+    sp.add_argument("db_command", choices=["upgrade", "current"])
+    sp.set_defaults(func=cmd_db)
+
+    sp = with_config(sub.add_parser("check-config", help="validate the configuration and exit"))
+    sp.set_defaults(func=cmd_check_config)
+
+    sp = sub.add_parser("send", help="send HL7 messages from files over MLLP and print each ACK")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=2575)
+    sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each ACK")
+    sp.add_argument("files", nargs="+", metavar="FILE", help="files with one or more messages ('-' = stdin)")
+    sp.set_defaults(func=cmd_send)
+
+    sp = with_config(sub.add_parser("messages", help="list the journal"))
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument("--control-id", dest="control_id")
+    sp.set_defaults(func=cmd_messages)
+
+    sp = with_config(sub.add_parser("replay", help="re-run stored messages through the current routes"))
+    sp.add_argument("--since", help="only messages received at or after this ISO 8601 time")
+    sp.add_argument("--id", type=int, help="only this journal id")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_replay)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"refloop: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (ConnectionError, OSError) as exc:
+        print(f"refloop: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Typed, frozen settings: built once at start-up by :func:`refloop.config.loader.load_settings`.
+
+Every knob lives here with its default, so that the daemon, the CLI, the tests and the documentation
+all read one source. Each field carries ``metadata["doc"]`` (the one-line reason shown in the example
+config and the README reference) and optionally ``metadata["check"]`` (a validator returning an error
+text or ``None``). The loader refuses unknown keys, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+Check = Callable[[Any], str | None]
+
+#: HL7 versions accepted by default (MSH-12): HL7-REFERENCE §2.7 recommends 2.3 to 2.9.
+DEFAULT_VERSIONS = (
+    "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8", "2.8.1", "2.8.2", "2.9",
+)
+
+
+def setting(default: Any, doc: str, check: Check | None = None) -> Any:
+    """A dataclass field that documents itself (the docs test reads ``doc``)."""
+    if isinstance(default, (list, dict, set)):  # pragma: no cover - guard against mutable defaults
+        raise TypeError("use tuples for sequence defaults")
+    return field(default=default, metadata={"doc": doc, "check": check})
+
+
+def _port(v: int) -> str | None:
+    return None if 0 <= v <= 65535 else "must be a TCP port number 0-65535 (0 picks a free port)"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be greater than 0"
+
+
+def _at_least(n: int) -> Check:
+    def check(v: int) -> str | None:
+        return None if v >= n else f"must be at least {n}"
+
+    return check
+
+
+def _one_of(*choices: str) -> Check:
+    def check(v: str) -> str | None:
+        return None if v in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def _codec(v: str) -> str | None:
+    import codecs
+
+    try:
+        codecs.lookup(v)
+    except LookupError:
+        return "is not a Python codec name (e.g. cp1252, utf-8, latin-1)"
+    return None
+
+
+def default_database_url(environ: dict[str, str] | None = None) -> str:
+    """SQLite in ``$STATE_DIRECTORY`` under systemd, else in ``./var`` of the working directory."""
+    env = os.environ if environ is None else environ
+    state = env.get("STATE_DIRECTORY", "").split(":")[0]
+    base = Path(state) if state else Path.cwd() / "var"
+    return f"sqlite:///{base / 'refloop.db'}"
+
+
+@dataclass(frozen=True)
+class MllpSettings:
+    """The MLLP listener and its limits (safe defaults: see PEERS research in the README)."""
+
+    host: str = setting("127.0.0.1", "Address to bind; loopback unless you mean to expose the port.")
+    port: int = setting(2575, "MLLP port (2575 is the IANA-registered HL7 port).", _port)
+    max_frame_bytes: int = setting(
+        16 * 1024 * 1024,
+        "Largest accepted frame; bigger frames are journaled as a marker, answered AR and the connection closed.",
+        _at_least(1024),
+    )
+    idle_timeout: float = setting(600.0, "Seconds without any byte before an idle connection is closed.", _positive)
+    frame_deadline: float = setting(
+        60.0, "Seconds a started frame may take to complete (defeats 1-byte-per-second trickles).", _positive
+    )
+    max_connections: int = setting(1000, "Open MLLP connections at most; more are closed at once.", _at_least(1))
+    max_connections_per_ip: int = setting(
+        100, "Open MLLP connections per peer address at most.", _at_least(1)
+    )
+    max_pending_frames: int = setting(
+        64, "Frames a pipelining sender may queue on one connection before reading pauses.", _at_least(1)
+    )
+    shutdown_grace: float = setting(
+        30.0, "Seconds SIGTERM waits for frames in flight to be committed and ACKed.", _positive
+    )
+    ack_application: str = setting("REFLOOP", "MSH-3 of the ACKs refloop sends.")
+    ack_facility: str = setting("REFLOOP", "MSH-4 of the ACKs refloop sends.")
+    processing_ids: tuple[str, ...] = setting(
+        ("P",), "Accepted MSH-11 processing IDs; others get AR 202 (keeps test traffic out of production)."
+    )
+    unsupported: str = setting(
+        "accept",
+        "Well-formed message types refloop has no route for: 'accept' (AA, journaled as ignored) or "
+        "'reject' (AR 200/201).",
+        _one_of("accept", "reject"),
+    )
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """The HTTP side: health, readiness, metrics and the read API."""
+
+    host: str = setting("127.0.0.1", "Address for /healthz, /readyz, /metrics and the API.")
+    port: int = setting(8575, "HTTP port.", _port)
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """Where the journal and the referral state live."""
+
+    url: str = setting(
+        "",
+        "SQLAlchemy URL; empty means SQLite at $STATE_DIRECTORY/refloop.db or ./var/refloop.db. "
+        "PostgreSQL: postgresql+psycopg://user@host/db.",
+    )
+    busy_timeout_ms: int = setting(
+        5000, "SQLite: how long a writer waits on a lock before the message is answered AR.", _at_least(0)
+    )
+    auto_migrate: bool = setting(
+        False, "Apply migrations at start-up (always on for the embedded SQLite default)."
+    )
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """Logs are one JSON object a line and never carry PHI."""
+
+    level: str = setting("INFO", "Log level.", _one_of("DEBUG", "INFO", "WARNING", "ERROR"))
+    format: str = setting("json", "'json' (one object a line) or 'text'.", _one_of("json", "text"))
+
+
+@dataclass(frozen=True)
+class SenderProfile:
+    """How one sending system (MSH-3/MSH-4) is read. The profile named ``default`` matches everyone else."""
+
+    name: str = setting("default", "Profile name; used in metrics labels and logs, so keep it short.")
+    sending_application: str = setting("", "MSH-3.1 to match (empty: any).")
+    sending_facility: str = setting("", "MSH-4.1 to match (empty: any).")
+    encoding: str = setting(
+        "cp1252", "Codec used when MSH-18 is empty or wrong (real feeds send cp1252/UTF-8 with MSH-18 empty).",
+        _codec,
+    )
+    versions: tuple[str, ...] = setting(DEFAULT_VERSIONS, "Accepted MSH-12 versions; others get AR 203.")
+    segment_terminators: str = setting(
+        "auto",
+        "'auto': CR, or LF when the message has no CR at all; 'cr': CR only (LF is data).",
+        _one_of("auto", "cr"),
+    )
+    ref_reply: str = setting(
+        "ack", "Reply to REF with a general ACK ('ack'); 'rri' is reserved for a minimal RRI.",
+        _one_of("ack"),
+    )
+
+    def matches(self, app: str, facility: str) -> int:
+        """Match strength: 3 both fields, 2 application, 1 facility, 0 no match (case-insensitive)."""
+        a, f = self.sending_application.casefold(), self.sending_facility.casefold()
+        if not a and not f:
+            return 0
+        if a and a != app.casefold():
+            return 0
+        if f and f != facility.casefold():
+            return 0
+        return 3 if (a and f) else 2 if a else 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything refloop needs, validated once; passed down, never global."""
+
+    mllp: MllpSettings = field(default_factory=MllpSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    profiles: tuple[SenderProfile, ...] = (SenderProfile(),)
+    config_path: str = ""
+
+    @property
+    def default_profile(self) -> SenderProfile:
+        for p in self.profiles:
+            if p.name == "default":
+                return p
+        return SenderProfile()
+
+    def profile_for(self, app: str, facility: str) -> SenderProfile:
+        """The most specific profile for a sender, else ``default``."""
+        best, strength = self.default_profile, 0
+        for p in self.profiles:
+            s = p.matches(app, facility)
+            if s > strength:
+                best, strength = p, s
+        return best
+
+
+#: The scalar sections, in the order the example config and README list them.
+SECTIONS: dict[str, type] = {
+    "mllp": MllpSettings,
+    "http": HttpSettings,
+    "database": DatabaseSettings,
+    "log": LogSettings,
+}

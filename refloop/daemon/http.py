@@ -1,0 +1,75 @@
+"""HTTP side on one small aiohttp listener: health, readiness, Prometheus metrics and the read API.
+
+Database reads run in a worker thread (``asyncio.to_thread``) so a slow query never stalls the MLLP
+event loop. Error bodies carry codes, never message content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from refloop.store import queries
+
+if TYPE_CHECKING:
+    from refloop.daemon.server import Server
+
+
+class HttpApi:
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.app = web.Application()
+        self.app.add_routes([
+            web.get("/healthz", self.healthz),
+            web.get("/readyz", self.readyz),
+            web.get("/metrics", self.metrics),
+            web.get("/api/messages", self.messages),
+        ])
+        self.runner: web.AppRunner | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host, port, reuse_address=True)
+        await site.start()
+        server = site._server
+        assert server is not None
+        sockets = getattr(server, "sockets", None) or []
+        return int(sockets[0].getsockname()[1]) if sockets else port
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def healthz(self, _req: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, _req: web.Request) -> web.Response:
+        db = await asyncio.to_thread(self.server.database_ping)
+        listening = self.server.listening
+        ok = db and listening
+        self.server.metrics.database_up.set(1 if db else 0)
+        return web.json_response(
+            {"status": "ready" if ok else "not ready", "database": db, "listener": listening},
+            status=200 if ok else 503,
+        )
+
+    async def metrics(self, _req: web.Request) -> web.Response:
+        body = generate_latest(self.server.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def messages(self, req: web.Request) -> web.Response:
+        try:
+            limit = int(req.query.get("limit", "100"))
+        except ValueError:
+            return web.json_response({"error": "limit must be an integer"}, status=400)
+        control_id = req.query.get("control_id")
+        engine = self.server.engine
+        assert engine is not None
+        rows: list[dict[str, Any]] = await asyncio.to_thread(
+            queries.list_messages, engine, limit=max(1, min(limit, 10_000)), control_id=control_id
+        )
+        return web.json_response(rows)

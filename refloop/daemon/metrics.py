@@ -1,0 +1,107 @@
+"""Every Prometheus collector, defined once on a registry that is passed in (tests use a fresh one).
+
+Labels come only from bounded sets: message types from :data:`MESSAGE_TYPES` (else ``other``), sender
+profile names from the configuration (else ``unknown``), ACK codes from table 0008, outcomes from
+:class:`refloop.store.models.Outcome`. Never IPs, control IDs, referral IDs or patient data.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from refloop import __version__
+
+MESSAGE_TYPES = frozenset({"ACK", "ADT", "MDM", "OMG", "ORM", "ORU", "REF", "RRI", "SIU"})
+ACK_CODES = frozenset({"AA", "AE", "AR", "CA", "CE", "CR"})
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def type_label(message_type: str) -> str:
+    t = message_type.upper()
+    return t if t in MESSAGE_TYPES else "other"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None, profiles: tuple[str, ...] = ("default",)):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.profiles = frozenset(profiles)
+        r = self.registry
+        self.connections_open = Gauge("refloop_connections_open", "Open MLLP connections.", registry=r)
+        self.connections = Counter(
+            "refloop_connections_total", "MLLP connections by result (accepted or rejected and why).",
+            ["result"], registry=r,
+        )
+        self.connections_closed = Counter(
+            "refloop_connections_closed_total", "MLLP connections closed, by reason.", ["reason"], registry=r
+        )
+        self.frames = Counter(
+            "refloop_frames_total",
+            "Frames by outcome: ok, oversized, bad_framing (truncated by a new VT), disconnect (peer left "
+            "mid-frame), deadline, lf_terminated (tolerated FS LF).",
+            ["outcome"], registry=r,
+        )
+        self.junk_bytes = Counter(
+            "refloop_junk_bytes_total", "Bytes skipped outside frames (NULs, stray CR/LF, scans).", registry=r
+        )
+        self.received_bytes = Counter("refloop_received_bytes_total", "Bytes read from MLLP peers.", registry=r)
+        self.messages = Counter(
+            "refloop_messages_total", "Messages received, by message type and sender profile.",
+            ["type", "sender"], registry=r,
+        )
+        self.outcomes = Counter(
+            "refloop_journal_outcomes_total", "Journal outcomes (see README: the journal).", ["outcome"],
+            registry=r,
+        )
+        self.acks = Counter("refloop_acks_total", "ACKs sent, by MSA-1 code.", ["code"], registry=r)
+        self.duplicates = Counter(
+            "refloop_duplicates_suppressed_total", "Resends recognised and not applied again.", registry=r
+        )
+        self.control_id_reused = Counter(
+            "refloop_control_id_reused_total",
+            "Messages whose sender reused a control ID with different content (processed as new).",
+            registry=r,
+        )
+        self.decode_fallback = Counter(
+            "refloop_decode_fallback_total",
+            "Messages decoded with the sender profile's fallback codec (MSH-18 empty or wrong).",
+            ["sender"], registry=r,
+        )
+        self.app_ack_unsupported = Counter(
+            "refloop_app_ack_requests_unsupported_total",
+            "Messages asking for an enhanced-mode application ACK (MSH-16), which refloop does not send.",
+            registry=r,
+        )
+        self.commit_seconds = Histogram(
+            "refloop_journal_commit_seconds", "Duration of one group commit.", buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "refloop_journal_batch_messages", "Messages per group commit.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r,
+        )
+        self.ack_seconds = Histogram(
+            "refloop_ack_latency_seconds", "Frame complete to ACK written, by message type.", ["type"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.storage_failures = Counter(
+            "refloop_storage_failures_total", "Group commits that failed (every message in them got AR).",
+            registry=r,
+        )
+        self.database_up = Gauge(
+            "refloop_database_up", "1 when the last database operation succeeded, else 0.", registry=r
+        )
+        self.last_message = Gauge(
+            "refloop_last_message_timestamp_seconds", "Unix time of the last message, per sender profile.",
+            ["sender"], registry=r,
+        )
+        self.build = Info("refloop_build", "refloop version.", registry=r)
+        self.build.info({"version": __version__})
+        self.database_up.set(0)
+        for reason in ("ok", "oversized", "bad_framing", "disconnect", "deadline", "lf_terminated"):
+            self.frames.labels(reason)
+        for code in sorted(ACK_CODES):
+            self.acks.labels(code)
+
+    def sender_label(self, profile: str) -> str:
+        return profile if profile in self.profiles else "unknown"

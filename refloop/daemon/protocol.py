@@ -1,0 +1,178 @@
+"""One MLLP connection: a thin asyncio.Protocol over the sans-I/O framer.
+
+Frames on one connection are handled strictly in order (an engine matches ACKs by order as much as by
+MSA-2); connections run concurrently and meet only in the writer's group commit. Every frame, even a
+broken one, becomes a writer job, so nothing received is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from refloop.daemon.framing import Frame, Framer, Junk, Oversize, Truncated
+from refloop.daemon.ingest import BROKEN, FRAME, OVERSIZE, Job, Result
+from refloop.daemon.metrics import type_label
+
+if TYPE_CHECKING:
+    from refloop.daemon.server import Server
+
+log = logging.getLogger("refloop.mllp")
+
+
+class MllpProtocol(asyncio.Protocol):
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        limits = server.settings.mllp
+        self.framer = Framer(max_frame_bytes=limits.max_frame_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.pending: deque[Job] = deque()
+        self.pump: asyncio.Task[None] | None = None
+        self.paused = False
+        self.closing = False
+        self.draining = False
+        self.last_activity = time.monotonic()
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._deadline_handle: asyncio.TimerHandle | None = None
+        self._counted = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+        reason = self.server.admit(self)
+        m = self.server.metrics
+        if reason is not None:
+            m.connections.labels(f"rejected_{reason}").inc()
+            log.warning("connection refused", extra={"reason": reason})
+            transport.abort()
+            return
+        self._counted = True
+        m.connections.labels("accepted").inc()
+        m.connections_open.inc()
+        self._arm_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self._cancel_timers()
+        for ev in self.framer.eof():
+            if isinstance(ev, Truncated):
+                self.server.metrics.frames.labels("disconnect").inc()
+                self._enqueue(self._job(BROKEN, ev.payload, reason="disconnect"))
+            elif isinstance(ev, Junk):
+                self.server.metrics.junk_bytes.inc(ev.nbytes)
+        if self._counted:
+            self._counted = False
+            self.server.metrics.connections_open.dec()
+            self.server.release(self)
+
+    def close(self, reason: str) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.server.metrics.connections_closed.labels(reason).inc()
+            log.info("closing connection", extra={"reason": reason})
+            self.transport.close()
+        self.closing = True
+
+    # -- timers --------------------------------------------------------------------------------
+    def _arm_idle(self) -> None:
+        timeout = self.server.settings.mllp.idle_timeout
+        self._idle_handle = self.server.loop.call_later(timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        timeout = self.server.settings.mllp.idle_timeout
+        idle = time.monotonic() - self.last_activity
+        if self.pump is None and not self.pending and idle >= timeout:
+            self.close("idle_timeout")
+            return
+        self._idle_handle = self.server.loop.call_later(max(timeout - idle, 0.05), self._idle_check)
+
+    def _on_deadline(self) -> None:
+        self._deadline_handle = None
+        self.server.metrics.frames.labels("deadline").inc()
+        for ev in self.framer.eof():
+            if isinstance(ev, Truncated):
+                self._enqueue(self._job(BROKEN, ev.payload, reason="deadline"))
+        self.close("deadline")
+
+    def _cancel_timers(self) -> None:
+        for h in (self._idle_handle, self._deadline_handle):
+            if h is not None:
+                h.cancel()
+        self._idle_handle = self._deadline_handle = None
+
+    # -- data ----------------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        m = self.server.metrics
+        m.received_bytes.inc(len(data))
+        if self.draining:
+            return  # shutting down: frames not yet complete are not started now
+        for ev in self.framer.feed(data):
+            if isinstance(ev, Frame):
+                if ev.lf_terminated:
+                    m.frames.labels("lf_terminated").inc()
+                self._enqueue(self._job(FRAME, ev.payload))
+            elif isinstance(ev, Junk):
+                m.junk_bytes.inc(ev.nbytes)
+            elif isinstance(ev, Truncated):
+                m.frames.labels("bad_framing").inc()
+                log.warning("frame truncated by a new start block", extra={"bytes": len(ev.payload)})
+                self._enqueue(self._job(BROKEN, ev.payload, reason=ev.reason))
+            elif isinstance(ev, Oversize):
+                m.frames.labels("oversized").inc()
+                log.warning("frame over the size limit", extra={"bytes": ev.received})
+                self._enqueue(self._job(OVERSIZE, ev.head, received_size=ev.received))
+                if self.transport is not None:
+                    self.transport.pause_reading()  # nothing more is read; close after the AR
+                    self.paused = True
+        if self.framer.in_frame:
+            if self._deadline_handle is None:
+                self._deadline_handle = self.server.loop.call_later(
+                    self.server.settings.mllp.frame_deadline, self._on_deadline
+                )
+        elif self._deadline_handle is not None:
+            self._deadline_handle.cancel()
+            self._deadline_handle = None
+
+    def _job(self, kind: str, payload: bytes, *, reason: str = "", received_size: int = 0) -> Job:
+        return Job(kind, payload, self.peer, self.server.clock.now(), reason=reason, received_size=received_size)
+
+    def _enqueue(self, job: Job) -> None:
+        self.pending.append(job)
+        if (not self.paused and self.transport is not None and not self.closing
+                and len(self.pending) >= self.server.settings.mllp.max_pending_frames):
+            self.transport.pause_reading()
+            self.paused = True
+        if self.pump is None:
+            self.pump = self.server.spawn(self._pump())
+
+    async def _pump(self) -> None:
+        """Process queued frames one at a time: commit, then ACK, then the next frame."""
+        try:
+            while self.pending:
+                job = self.pending.popleft()
+                result = await self.server.writer.submit(job)
+                self._after(job, result)
+                if (self.paused and not result.close and not self.draining and self.transport is not None
+                        and len(self.pending) < self.server.settings.mllp.max_pending_frames // 2 + 1):
+                    self.transport.resume_reading()
+                    self.paused = False
+        finally:
+            self.pump = None
+
+    def _after(self, job: Job, result: Result) -> None:
+        m = self.server.metrics
+        self.server.observe(job, result)
+        if result.ack is not None and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(result.ack)
+            self.last_activity = time.monotonic()
+            m.acks.labels(result.ack_code).inc()
+            m.ack_seconds.labels(type_label(result.message_type)).observe(time.perf_counter() - job.started)
+        if result.close:
+            self.close("oversize")
