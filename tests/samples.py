@@ -35,7 +35,7 @@ def siu(cid: str | None = None, *, trigger: str = "S12", version: str = "2.5.1",
         mrn: str = CANARY_MRN, **kw: str) -> str:
     cid = cid or control_id("S")
     segs = [
-        msh("SIU", trigger, cid, version=version, structure="SIU_S12", **kw),
+        msh("SIU", trigger, cid, version=version, **{"structure": "SIU_S12", **kw}),
         f"SCH|APT{cid}^SCHED|APT{cid}^SCHED|||REF{cid}|CONSULT^Consult||30|MIN|^^30^20260112090000-0500"
         f"^20260112093000-0500|||||||||||||Booked",
         f"PID|1||{mrn}^^^CLINIC^MR||{patient}||19700101|F",
@@ -51,7 +51,7 @@ def ref(cid: str | None = None, *, trigger: str = "I12", version: str = "2.5.1",
         mrn: str = CANARY_MRN, referral: str = "R1001", **kw: str) -> str:
     cid = cid or control_id("R")
     segs = [
-        msh("REF", trigger, cid, version=version, structure="REF_I12", **kw),
+        msh("REF", trigger, cid, version=version, **{"structure": "REF_I12", **kw}),
         f"RF1|P^Pending|R^Routine|MED^Medical|CON^Consultation|N|{referral}^CLINIC|20260105|20260705|"
         f"Chest pain",
         "PRD|RP|Goodfellow^Gale^^^^Dr|||||1111^NPI",
@@ -65,7 +65,7 @@ def mdm(cid: str | None = None, *, trigger: str = "T02", version: str = "2.5.1",
         mrn: str = CANARY_MRN, note: str = "Patient seen.\\.br\\Plan: follow up.", **kw: str) -> str:
     cid = cid or control_id("M")
     segs = [
-        msh("MDM", trigger, cid, version=version, structure="MDM_T02", **kw),
+        msh("MDM", trigger, cid, version=version, **{"structure": "MDM_T02", **kw}),
         "EVN|T02|20260113100000-0500",
         f"PID|1||{mrn}^^^CLINIC^MR||{patient}||19700101|F",
         "PV1|1|O",
