@@ -117,9 +117,14 @@ class StorageError(Exception):
     """The database cannot be trusted to keep what we write (e.g. its file was removed)."""
 
 
-def frame(ack_text: str) -> bytes:
-    # The ACK is pure ASCII except for echoed header values; latin-1 keeps every byte we were sent.
-    return VT + ack_text.encode("latin-1", "replace") + FS + CR
+def frame(ack_text: str, codec: str = "latin-1") -> bytes:
+    """MLLP-frame an ACK in the codec the message was decoded with, so the echoed MSH-10 in MSA-2 is
+    byte-for-byte what the sender sent (the rest of an ACK is ASCII)."""
+    try:
+        data = ack_text.encode(codec, "replace")
+    except LookupError:  # pragma: no cover - codecs come from message.py's fixed list
+        data = ack_text.encode("latin-1", "replace")
+    return VT + data + FS + CR
 
 
 def content_hash(payload: bytes) -> str:
@@ -312,7 +317,7 @@ class Ingestor:
                 flags=",".join(d.flags), duplicate_of=d.duplicate_of,
             )
         )
-        result.ack = frame(ack_text) if send else None
+        result.ack = frame(ack_text, codec) if send else None
         result.outcome, result.ack_code, result.duplicate_of = d.outcome, sent_code, d.duplicate_of
         result.err_code = d.error.code if d.error else None
         result.flags = tuple(d.flags)

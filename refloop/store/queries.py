@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, select
@@ -9,6 +10,18 @@ from sqlalchemy import Engine, select
 from refloop.store.models import Message
 
 MESSAGE_FIELDS = ("id", "received_at", "sender", "type", "control_id", "outcome", "ack_code", "duplicate_of")
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; refloop only ever stores UTC, so naive means UTC."""
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def iso(value: datetime | None) -> str | None:
+    v = as_utc(value)
+    return v.isoformat() if v else None
 
 
 def list_messages(engine: Engine, *, limit: int = 100, control_id: str | None = None) -> list[dict[str, Any]]:
@@ -26,7 +39,7 @@ def list_messages(engine: Engine, *, limit: int = 100, control_id: str | None = 
     for r in rows:
         out.append({
             "id": r.id,
-            "received_at": r.received_at.isoformat() if r.received_at else None,
+            "received_at": iso(r.received_at),
             "sender": "^".join(x for x in (r.sending_application, r.sending_facility) if x),
             "type": f"{r.message_type}^{r.trigger_event}" if r.message_type else "",
             "control_id": r.control_id,
