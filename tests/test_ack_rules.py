@@ -18,6 +18,11 @@ def daemon(db_url: str) -> Iterator[DaemonThread]:
         yield d
 
 
+def routed(cid: str, **kw: str) -> str:
+    """A message a handler applies (a new referral), so its outcome is `processed`."""
+    return samples.ref(cid, referral=f"RF{cid}", **kw)
+
+
 def journal(d: DaemonThread, control_id: str) -> list[Journal]:
     assert d.server.engine is not None
     with d.server.engine.connect() as c:
@@ -28,11 +33,11 @@ def test_aa_after_commit_and_header_swap(daemon: DaemonThread) -> None:
     """A routed message gets AA; the ACK swaps MSH-3/4 into MSH-5/6 and echoes MSH-10 in MSA-2."""
     cid = samples.control_id()
     with MllpClient(daemon.port) as c:
-        ack = c.send(samples.siu(cid))
+        ack = c.send(routed(cid))
     segs = ack_segments(ack)
     assert msa(ack) == ("AA", cid)
     assert segs["MSH"][4:6] == ["ENGINE", "CLINIC"]
-    assert segs["MSH"][8] == "ACK^S12^ACK"
+    assert segs["MSH"][8] == "ACK^I12^ACK"
     assert segs["MSH"][9] != cid and len(segs["MSH"][9]) <= 20
     assert segs["MSH"][11] == "2.5.1"
     rows = journal(daemon, cid)
@@ -63,7 +68,7 @@ def test_protocol_checks(daemon: DaemonThread, kwargs: dict[str, str], code: str
     """Version and processing ID are checked before anything is applied (AR 203/202)."""
     cid = samples.control_id()
     with MllpClient(daemon.port) as c:
-        ack = c.send(samples.siu(cid, **kwargs))
+        ack = c.send(routed(cid, **kwargs))
     assert msa(ack) == (code, cid)
     assert err_code(ack) == err
     assert journal(daemon, cid)[0].outcome == ("processed" if code == "AA" else "rejected")
@@ -145,7 +150,7 @@ def test_app_ack_request_counted(daemon: DaemonThread) -> None:
 def test_resend_answered_with_stored_code(daemon: DaemonThread) -> None:
     """The same message twice on two connections: applied once, identical MSA-1, second is a duplicate."""
     cid = samples.control_id()
-    msg = samples.siu(cid)
+    msg = routed(cid)
     with MllpClient(daemon.port) as c1, MllpClient(daemon.port) as c2:
         a1, a2 = c1.send(msg), c2.send(msg)
     assert msa(a1) == msa(a2) == ("AA", cid)
@@ -159,8 +164,8 @@ def test_reused_control_id_processed_and_flagged(daemon: DaemonThread) -> None:
     """Same MSH-10 with different content is a new message, flagged control_id_reused."""
     cid = samples.control_id()
     with MllpClient(daemon.port) as c:
-        c.send(samples.siu(cid))
-        c.send(samples.siu(cid, patient="Other^Person"))
+        c.send(routed(cid))
+        c.send(routed(cid, patient="Other^Person"))
     rows = journal(daemon, cid)
     assert [r.outcome for r in rows] == ["processed", "processed"]
     assert rows[1].flags == "control_id_reused"
@@ -169,7 +174,7 @@ def test_reused_control_id_processed_and_flagged(daemon: DaemonThread) -> None:
 def test_crlf_resend_is_same_message(daemon: DaemonThread) -> None:
     """A resend whose engine turned CR into CRLF is recognised as the same message."""
     cid = samples.control_id()
-    msg = samples.siu(cid)
+    msg = routed(cid)
     with MllpClient(daemon.port) as c:
         c.send(msg)
         c.send(msg.replace("\r", "\r\n"))
