@@ -7,9 +7,9 @@ from collections.abc import Iterable
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from tests.strategies import chunkings, mllp_ish_bytes, mllp_wire, split_at
 
 from refloop.daemon.framing import CR, FS, VT, Frame, Framer, FramingEvent, Junk, Oversize, Truncated
+from tests.strategies import chunkings, mllp_ish_bytes, mllp_wire, split_at
 
 
 def run(chunks: Iterable[bytes], framer: Framer | None = None, *, eof: bool = True) -> list[FramingEvent]:

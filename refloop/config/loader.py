@@ -157,4 +157,29 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
         sections["database"] = dataclasses.replace(db, url=default_database_url(dict(env)))
     elif not db.url.startswith(("sqlite", "postgresql")):
         raise ConfigError("database.url", "must be a sqlite:/// or postgresql+psycopg:// URL")
-    return Settings(**sections, profiles=_profiles(data.get("profiles")), config_path=str(path or ""))
+    settings = Settings(**sections, profiles=_profiles(data.get("profiles")), config_path=str(path or ""))
+    _cross_checks(settings)
+    return settings
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _cross_checks(s: Settings) -> None:
+    """Rules that involve more than one key."""
+    if not is_loopback(s.http.host) and not s.http.token:
+        raise ConfigError("http.token", "required when http.host is not a loopback address (the API carries PHI)")
+    if s.mllp.tls_cert and not s.mllp.tls_key:
+        raise ConfigError("mllp.tls_key", "required with mllp.tls_cert")
+    if (s.mllp.tls_key or s.mllp.tls_client_ca) and not s.mllp.tls_cert:
+        raise ConfigError("mllp.tls_cert", "required with mllp.tls_key / mllp.tls_client_ca")
+    if any(p.allowed_subjects for p in s.profiles) and not s.mllp.tls_client_ca:
+        raise ConfigError("mllp.tls_client_ca", "required when a profile sets allowed_subjects (mTLS)")

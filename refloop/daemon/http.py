@@ -21,14 +21,38 @@ if TYPE_CHECKING:
 class HttpApi:
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.app = web.Application()
+        self.app = web.Application(middlewares=[self.auth])
         self.app.add_routes([
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),
             web.get("/metrics", self.metrics),
             web.get("/api/messages", self.messages),
         ])
+        from refloop.daemon.http_referrals import add_routes; add_routes(self.app, server)  # noqa: E702, I001
         self.runner: web.AppRunner | None = None
+
+    OPEN = frozenset({"/healthz", "/readyz", "/metrics"})
+
+    @web.middleware
+    async def auth(self, req: web.Request, handler: Any) -> web.StreamResponse:
+        """Everything but health and metrics needs the bearer token when one is configured."""
+        import hmac
+
+        token = self.server.settings.http.token
+        if token and req.path not in self.OPEN:
+            given = req.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return web.json_response({"error": "unauthorized"}, status=401,
+                                         headers={"WWW-Authenticate": "Bearer"})
+        try:
+            return await handler(req)
+        except web.HTTPException as exc:
+            return web.json_response({"error": exc.reason}, status=exc.status)
+        except Exception as exc:  # never echo exception text: it can quote message content
+            import logging
+
+            logging.getLogger("refloop.http").error("request failed", extra={"error_type": type(exc).__name__})
+            return web.json_response({"error": "internal error"}, status=500)
 
     async def start(self, host: str, port: int) -> int:
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)

@@ -72,6 +72,7 @@ class Job:
     received_at: datetime
     reason: str = ""  # BROKEN: vt_in_frame, disconnect, deadline, shutdown
     received_size: int = 0  # OVERSIZE: bytes received before the limit tripped
+    peer_subject: str = ""  # client-certificate CN (mTLS), for sender identity checks
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -336,6 +337,11 @@ class Ingestor:
             return _reject(203, "Unsupported version ID", "MSH^1^12")
         if msg.processing_id.upper() not in self.settings.mllp.processing_ids:
             return _reject(202, "Unsupported processing ID", "MSH^1^11")
+        if not peer_may_be(profile, job.peer, job.peer_subject):
+            # Neutral text: do not tell a stranger which senders or addresses would have been accepted.
+            d = _reject(207, "Sender not permitted on this connection", "MSH^1^3")
+            d.flags = ["sender_not_permitted"]
+            return d
         route = self.router.resolve(msg.message_type, msg.trigger_event)
         if route is None and self.settings.mllp.unsupported == "reject":
             if self.router.knows_type(msg.message_type):
@@ -415,6 +421,22 @@ class Ingestor:
             stmt = sqlite.insert(KEYS).values(values).on_conflict_do_nothing()
         if conn.execute(stmt).rowcount == 0:
             raise LostRace(mid)
+
+
+def peer_may_be(profile: SenderProfile, peer: str, subject: str) -> bool:
+    """Is this peer (address, certificate CN) allowed to speak as this sender profile?"""
+    if profile.allowed_peers:
+        import ipaddress
+
+        try:
+            addr = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        if not any(addr in ipaddress.ip_network(c, strict=False) for c in profile.allowed_peers):
+            return False
+    return not (profile.allowed_subjects and subject not in profile.allowed_subjects)
 
 
 def result_detail(outcome: str, err: AckError | None, detail: str) -> str:

@@ -95,6 +95,19 @@ class Metrics:
             "refloop_last_message_timestamp_seconds", "Unix time of the last message, per sender profile.",
             ["sender"], registry=r,
         )
+        self.tls_failures = Counter(
+            "refloop_tls_handshake_failures_total",
+            "Failed TLS handshakes by reason (plaintext, no_certificate, bad_certificate, protocol_version, "
+            "timeout, disconnect, other).", ["reason"], registry=r,
+        )
+        self.tls_cert_expiry = Gauge(
+            "refloop_tls_certificate_expiry_timestamp_seconds", "notAfter of the MLLP TLS certificate.", registry=r
+        )
+        self.sender_rejected = Counter(
+            "refloop_sender_identity_rejected_total",
+            "Messages whose MSH-3/MSH-4 claim a sender the peer may not be (answered AR, nothing applied).",
+            registry=r,
+        )
         self.build = Info("refloop_build", "refloop version.", registry=r)
         self.build.info({"version": __version__})
         self.database_up.set(0)

@@ -39,6 +39,7 @@ class MllpProtocol(asyncio.Protocol):
         self._idle_handle: asyncio.TimerHandle | None = None
         self._deadline_handle: asyncio.TimerHandle | None = None
         self._counted = False
+        self.peer_subject = ""  # client-certificate CN after an mTLS handshake
 
     # -- lifecycle -----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -57,6 +58,35 @@ class MllpProtocol(asyncio.Protocol):
         m.connections.labels("accepted").inc()
         m.connections_open.inc()
         self._arm_idle()
+        if self.server.tls_context is not None:
+            transport.pause_reading()  # no plaintext byte may reach the framer before the handshake
+            self.server.spawn(self._upgrade())
+
+    async def _upgrade(self) -> None:
+        """Plain TCP first, then TLS, so every failed handshake is counted with its reason."""
+        ctx = self.server.tls_context
+        assert ctx is not None and self.transport is not None
+        raw = self.transport
+        try:
+            tls = await self.server.loop.start_tls(
+                raw, self, ctx, server_side=True,
+                ssl_handshake_timeout=self.server.settings.mllp.tls_handshake_timeout,
+            )
+        except Exception as exc:  # ssl.SSLError, TimeoutError, ConnectionError...
+            from refloop.daemon.tls import failure_reason
+
+            reason = failure_reason(exc)
+            self.server.metrics.tls_failures.labels(reason).inc()
+            log.warning("TLS handshake failed", extra={"reason": reason, "error_type": type(exc).__name__})
+            raw.abort()
+            return
+        if tls is None:  # pragma: no cover - the peer went away during the handshake
+            raw.abort()
+            return
+        from refloop.daemon.tls import peer_subject_cn
+
+        self.transport = tls  # type: ignore[assignment]
+        self.peer_subject = peer_subject_cn(tls.get_extra_info("peercert"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -141,7 +171,8 @@ class MllpProtocol(asyncio.Protocol):
             self._deadline_handle = None
 
     def _job(self, kind: str, payload: bytes, *, reason: str = "", received_size: int = 0) -> Job:
-        return Job(kind, payload, self.peer, self.server.clock.now(), reason=reason, received_size=received_size)
+        return Job(kind, payload, self.peer, self.server.clock.now(), reason=reason, received_size=received_size,
+                   peer_subject=self.peer_subject)
 
     def _enqueue(self, job: Job) -> None:
         self.pending.append(job)

@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import ipaddress
 import signal
+import ssl
 import time
 from collections import Counter as Tally
 from collections.abc import Coroutine, Mapping
@@ -72,6 +74,8 @@ class Server:
         self.http_port = 0
         self.started_at = time.time()
         self._stop: asyncio.Event | None = None
+        self.tls_context: ssl.SSLContext | None = None
+        self.allowed_networks = _networks(settings.mllp.allow_cidrs)
         self._accepting = False
         self._listening = False
 
@@ -96,6 +100,7 @@ class Server:
     async def startup(self) -> None:
         self.loop = asyncio.get_running_loop()
         s = self.settings
+        self._load_tls(s)
         self.engine = make_engine(s.database)
         await asyncio.to_thread(self._check_schema, self.engine)
         self.writer = Writer(self.engine, self.ingestor, self.metrics, self.loop)
@@ -123,6 +128,18 @@ class Server:
         self.notifier.ready(f"listening on MLLP port {self.mllp_port}, HTTP port {self.http_port}")
         log.info("refloop ready", extra={"mllp_port": self.mllp_port, "http_port": self.http_port,
                                          "socket_activated": bool(inherited)})
+
+    def _load_tls(self, s: Settings) -> None:
+        from refloop.daemon.tls import TlsConfigError, certificate_expiry, server_context
+
+        try:
+            self.tls_context = server_context(s.mllp)
+        except TlsConfigError as exc:
+            raise StartupError(str(exc)) from None
+        if s.mllp.tls_cert:
+            expiry = certificate_expiry(s.mllp.tls_cert)
+            if expiry is not None:
+                self.metrics.tls_cert_expiry.set(expiry)
 
     def _check_schema(self, engine: Engine) -> None:
         try:
@@ -152,6 +169,8 @@ class Server:
             return "max_connections"
         if self.per_ip[proto.peer] >= limits.max_connections_per_ip:
             return "max_per_ip"
+        if self.allowed_networks and not _in_networks(proto.peer, self.allowed_networks):
+            return "not_allowed"
         self.connections.add(proto)
         self.per_ip[proto.peer] += 1
         return None
@@ -182,6 +201,10 @@ class Server:
             m.last_message.labels(sender).set(time.time())
         if result.duplicate_of is not None:
             m.duplicates.inc()
+        if "sender_not_permitted" in result.flags:
+            m.sender_rejected.inc()
+            log.warning("sender not permitted for this peer", extra={"control_id": result.control_id,
+                                                                    "sender": result.profile})
         if "control_id_reused" in result.flags:
             m.control_id_reused.inc()
         if result.decode_fallback:
@@ -214,8 +237,15 @@ class Server:
             mllp=replace(new.mllp, host=self.settings.mllp.host, port=self.settings.mllp.port),
             http=self.settings.http,
         )
+        try:
+            self._load_tls(kept)  # new certificate and key files are picked up here
+        except StartupError as exc:
+            log.error("reload failed; keeping the running configuration", extra={"error": str(exc)})
+            self.notifier.ready("reload failed; running configuration kept")
+            return
         self.settings = kept
         self.ingestor.settings = kept
+        self.allowed_networks = _networks(kept.mllp.allow_cidrs)
         self.metrics.profiles = frozenset(p.name for p in kept.profiles)
         log.info("configuration reloaded", extra={"profiles": len(kept.profiles)})
         self.notifier.ready("configuration reloaded")
@@ -266,3 +296,20 @@ class Server:
         except Exception:
             return False
 
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(cidrs: tuple[str, ...]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+def _in_networks(peer: str, networks: tuple[Network, ...]) -> bool:
+    try:
+        addr = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in n for n in networks)
