@@ -61,6 +61,39 @@ def _codec(v: str) -> str | None:
     return None
 
 
+def _not_negative(v: float) -> str | None:
+    return None if v >= 0 else "must be 0 or more"
+
+
+def _hl7_paths(v: tuple[str, ...]) -> str | None:
+    import re
+
+    bad = [p for p in v if not re.fullmatch(r"[A-Z][A-Z0-9]{2}(\[\d+\])?-\d+(\(\d+\))?(\.\d+){0,2}", p)]
+    return f"not HL7 paths like 'ZCH-3.1': {', '.join(bad)}" if bad else None
+
+
+def _iana_zone(v: str) -> str | None:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(v)
+    except (ZoneInfoNotFoundError, ValueError):
+        return "is not an IANA time zone name (e.g. UTC, America/Chicago)"
+    return None
+
+
+def _cidrs(v: tuple[str, ...]) -> str | None:
+    import ipaddress
+
+    bad = []
+    for c in v:
+        try:
+            ipaddress.ip_network(c, strict=False)
+        except ValueError:
+            bad.append(c)
+    return f"not IP networks (e.g. 10.1.0.0/16): {', '.join(bad)}" if bad else None
+
+
 def default_database_url(environ: dict[str, str] | None = None) -> str:
     """SQLite in ``$STATE_DIRECTORY`` under systemd, else in ``./var`` of the working directory."""
     env = os.environ if environ is None else environ
@@ -99,6 +132,20 @@ class MllpSettings:
     processing_ids: tuple[str, ...] = setting(
         ("P",), "Accepted MSH-11 processing IDs; others get AR 202 (keeps test traffic out of production)."
     )
+    allow_cidrs: tuple[str, ...] = setting(
+        (), "Peer networks allowed to connect (empty: any); others are closed at once and counted.", _cidrs
+    )
+    tls_cert: str = setting("", "PEM certificate chain for TLS on the MLLP port (empty: plain TCP).")
+    tls_key: str = setting("", "PEM private key for tls_cert.")
+    tls_client_ca: str = setting(
+        "", "PEM CA bundle to verify client certificates (mTLS); empty: client certificates are not asked for."
+    )
+    tls_require_client_cert: bool = setting(
+        True, "With tls_client_ca: refuse peers without a valid client certificate."
+    )
+    tls_handshake_timeout: float = setting(
+        10.0, "Seconds a TLS handshake may take before the connection is closed.", _positive
+    )
     unsupported: str = setting(
         "accept",
         "Well-formed message types refloop has no route for: 'accept' (AA, journaled as ignored) or "
@@ -113,6 +160,11 @@ class HttpSettings:
 
     host: str = setting("127.0.0.1", "Address for /healthz, /readyz, /metrics and the API.")
     port: int = setting(8575, "HTTP port.", _port)
+    token: str = setting(
+        "",
+        "Bearer token for the API and dashboard; required when host is not loopback (/healthz, /readyz and "
+        "/metrics stay open). Prefer REFLOOP_HTTP_TOKEN over the file.",
+    )
 
 
 @dataclass(frozen=True)
@@ -160,6 +212,50 @@ class SenderProfile:
     ref_reply: str = setting(
         "ack", "Reply to REF with a general ACK ('ack'); 'rri' is reserved for a minimal RRI.",
         _one_of("ack"),
+    )
+    link_fields: tuple[str, ...] = setting(
+        (),
+        "Extra HL7 paths (e.g. 'ZCH-3.1', 'PV1-19.1') that carry this sender's referral ID; matched like "
+        "SCH-26/TXA-14 against referral IDs and aliases.",
+        _hl7_paths,
+    )
+    timezone: str = setting(
+        "UTC", "IANA zone for this sender's timestamps that carry no UTC offset.", _iana_zone
+    )
+    message_families: tuple[str, ...] = setting(
+        ("REF", "RRI", "OMG", "ORM", "SIU", "MDM", "ORU"),
+        "Message types (MSH-9.1) whose referral effects are applied for this sender; others are only journaled.",
+    )
+    order_mode: str = setting(
+        "off",
+        "'referral': OMG^O19/ORM^O01 orders are referrals (360X style, ORC-2 is the referral ID); 'off': journal only.",
+        _one_of("off", "referral"),
+    )
+    presume_attendance_hours: float = setting(
+        0.0,
+        "Feeds that never report completion: a booked appointment counts as attended this many hours after "
+        "its start unless a no-show/cancel arrives (0 = off).",
+        _not_negative,
+    )
+    note_final_rule: str = setting(
+        "final_only",
+        "'final_only': only authenticated/final notes close a referral; 'include_preliminary': any note does.",
+        _one_of("final_only", "include_preliminary"),
+    )
+    duplicate_window_days: int = setting(
+        30, "A second open referral for the same patient and specialty within this many days is flagged.",
+        _at_least(0),
+    )
+
+    allowed_peers: tuple[str, ...] = setting(
+        (),
+        "Peer networks this sender may connect from (empty: any). A message claiming this sender from "
+        "elsewhere gets AR and changes nothing.",
+        _cidrs,
+    )
+    allowed_subjects: tuple[str, ...] = setting(
+        (),
+        "Client-certificate subject CNs this sender may present over mTLS (empty: any).",
     )
 
     def matches(self, app: str, facility: str) -> int:
