@@ -23,6 +23,7 @@ from refloop.config.settings import (
 )
 
 ENV_PREFIX = "REFLOOP_"
+_BOOLS = {"1", "true", "yes", "on", "0", "false", "no", "off"}
 
 
 class ConfigError(Exception):
@@ -44,7 +45,7 @@ def _convert(value: Any, hint: Any, key: str, from_env: bool) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
-        if from_env and isinstance(value, str) and value.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+        if from_env and isinstance(value, str) and value.lower() in _BOOLS:
             return value.lower() in {"1", "true", "yes", "on"}
         raise ConfigError(key, f"must be true or false, got {value!r}")
     if hint is int:

@@ -9,24 +9,11 @@ text or ``None``). The loader refuses unknown keys, so a typo never silently fal
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-Check = Callable[[Any], str | None]
-
-#: HL7 versions accepted by default (MSH-12): HL7-REFERENCE §2.7 recommends 2.3 to 2.9.
-DEFAULT_VERSIONS = (
-    "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8", "2.8.1", "2.8.2", "2.9",
-)
-
-
-def setting(default: Any, doc: str, check: Check | None = None) -> Any:
-    """A dataclass field that documents itself (the docs test reads ``doc``)."""
-    if isinstance(default, (list, dict, set)):  # pragma: no cover - guard against mutable defaults
-        raise TypeError("use tuples for sequence defaults")
-    return field(default=default, metadata={"doc": doc, "check": check})
+from refloop.config.fields import DEFAULT_VERSIONS, Check, setting
+from refloop.config.windows import WindowSettings
 
 
 def _port(v: int) -> str | None:
@@ -185,6 +172,17 @@ class DatabaseSettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    """How long PHI-bearing payloads are kept (metadata stays for reports)."""
+
+    days: int = setting(
+        0, "Purge raw message bodies and document contents older than this many days (0: keep forever).",
+        _at_least(0),
+    )
+    check_hours: float = setting(6.0, "How often the purge job runs.", _positive)
+
+
+@dataclass(frozen=True)
 class LogSettings:
     """Logs are one JSON object a line and never carry PHI."""
 
@@ -278,6 +276,8 @@ class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
+    stall: WindowSettings = field(default_factory=WindowSettings)
     profiles: tuple[SenderProfile, ...] = (SenderProfile(),)
     config_path: str = ""
 
@@ -304,4 +304,6 @@ SECTIONS: dict[str, type] = {
     "http": HttpSettings,
     "database": DatabaseSettings,
     "log": LogSettings,
+    "retention": RetentionSettings,
+    "stall": WindowSettings,
 }

@@ -108,6 +108,10 @@ class Metrics:
             "Messages whose MSH-3/MSH-4 claim a sender the peer may not be (answered AR, nothing applied).",
             registry=r,
         )
+        self.scheduler_last_success = Gauge(
+            "refloop_scheduler_last_success_timestamp_seconds", "Unix time each scheduled job last succeeded.",
+            ["job"], registry=r,
+        )
         self.build = Info("refloop_build", "refloop version.", registry=r)
         self.build.info({"version": __version__})
         self.database_up.set(0)
