@@ -419,7 +419,8 @@ class Ingestor:
             )
         else:
             stmt = sqlite.insert(KEYS).values(values).on_conflict_do_nothing()
-        if conn.execute(stmt).rowcount == 0:
+        # rowcount is -1 on PostgreSQL for INSERT .. ON CONFLICT; RETURNING says reliably whether we won.
+        if conn.execute(stmt.returning(KEYS.c.id)).first() is None:
             raise LostRace(mid)
 
 

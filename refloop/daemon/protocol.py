@@ -102,6 +102,14 @@ class MllpProtocol(asyncio.Protocol):
             self.server.metrics.connections_open.dec()
             self.server.release(self)
 
+    def abandon_partial(self, reason: str) -> None:
+        """Journal a half-received frame as broken (shutdown, deadline) before the connection goes."""
+        for ev in self.framer.eof():
+            if isinstance(ev, Truncated):
+                self._enqueue(self._job(BROKEN, ev.payload, reason=reason))
+            elif isinstance(ev, Junk):
+                self.server.metrics.junk_bytes.inc(ev.nbytes)
+
     def close(self, reason: str) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.server.metrics.connections_closed.labels(reason).inc()
@@ -125,9 +133,7 @@ class MllpProtocol(asyncio.Protocol):
     def _on_deadline(self) -> None:
         self._deadline_handle = None
         self.server.metrics.frames.labels("deadline").inc()
-        for ev in self.framer.eof():
-            if isinstance(ev, Truncated):
-                self._enqueue(self._job(BROKEN, ev.payload, reason="deadline"))
+        self.abandon_partial("deadline")
         self.close("deadline")
 
     def _cancel_timers(self) -> None:
@@ -143,7 +149,10 @@ class MllpProtocol(asyncio.Protocol):
         m.received_bytes.inc(len(data))
         if self.draining:
             return  # shutting down: frames not yet complete are not started now
+        ended = False  # did a frame end (complete or truncated) in this read?
         for ev in self.framer.feed(data):
+            if isinstance(ev, (Frame, Truncated)):
+                ended = True
             if isinstance(ev, Frame):
                 if ev.lf_terminated:
                     m.frames.labels("lf_terminated").inc()
@@ -161,12 +170,19 @@ class MllpProtocol(asyncio.Protocol):
                 if self.transport is not None:
                     self.transport.pause_reading()  # nothing more is read; close after the AR
                     self.paused = True
-        if self.framer.in_frame:
-            if self._deadline_handle is None:
-                self._deadline_handle = self.server.loop.call_later(
-                    self.server.settings.mllp.frame_deadline, self._on_deadline
-                )
-        elif self._deadline_handle is not None:
+        if self.framer.in_frame and not self.paused:
+            if self._deadline_handle is None or ended:
+                self._arm_deadline()  # the deadline is per frame: a new frame gets a fresh one
+        else:
+            self._cancel_deadline()
+
+    def _arm_deadline(self) -> None:
+        self._cancel_deadline()
+        self._deadline_handle = self.server.loop.call_later(self.server.settings.mllp.frame_deadline,
+                                                            self._on_deadline)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline_handle is not None:
             self._deadline_handle.cancel()
             self._deadline_handle = None
 
@@ -180,6 +196,7 @@ class MllpProtocol(asyncio.Protocol):
                 and len(self.pending) >= self.server.settings.mllp.max_pending_frames):
             self.transport.pause_reading()
             self.paused = True
+            self._cancel_deadline()  # bytes waiting in the kernel are our delay, not the sender's
         if self.pump is None:
             self.pump = self.server.spawn(self._pump())
 
@@ -194,6 +211,8 @@ class MllpProtocol(asyncio.Protocol):
                         and len(self.pending) < self.server.settings.mllp.max_pending_frames // 2 + 1):
                     self.transport.resume_reading()
                     self.paused = False
+                    if self.framer.in_frame:
+                        self._arm_deadline()
         finally:
             self.pump = None
 

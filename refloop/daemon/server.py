@@ -76,6 +76,8 @@ class Server:
         self._stop: asyncio.Event | None = None
         self.tls_context: ssl.SSLContext | None = None
         self.allowed_networks = _networks(settings.mllp.allow_cidrs)
+        self.jobs: Any = None
+        self.extra_jobs: list[tuple[str, float, Any]] = []
         self._accepting = False
         self._listening = False
 
@@ -122,12 +124,23 @@ class Server:
         self.mllp_port = int(sockname[1])
         self._listening = self._accepting = True
         self._install_signals()
+        self._start_jobs()
         interval = watchdog_interval(self.environ)
         if interval:
             self.spawn(watchdog_loop(self.notifier, interval))
         self.notifier.ready(f"listening on MLLP port {self.mllp_port}, HTTP port {self.http_port}")
         log.info("refloop ready", extra={"mllp_port": self.mllp_port, "http_port": self.http_port,
                                          "socket_activated": bool(inherited)})
+
+    def _start_jobs(self) -> None:
+        from refloop.daemon.scheduler import Jobs, purge_job, status_job
+
+        self.jobs = Jobs(self)
+        self.jobs.add("retention_purge", self.settings.retention.check_hours * 3600, purge_job)
+        self.jobs.add("status", 30.0, status_job)
+        for name, every, fn in self.extra_jobs:
+            self.jobs.add(name, every, fn)
+        self.jobs.start()
 
     def _load_tls(self, s: Settings) -> None:
         from refloop.daemon.tls import TlsConfigError, certificate_expiry, server_context
@@ -254,6 +267,8 @@ class Server:
     async def shutdown(self) -> None:
         self._accepting = False
         self.notifier.stopping("draining connections")
+        if self.jobs is not None:
+            self.jobs.shutdown()
         if self.mllp_server is not None:
             self.mllp_server.close()
         for proto in list(self.connections):
@@ -265,6 +280,7 @@ class Server:
         cut = sum(len(p.pending) for p in self.connections)
         for proto in list(self.connections):
             # A frame half-received when we stop is journaled as broken, so nothing is lost silently.
+            proto.abandon_partial("shutdown")
             proto.close("shutdown")
         for _ in range(3):
             await asyncio.sleep(0)  # connection_lost callbacks queue the broken frames
