@@ -236,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--id", type=int, help="only this journal id")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_replay)
+    from refloop.cli_referrals import register; register(sub)  # noqa: E702, I001
     return p
 
 

@@ -100,9 +100,7 @@ class Metrics:
             "Failed TLS handshakes by reason (plaintext, no_certificate, bad_certificate, protocol_version, "
             "timeout, disconnect, other).", ["reason"], registry=r,
         )
-        self.tls_cert_expiry = Gauge(
-            "refloop_tls_certificate_expiry_timestamp_seconds", "notAfter of the MLLP TLS certificate.", registry=r
-        )
+        self._tls_cert_expiry: Gauge | None = None  # exported only once a certificate is loaded
         self.sender_rejected = Counter(
             "refloop_sender_identity_rejected_total",
             "Messages whose MSH-3/MSH-4 claim a sender the peer may not be (answered AR, nothing applied).",
@@ -110,7 +108,7 @@ class Metrics:
         )
         self.scheduler_last_success = Gauge(
             "refloop_scheduler_last_success_timestamp_seconds", "Unix time each scheduled job last succeeded.",
-            ["job"], registry=r,
+            ["task"], registry=r,  # not "job": that name belongs to Prometheus' target label
         )
         self.build = Info("refloop_build", "refloop version.", registry=r)
         self.build.info({"version": __version__})
@@ -119,6 +117,14 @@ class Metrics:
             self.frames.labels(reason)
         for code in sorted(ACK_CODES):
             self.acks.labels(code)
+
+    def certificate_expiry(self) -> Gauge:
+        if self._tls_cert_expiry is None:
+            self._tls_cert_expiry = Gauge(
+                "refloop_tls_certificate_expiry_timestamp_seconds", "notAfter of the MLLP TLS certificate.",
+                registry=self.registry,
+            )
+        return self._tls_cert_expiry
 
     def sender_label(self, profile: str) -> str:
         return profile if profile in self.profiles else "unknown"

@@ -154,8 +154,7 @@ class MllpProtocol(asyncio.Protocol):
             if isinstance(ev, (Frame, Truncated)):
                 ended = True
             if isinstance(ev, Frame):
-                if ev.lf_terminated:
-                    m.frames.labels("lf_terminated").inc()
+                m.frames.labels("lf_terminated" if ev.lf_terminated else "ok").inc()
                 self._enqueue(self._job(FRAME, ev.payload))
             elif isinstance(ev, Junk):
                 m.junk_bytes.inc(ev.nbytes)

@@ -105,6 +105,7 @@ class Server:
         self._load_tls(s)
         self.engine = make_engine(s.database)
         await asyncio.to_thread(self._check_schema, self.engine)
+        self.metrics.database_up.set(1)
         self.writer = Writer(self.engine, self.ingestor, self.metrics, self.loop)
         self.writer.start()
         from refloop.daemon.http import HttpApi  # aiohttp import kept off the CLI's fast paths
@@ -152,7 +153,7 @@ class Server:
         if s.mllp.tls_cert:
             expiry = certificate_expiry(s.mllp.tls_cert)
             if expiry is not None:
-                self.metrics.tls_cert_expiry.set(expiry)
+                self.metrics.certificate_expiry().set(expiry)
 
     def _check_schema(self, engine: Engine) -> None:
         try:
@@ -277,7 +278,7 @@ class Server:
         deadline = self.loop.time() + grace
         while any(p.pending or p.pump for p in self.connections) and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
-        cut = sum(len(p.pending) for p in self.connections)
+        cut = sum(len(p.pending) + (1 if p.framer.in_frame else 0) for p in self.connections)
         for proto in list(self.connections):
             # A frame half-received when we stop is journaled as broken, so nothing is lost silently.
             proto.abandon_partial("shutdown")

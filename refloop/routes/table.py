@@ -1,14 +1,18 @@
 """DEFAULT_ROUTES: every message type refloop accepts, in one explicit list.
 
-Until the referral handlers land, every referral-loop message is journaled and acknowledged (the
-"journal-only" handler); `refloop replay` later runs the stored messages through the real handlers.
+Referral-loop messages go to the handlers that turn them into referral events (``ref``, ``siu``,
+``notes``, ``orders``); ``journal_only`` stays for callers that want to accept without effects.
 """
 
 from __future__ import annotations
 
 from refloop.message import Message
 from refloop.routes.context import HandlerContext, HandlerResult
+from refloop.routes.notes import handle_mdm, handle_oru
+from refloop.routes.orders import handle_order
+from refloop.routes.ref import handle_ref, handle_rri
 from refloop.routes.router import Route
+from refloop.routes.siu import handle_siu
 
 
 def journal_only(ctx: HandlerContext, msg: Message) -> HandlerResult:
@@ -25,11 +29,11 @@ SIU_TRIGGERS = "S12 S13 S14 S15 S16 S17 S26"
 MDM_TRIGGERS = "T01 T02 T03 T04 T05 T06 T07 T08 T09 T10 T11"
 
 DEFAULT_ROUTES: tuple[Route, ...] = (
-    *_routes("REF", REFERRAL_TRIGGERS, journal_only, "journal_only"),
-    *_routes("RRI", REFERRAL_TRIGGERS, journal_only, "journal_only"),
-    *_routes("OMG", "O19", journal_only, "journal_only"),
-    *_routes("ORM", "O01", journal_only, "journal_only"),
-    *_routes("SIU", SIU_TRIGGERS, journal_only, "journal_only"),
-    *_routes("MDM", MDM_TRIGGERS, journal_only, "journal_only"),
-    *_routes("ORU", "R01", journal_only, "journal_only"),
+    *_routes("REF", REFERRAL_TRIGGERS, handle_ref, "ref"),
+    *_routes("RRI", "I12 I13 I14", handle_rri, "rri"),
+    *_routes("OMG", "O19", handle_order, "order"),
+    *_routes("ORM", "O01", handle_order, "order"),
+    *_routes("SIU", SIU_TRIGGERS, handle_siu, "siu"),
+    *_routes("MDM", MDM_TRIGGERS, handle_mdm, "mdm"),
+    *_routes("ORU", "R01", handle_oru, "oru"),
 )

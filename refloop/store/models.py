@@ -11,7 +11,9 @@ from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -116,4 +118,212 @@ class MessageKey(Base):
         UniqueConstraint(
             "sending_application", "sending_facility", "control_id", "content_hash", name="uq_message_keys_key"
         ),
+    )
+
+
+# -- the referral loop ----------------------------------------------------------------------------
+# ``referral_events`` is the append-only source of truth; ``referrals`` is a projection that handlers
+# recompute with ``refloop.referral.fold`` in the same transaction. Times are stored in UTC because
+# SQLite drops offsets; the source offset survives inside event data where it matters (start times).
+
+
+class Referral(Base):
+    """Projection of one referral's events: what worklists, the API and the duplicate guard query."""
+
+    __tablename__ = "referrals"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    placer_id: Mapped[str] = mapped_column(String(199))  # RF1-6.1 or ORC-2.1
+    authority: Mapped[str] = mapped_column(String(180), default="")  # RF1-6.2 / ORC-2.2
+    status: Mapped[str] = mapped_column(String(16), default="sent")
+    priority: Mapped[str] = mapped_column(String(64), default="")
+    referred_to: Mapped[str] = mapped_column(String(255), default="")
+    referred_to_id: Mapped[str] = mapped_column(String(64), default="")  # PRD-7.1 of the RT provider
+    referring_provider: Mapped[str] = mapped_column(String(255), default="")
+    specialty: Mapped[str] = mapped_column(String(64), default="")
+    patient_key: Mapped[str] = mapped_column(String(64), default="")  # SHA-256 of PID-3.1 + PID-3.4; never logged
+    presume_hours: Mapped[float | None] = mapped_column(Float, nullable=True)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    accepted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    scheduled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    appointment_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    note_received_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    flags: Mapped[str] = mapped_column(String(255), default="")
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    __table_args__ = (
+        UniqueConstraint("placer_id", "authority", name="uq_referrals_placer"),
+        Index("ix_referrals_status", "status"),
+        Index("ix_referrals_patient_status", "patient_key", "status"),
+    )
+
+
+class ReferralEvent(Base):
+    """One journaled fact. ``referral_id`` is NULL while parked (``pending_key`` waits for its referral)
+    or after a coordinator rejected the link; ``origin`` tells message effects from manual ones, so a
+    replay of a message deletes and rewrites only what that message produced."""
+
+    __tablename__ = "referral_events"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    referral_id: Mapped[int | None] = mapped_column(ForeignKey("referrals.id"), nullable=True)
+    message_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id"), nullable=True)
+    origin: Mapped[str] = mapped_column(String(8), default="message")  # message | manual
+    seq: Mapped[int] = mapped_column(Integer, default=0)
+    kind: Mapped[str] = mapped_column(String(40))
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    control_id: Mapped[str] = mapped_column(String(199), default="")
+    subject: Mapped[str] = mapped_column(String(255), default="")  # appt:/doc: key, for follow-up linking
+    pending_key: Mapped[str] = mapped_column(String(199), default="")
+    data: Mapped[str] = mapped_column(Text, default="{}")
+
+    __table_args__ = (
+        Index("ix_referral_events_referral", "referral_id"),
+        Index("ix_referral_events_message", "message_id"),
+        Index("ix_referral_events_pending", "pending_key"),
+        Index("ix_referral_events_subject", "subject"),
+    )
+
+
+class ReferralAlias(Base):
+    """Other identifiers of a referral (RF1-11 from the specialist's RRI), matched like the placer ID."""
+
+    __tablename__ = "referral_aliases"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    referral_id: Mapped[int] = mapped_column(ForeignKey("referrals.id"))
+    alias_value: Mapped[str] = mapped_column(String(199))
+    alias_kind: Mapped[str] = mapped_column(String(32), default="")
+    message_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id"), nullable=True)
+
+    __table_args__ = (
+        UniqueConstraint("alias_value", name="uq_referral_aliases_value"),
+        Index("ix_referral_aliases_referral", "referral_id"),
+    )
+
+
+class ReferralLink(Base):
+    """How each non-referral message was tied to a referral (``matched_by``), or why it was not.
+
+    ``state``: linked, parked (explicit ID of a referral not seen yet), review (ambiguous heuristic
+    match, ``candidates`` lists the ids), rejected (a coordinator unlinked it).
+    """
+
+    __tablename__ = "referral_links"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id"))
+    referral_id: Mapped[int | None] = mapped_column(ForeignKey("referrals.id"), nullable=True)
+    state: Mapped[str] = mapped_column(String(16))
+    matched_by: Mapped[str] = mapped_column(String(255), default="")
+    control_id: Mapped[str] = mapped_column(String(199), default="")
+    message_type: Mapped[str] = mapped_column(String(16), default="")
+    candidates: Mapped[str] = mapped_column(Text, default="[]")
+
+    __table_args__ = (
+        UniqueConstraint("message_id", name="uq_referral_links_message_id"),
+        Index("ix_referral_links_referral", "referral_id"),
+        Index("ix_referral_links_state", "state"),
+    )
+
+
+class ReferralDocument(Base):
+    """A consult note or report, keyed by (sender, document id). ``content`` is PHI: never logged."""
+
+    __tablename__ = "referral_documents"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    referral_id: Mapped[int | None] = mapped_column(ForeignKey("referrals.id"), nullable=True)
+    message_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id"), nullable=True)
+    sender: Mapped[str] = mapped_column(String(180))
+    document_id: Mapped[str] = mapped_column(String(199))
+    status: Mapped[str] = mapped_column(String(16), default="")
+    final: Mapped[bool] = mapped_column(Boolean, default=False)
+    doc_type: Mapped[str] = mapped_column(String(64), default="")
+    content: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    content_type: Mapped[str] = mapped_column(String(64), default="")
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        UniqueConstraint("sender", "document_id", name="uq_referral_documents_key"),
+        Index("ix_referral_documents_referral", "referral_id"),
+    )
+
+
+class AuditEntry(Base):
+    """Who read PHI through the API, who linked/closed/replayed, what was purged: IDs only, never content."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(String(255), default="")
+    detail: Mapped[str] = mapped_column(String(255), default="")
+
+    __table_args__ = (Index("ix_audit_log_at", "at"),)
+
+
+# -- stall alerts and the notification outbox ------------------------------------------------------
+# One row per alert and per notification. Both are written by the scan (or a coordinator action) in the
+# same transaction as the state change that caused them, so a crash never leaves an alert without its
+# notification or a notification for an alert that was rolled back.
+
+
+class Alert(Base):
+    """A stalled stage of one referral. ``open_key`` is 0 while the alert is unresolved and the alert's own
+    id once resolved, so the unique index allows one *unresolved* alert per (referral, stage) on SQLite and
+    PostgreSQL alike (no partial indexes needed) while resolved history rows pile up freely."""
+
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    referral_id: Mapped[int] = mapped_column(ForeignKey("referrals.id"))
+    stage: Mapped[str] = mapped_column(String(16))
+    level: Mapped[int] = mapped_column(Integer, default=1)
+    status: Mapped[str] = mapped_column(String(16), default="open")  # open|acknowledged|snoozed|resolved
+    owner: Mapped[str] = mapped_column(String(128), default="")
+    overdue_days: Mapped[float] = mapped_column(Float, default=0.0)
+    raised_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    escalated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    snoozed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_action: Mapped[str] = mapped_column(String(32), default="")
+    last_action_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    open_key: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    __table_args__ = (
+        UniqueConstraint("referral_id", "stage", "open_key", name="uq_alerts_open"),
+        Index("ix_alerts_status", "status"),
+    )
+
+
+class OutboxEntry(Base):
+    """One notification to deliver at least once. ``idempotency_key`` makes enqueueing idempotent and is
+    sent to receivers so they can drop duplicates; ``last_error`` holds an error class or code, never PHI."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    idempotency_key: Mapped[str] = mapped_column(String(255))
+    channel: Mapped[str] = mapped_column(String(16))  # webhook|email|mllp|patient
+    target: Mapped[str] = mapped_column(String(255), default="")
+    event: Mapped[str] = mapped_column(String(32))
+    referral_id: Mapped[int | None] = mapped_column(ForeignKey("referrals.id"), nullable=True)
+    alert_id: Mapped[int | None] = mapped_column(ForeignKey("alerts.id"), nullable=True)
+    payload: Mapped[str] = mapped_column(Text, default="{}")
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|delivered|failed|dead|suppressed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_error: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    __table_args__ = (
+        UniqueConstraint("idempotency_key", name="uq_outbox_idempotency_key"),
+        Index("ix_outbox_due", "status", "next_attempt_at"),
     )

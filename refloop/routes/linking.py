@@ -1,0 +1,136 @@
+"""Which referral a scheduling or document message belongs to, and how we know (``matched_by``).
+
+Order of evidence, strongest first (HL7-REFERENCE "linking"): a coordinator's decision; an explicit
+referral/order ID (SCH-26/27, ARQ-24/25, TXA-14/15, ORC-2, OBR-2/29, plus the sender's ``link_fields``)
+found among placer IDs and aliases; an earlier message about the same appointment or document; an
+explicit ID of a referral not seen yet (the message is *parked* until it arrives); and last a heuristic:
+same patient and same referred-to provider among open referrals. One heuristic candidate links, several
+go to the review queue, none means the message is unrelated to any referral.
+
+Unrelated traffic is the common case (most appointments are not referrals), so that path costs at most
+two indexed queries and writes nothing but the journal row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from refloop.message import Message
+from refloop.routes.context import HandlerContext, HandlerResult
+from refloop.routes.extract import Provider, patient_key, values_at
+from refloop.store import referrals as repo
+from refloop.store.models import Outcome
+
+UNRELATED = "unrelated"
+
+
+@dataclass(frozen=True)
+class Placement:
+    referral_id: int | None
+    state: str  # repo.LINKED / PARKED / REVIEW / REJECTED, or UNRELATED
+    matched_by: str = ""
+    pending_key: str = ""
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _provider_match(candidate: Any, providers: Iterable[Provider]) -> list[str]:
+    """Which referred-to fields a candidate shares with the message's providers (ids beat names)."""
+    ref_id = (candidate.referred_to_id or "").strip().casefold()
+    ref_family = (candidate.referred_to or "").split(",")[0].strip().casefold()
+    matched: list[str] = []
+    for p in providers:
+        if ref_id and p.ident.casefold() == ref_id and "provider_id" not in matched:
+            matched.append("provider_id")
+        if ref_family and p.family and p.family == ref_family and "provider_name" not in matched:
+            matched.append("provider_name")
+    return matched
+
+
+def place(ctx: HandlerContext, msg: Message, *, explicit_paths: tuple[str, ...], providers: list[Provider],
+          subject: str) -> Placement:
+    """Decide where a message's events go (see the module docstring for the order of evidence)."""
+    conn = ctx.conn
+    if ctx.replay:
+        prior = repo.link_row(conn, ctx.message_id)
+        if prior is not None and prior.matched_by == "manual":
+            return Placement(prior.referral_id, repo.LINKED, "manual")
+        if prior is not None and prior.state == repo.REJECTED:
+            return Placement(None, repo.REJECTED, "manual_unlink")
+
+    explicit = values_at(msg, explicit_paths + tuple(ctx.profile.link_fields))
+    if explicit:
+        hit = repo.find_referral(conn, [v for _, v in explicit])
+        if hit is not None:
+            path = next(p for p, v in explicit if v == hit[1])
+            how = "link_field" if path in ctx.profile.link_fields else "explicit"
+            return Placement(hit[0], repo.LINKED, f"{how}:{path}")
+    earlier = repo.by_subject(conn, subject)
+    kind = "appointment" if subject.startswith("appt:") else "document"
+    if earlier is not None and earlier[0] is not None:
+        return Placement(earlier[0], repo.LINKED, kind)
+    if explicit:
+        path, value = explicit[0]
+        how = "link_field" if path in ctx.profile.link_fields else "explicit"
+        return Placement(None, repo.PARKED, f"{how}:{path}", pending_key=value)
+    if earlier is not None and earlier[1]:
+        return Placement(None, repo.PARKED, kind, pending_key=earlier[1])
+
+    candidates: list[dict[str, Any]] = []
+    for cand in repo.open_referrals_for_patient(conn, patient_key(msg)):
+        matched = _provider_match(cand, providers)
+        if matched:
+            candidates.append({"id": int(cand.id), "matched": ["patient", *matched]})
+    if len(candidates) == 1:
+        return Placement(candidates[0]["id"], repo.LINKED, "heuristic:" + "+".join(candidates[0]["matched"]))
+    if candidates:
+        return Placement(None, repo.REVIEW, "heuristic:ambiguous", candidates=candidates)
+    return Placement(None, UNRELATED)
+
+
+def record(ctx: HandlerContext, msg: Message, placement: Placement, events: list[repo.NewEvent],
+           *, presume_hours: float = 0.0) -> HandlerResult:
+    """Write the events where :func:`place` decided, then refold every referral the message touched."""
+    conn = ctx.conn
+    touched = repo.forget_message(conn, ctx.message_id) if ctx.replay else set()
+    if placement.state == UNRELATED:
+        if ctx.replay:
+            repo.drop_link(conn, ctx.message_id)
+            _refresh_all(ctx, touched)
+        return HandlerResult(Outcome.IGNORED, detail=UNRELATED)
+    linked = placement.state == repo.LINKED
+    rid = placement.referral_id if linked else None
+    repo.add_events(conn, referral_id=rid, message_id=ctx.message_id, control_id=ctx.control_id, events=events,
+                    pending_key=placement.pending_key if placement.state == repo.PARKED else "")
+    repo.set_link(conn, ctx.message_id, referral_id=rid, state=placement.state, matched_by=placement.matched_by,
+                  control_id=ctx.control_id, message_type=f"{msg.message_type}^{msg.trigger_event}".upper(),
+                  candidates=placement.candidates)
+    if rid is not None:
+        if presume_hours > 0:
+            repo.set_identity(conn, rid, presume_hours=presume_hours)
+        touched.add(rid)
+    _refresh_all(ctx, touched)
+    detail = {
+        repo.LINKED: f"referral {rid} ({placement.matched_by})",
+        repo.PARKED: "parked until its referral arrives",
+        repo.REVIEW: "review: candidates " + json.dumps([c["id"] for c in placement.candidates]),
+        repo.REJECTED: "link rejected by a coordinator",
+    }[placement.state]
+    return HandlerResult(Outcome.PROCESSED, detail=detail[:255])
+
+
+def _refresh_all(ctx: HandlerContext, referral_ids: Iterable[int]) -> None:
+    now = ctx.clock.now()
+    for rid in sorted(referral_ids):
+        repo.refresh(ctx.conn, rid, now, duplicate_window_days=ctx.profile.duplicate_window_days)
+
+
+def family_enabled(ctx: HandlerContext, msg: Message) -> bool:
+    """``SenderProfile.message_families``: a sender can be limited to the feeds it is trusted for."""
+    return msg.message_type.upper() in {f.upper() for f in ctx.profile.message_families}
+
+
+def disabled() -> HandlerResult:
+    return HandlerResult(Outcome.IGNORED, detail="message family disabled for this sender")

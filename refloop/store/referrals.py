@@ -1,0 +1,431 @@
+"""Referral repository: events in, projection out, all on a caller's Connection.
+
+Why the shape: ``referral_events`` is append-only and is the truth; the ``referrals`` row is recomputed
+by :func:`refloop.referral.fold` over *all* of a referral's events each time one is added or moved, in
+the same transaction. A late, duplicated or out-of-order message therefore only ever means "fold again",
+and a parked message (explicit ID of a referral not seen yet) is attached by re-pointing its events.
+Every function takes a Connection so handlers (inside the writer's savepoint), the CLI and the HTTP API
+share one implementation. Nothing here logs: rows carry PHI-adjacent data (hashes, note content).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, and_, delete, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from refloop import referral as rf
+from refloop.store.models import (
+    Referral,
+    ReferralAlias,
+    ReferralDocument,
+    ReferralEvent,
+    ReferralLink,
+)
+
+REFERRALS = Referral.__table__
+EVENTS = ReferralEvent.__table__
+ALIASES = ReferralAlias.__table__
+LINKS = ReferralLink.__table__
+DOCUMENTS = ReferralDocument.__table__
+
+MESSAGE, MANUAL = "message", "manual"
+LINKED, PARKED, REVIEW, REJECTED = "linked", "parked", "review", "rejected"
+OPEN = tuple(s.value for s in rf.OPEN_STATUSES)
+_MILESTONES = (
+    "sent_at", "accepted_at", "scheduled_at", "appointment_at", "completed_at", "note_received_at", "closed_at",
+)
+
+
+def utc(moment: datetime | None) -> datetime | None:
+    """Normalise for storage: SQLite keeps no offset, so everything stored is UTC."""
+    return moment.astimezone(UTC) if moment is not None else None
+
+
+def aware(moment: datetime | None) -> datetime | None:
+    """Read back: SQLite returns naive UTC, PostgreSQL aware values."""
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event a handler wants journaled; ``subject`` ties follow-ups (appt:/doc:) to it."""
+
+    kind: str
+    at: datetime
+    data: dict[str, Any] = field(default_factory=dict)
+    subject: str = ""
+
+
+# -- lookups ----------------------------------------------------------------------------------------
+def find_referral(conn: Connection, values: Sequence[str]) -> tuple[int, str] | None:
+    """The referral whose placer ID or alias equals one of *values*: ``(id, value)``, first value wins.
+
+    Two indexed queries at most, whatever the number of values, because this runs for every SIU/MDM.
+    """
+    if not values:
+        return None
+    hits: dict[str, int] = {}
+    for rid, value in conn.execute(select(REFERRALS.c.id, REFERRALS.c.placer_id).where(
+            REFERRALS.c.placer_id.in_(values)).order_by(REFERRALS.c.id)):
+        hits.setdefault(value, rid)
+    missing = [v for v in values if v not in hits]
+    if missing:
+        for rid, value in conn.execute(select(ALIASES.c.referral_id, ALIASES.c.alias_value).where(
+                ALIASES.c.alias_value.in_(missing))):
+            hits.setdefault(value, rid)
+    for value in values:
+        if value in hits:
+            return hits[value], value
+    return None
+
+
+def by_subject(conn: Connection, subject: str) -> tuple[int | None, str] | None:
+    """How an earlier message about the same appointment/document was placed: ``(referral_id, pending)``."""
+    if not subject:
+        return None
+    row = conn.execute(
+        select(EVENTS.c.referral_id, EVENTS.c.pending_key).where(
+            EVENTS.c.subject == subject, EVENTS.c.origin == MESSAGE,
+            or_(EVENTS.c.referral_id.is_not(None), EVENTS.c.pending_key != ""),
+        ).order_by(EVENTS.c.referral_id.is_(None), EVENTS.c.id).limit(1)
+    ).first()
+    return (row.referral_id, row.pending_key) if row is not None else None
+
+
+def open_referrals_for_patient(conn: Connection, patient_key: str) -> list[Any]:
+    """Heuristic candidates: one indexed query on (patient_key, status)."""
+    if not patient_key:
+        return []
+    return list(conn.execute(
+        select(REFERRALS.c.id, REFERRALS.c.placer_id, REFERRALS.c.referred_to, REFERRALS.c.referred_to_id,
+               REFERRALS.c.specialty).where(REFERRALS.c.patient_key == patient_key, REFERRALS.c.status.in_(OPEN))
+        .order_by(REFERRALS.c.id)
+    ))
+
+
+def link_row(conn: Connection, message_id: int) -> Any | None:
+    return conn.execute(select(LINKS).where(LINKS.c.message_id == message_id)).first()
+
+
+def resolve_key(conn: Connection, key: str) -> int | None:
+    """A referral by numeric id, placer ID (RF1-6/ORC-2) or alias: what `refloop show KEY` accepts."""
+    key = key.strip()
+    if key.isdigit():
+        row = conn.execute(select(REFERRALS.c.id).where(REFERRALS.c.id == int(key))).first()
+        if row is not None:
+            return int(row.id)
+    hit = find_referral(conn, [key])
+    return hit[0] if hit else None
+
+
+# -- writes -----------------------------------------------------------------------------------------
+def get_or_create(conn: Connection, placer_id: str, authority: str, now: datetime) -> int:
+    """The referral for a placer ID; created empty (the fold fills it) when it is new."""
+    key = select(REFERRALS.c.id).where(REFERRALS.c.placer_id == placer_id, REFERRALS.c.authority == authority)
+    row = conn.execute(key).first()
+    if row is not None:
+        return int(row.id)
+    # Two daemons sharing PostgreSQL may create the same referral at once: the loser waits on the unique
+    # constraint, does nothing, and then reads the winner's committed row instead of failing its group.
+    values = {"placer_id": placer_id, "authority": authority, "status": rf.Status.SENT.value,
+              "updated_at": utc(now)}
+    if conn.dialect.name == "postgresql":
+        conn.execute(postgresql.insert(REFERRALS).values(values).on_conflict_do_nothing(
+            constraint="uq_referrals_placer"))
+    else:
+        conn.execute(sqlite.insert(REFERRALS).values(values).on_conflict_do_nothing())
+    return int(conn.execute(key).scalar_one())
+
+
+def set_identity(conn: Connection, referral_id: int, **values: Any) -> None:
+    """Matching keys the fold does not know (patient hash, referred-to id): the latest non-empty wins."""
+    values = {k: v for k, v in values.items() if v not in ("", None)}
+    if values:
+        conn.execute(update(REFERRALS).where(REFERRALS.c.id == referral_id).values(**values))
+
+
+def forget_message(conn: Connection, message_id: int) -> set[int]:
+    """Delete what a message produced (for replay), returning the referrals to recompute."""
+    touched = {r for (r,) in conn.execute(select(EVENTS.c.referral_id).distinct().where(
+        EVENTS.c.message_id == message_id, EVENTS.c.origin == MESSAGE, EVENTS.c.referral_id.is_not(None)))}
+    touched |= {r for (r,) in conn.execute(select(ALIASES.c.referral_id).where(ALIASES.c.message_id == message_id))}
+    conn.execute(delete(EVENTS).where(EVENTS.c.message_id == message_id, EVENTS.c.origin == MESSAGE))
+    conn.execute(delete(ALIASES).where(ALIASES.c.message_id == message_id))
+    return touched
+
+
+def add_events(conn: Connection, *, referral_id: int | None, message_id: int, control_id: str,
+               events: Iterable[NewEvent], pending_key: str = "") -> None:
+    rows = [
+        {"referral_id": referral_id, "message_id": message_id, "origin": MESSAGE, "seq": i, "kind": e.kind,
+         "occurred_at": utc(e.at), "control_id": control_id[:199], "subject": e.subject[:255],
+         "pending_key": pending_key[:199], "data": json.dumps(e.data, sort_keys=True, separators=(",", ":"))}
+        for i, e in enumerate(events)
+    ]
+    if rows:
+        conn.execute(insert(EVENTS), rows)
+
+
+def set_link(conn: Connection, message_id: int, *, referral_id: int | None, state: str, matched_by: str,
+             control_id: str = "", message_type: str = "", candidates: list[dict[str, Any]] | None = None) -> None:
+    """Record (or replace) how a message was placed; one row per message."""
+    values = {"referral_id": referral_id, "state": state, "matched_by": matched_by[:255],
+              "candidates": json.dumps(candidates or [])}
+    if conn.execute(update(LINKS).where(LINKS.c.message_id == message_id).values(**values)).rowcount == 0:
+        conn.execute(insert(LINKS).values(message_id=message_id, control_id=control_id[:199],
+                                          message_type=message_type[:16], **values))
+
+
+def drop_link(conn: Connection, message_id: int) -> None:
+    """A replayed message that no longer belongs anywhere loses its link row too."""
+    conn.execute(delete(LINKS).where(LINKS.c.message_id == message_id))
+
+
+def upsert_document(conn: Connection, *, sender: str, document_id: str, referral_id: int | None, message_id: int,
+                    status: str, final: bool, doc_type: str, content: bytes | None, content_type: str,
+                    received_at: datetime) -> None:
+    """Keep the latest content of a document; finality only moves forward, as HL7 completion status does."""
+    key = and_(DOCUMENTS.c.sender == sender[:180], DOCUMENTS.c.document_id == document_id[:199])
+    row = conn.execute(select(DOCUMENTS.c.id, DOCUMENTS.c.final, DOCUMENTS.c.status).where(key)).first()
+    values: dict[str, Any] = {"message_id": message_id, "status": status[:16], "doc_type": doc_type[:64]}
+    if referral_id is not None:
+        values["referral_id"] = referral_id
+    if content is not None:
+        values.update(content=content, content_type=content_type)
+    if row is None:
+        conn.execute(insert(DOCUMENTS).values(sender=sender[:180], document_id=document_id[:199], final=final,
+                                              received_at=utc(received_at), **values))
+        return
+    values["final"] = bool(row.final) or final
+    if row.status == "retracted":
+        values["status"] = "retracted"  # a retraction is sticky, like in the fold
+    conn.execute(update(DOCUMENTS).where(DOCUMENTS.c.id == row.id).values(**values))
+
+
+def _event(row: Any) -> rf.Event:
+    seq = (int(row.message_id), int(row.seq)) if row.origin == MESSAGE else (0, int(row.id))
+    return rf.Event(row.kind, aware(row.occurred_at), seq, row.control_id, json.loads(row.data))  # type: ignore[arg-type]
+
+
+def load_events(conn: Connection, referral_id: int) -> list[Any]:
+    return list(conn.execute(select(EVENTS).where(EVENTS.c.referral_id == referral_id)))
+
+
+def _sync_aliases(conn: Connection, referral_id: int, rows: list[Any]) -> list[str]:
+    """Aliases are derived from answered events (RF1-11), so they follow their events when moved."""
+    wanted: dict[str, tuple[str, int | None]] = {}
+    for r in rows:
+        if r.kind == rf.REFERRAL_ANSWERED and r.origin == MESSAGE:
+            for value in json.loads(r.data).get("aliases", []):
+                wanted.setdefault(str(value)[:199], ("external", r.message_id))
+    have = {a.alias_value: a.id for a in conn.execute(
+        select(ALIASES.c.id, ALIASES.c.alias_value).where(ALIASES.c.referral_id == referral_id))}
+    stale = [i for v, i in have.items() if v not in wanted]
+    if stale:
+        conn.execute(delete(ALIASES).where(ALIASES.c.id.in_(stale)))
+    fresh = [v for v in wanted if v not in have]
+    if fresh:
+        taken = {v for (v,) in conn.execute(select(ALIASES.c.alias_value).where(ALIASES.c.alias_value.in_(fresh)))}
+        for value in fresh:
+            if value not in taken:  # never steal another referral's identifier
+                kind, mid = wanted[value]
+                conn.execute(insert(ALIASES).values(referral_id=referral_id, alias_value=value, alias_kind=kind,
+                                                    message_id=mid))
+    return list(wanted)
+
+
+def _attach_parked(conn: Connection, referral_id: int, keys: list[str]) -> bool:
+    """Point parked events that named one of *keys* at this referral; True if any moved."""
+    if not keys:
+        return False
+    mids = [m for (m,) in conn.execute(select(EVENTS.c.message_id).distinct().where(
+        EVENTS.c.referral_id.is_(None), EVENTS.c.origin == MESSAGE, EVENTS.c.pending_key.in_(keys)))]
+    if not mids:
+        return False
+    conn.execute(update(EVENTS).where(EVENTS.c.message_id.in_(mids), EVENTS.c.origin == MESSAGE).values(
+        referral_id=referral_id, pending_key=""))
+    conn.execute(update(LINKS).where(LINKS.c.message_id.in_(mids), LINKS.c.state == PARKED).values(
+        referral_id=referral_id, state=LINKED))
+    return True
+
+
+def refresh(conn: Connection, referral_id: int, now: datetime, *, duplicate_window_days: int = 30) -> rf.ReferralState:
+    """Attach parked events, sync aliases and recompute the projection: call after every change."""
+    # Lock the projection row first (PostgreSQL; SQLite has one writer): events read after the lock include
+    # everything a concurrent daemon committed, so its projection update is never overwritten by a stale one.
+    placer = conn.execute(select(REFERRALS.c.placer_id).where(REFERRALS.c.id == referral_id)
+                          .with_for_update()).scalar_one()
+    for _ in range(3):  # an attached RRI can bring aliases that unpark more messages
+        rows = load_events(conn, referral_id)
+        aliases = _sync_aliases(conn, referral_id, rows)
+        if not _attach_parked(conn, referral_id, [placer, *aliases]):
+            break
+    rows = load_events(conn, referral_id)
+    _sync_aliases(conn, referral_id, rows)
+    return recompute(conn, referral_id, now, rows=rows, duplicate_window_days=duplicate_window_days)
+
+
+def fold_options(presume_hours: float | None) -> rf.FoldOptions:
+    return rf.FoldOptions(presume_attendance_hours=presume_hours if presume_hours else None)
+
+
+def recompute(conn: Connection, referral_id: int, now: datetime, *, rows: list[Any] | None = None,
+              duplicate_window_days: int = 30) -> rf.ReferralState:
+    """Fold every event of the referral and write the projection row."""
+    rows = load_events(conn, referral_id) if rows is None else rows
+    ref = conn.execute(select(REFERRALS).where(REFERRALS.c.id == referral_id)).one()
+    state = rf.fold([_event(r) for r in rows], now=now, options=fold_options(ref.presume_hours))
+    flags = _duplicate_flags(conn, ref, state, duplicate_window_days)
+    values: dict[str, Any] = {name: utc(getattr(state, name)) for name in _MILESTONES}
+    values.update(status=state.status.value, priority=state.priority[:64], referred_to=state.referred_to[:255],
+                  referring_provider=state.referring_provider[:255], specialty=state.specialty[:64],
+                  flags=",".join(flags), updated_at=utc(now))
+    conn.execute(update(REFERRALS).where(REFERRALS.c.id == referral_id).values(**values))
+    subjects = [r.subject[4:].split("|", 1) for r in rows if r.subject.startswith("doc:")]
+    for sender, doc_id in (s for s in subjects if len(s) == 2):
+        conn.execute(update(DOCUMENTS).where(DOCUMENTS.c.sender == sender, DOCUMENTS.c.document_id == doc_id)
+                     .values(referral_id=referral_id))
+    return state
+
+
+def _duplicate_flags(conn: Connection, ref: Any, state: rf.ReferralState, window_days: int) -> list[str]:
+    """``possible_duplicate`` on the later of two open referrals for one patient and specialty (flag, not merge)."""
+    if not ref.patient_key or not state.specialty or state.sent_at is None or state.status not in rf.OPEN_STATUSES:
+        return []
+    window = timedelta(days=window_days)
+    others = conn.execute(select(REFERRALS.c.id, REFERRALS.c.sent_at).where(
+        REFERRALS.c.patient_key == ref.patient_key, REFERRALS.c.status.in_(OPEN), REFERRALS.c.id != ref.id,
+        REFERRALS.c.specialty == state.specialty, REFERRALS.c.sent_at.is_not(None)))
+    mine = (utc(state.sent_at), ref.id)
+    for other_id, other_sent in others:
+        theirs = (aware(other_sent), other_id)
+        if theirs < mine and abs(mine[0] - theirs[0]) <= window:  # type: ignore[operator]
+            return ["possible_duplicate"]
+    return []
+
+
+# -- coordinator actions ----------------------------------------------------------------------------
+def _referrals_of(conn: Connection, message_id: int) -> set[int]:
+    return {r for (r,) in conn.execute(select(EVENTS.c.referral_id).distinct().where(
+        EVENTS.c.message_id == message_id, EVENTS.c.origin == MESSAGE, EVENTS.c.referral_id.is_not(None)))}
+
+
+def _manual_event(conn: Connection, referral_id: int, message_id: int, kind: str, now: datetime,
+                  actor: str) -> None:
+    conn.execute(insert(EVENTS).values(
+        referral_id=referral_id, message_id=message_id, origin=MANUAL, seq=0, kind=kind, occurred_at=utc(now),
+        control_id="", subject="", pending_key="",
+        data=json.dumps({"message_id": message_id, "actor": actor[:64]}, sort_keys=True)))
+
+
+def manual_link(conn: Connection, message_id: int, referral_id: int, now: datetime, actor: str = "") -> None:
+    """A coordinator ties a message to a referral: its events move, and a link_confirmed event records why."""
+    before = _referrals_of(conn, message_id) - {referral_id}
+    conn.execute(update(EVENTS).where(EVENTS.c.message_id == message_id, EVENTS.c.origin == MESSAGE).values(
+        referral_id=referral_id, pending_key=""))
+    set_link(conn, message_id, referral_id=referral_id, state=LINKED, matched_by="manual")
+    _manual_event(conn, referral_id, message_id, rf.LINK_CONFIRMED, now, actor)
+    for old in before:
+        _manual_event(conn, old, message_id, rf.LINK_REJECTED, now, actor)
+        refresh(conn, old, now)
+    refresh(conn, referral_id, now)
+
+
+def manual_unlink(conn: Connection, message_id: int, now: datetime, actor: str = "") -> list[int]:
+    """A coordinator says a message is not about its referral: its events stop being folded there."""
+    before = sorted(_referrals_of(conn, message_id))
+    for (subject,) in conn.execute(select(EVENTS.c.subject).where(
+            EVENTS.c.message_id == message_id, EVENTS.c.origin == MESSAGE, EVENTS.c.subject.like("doc:%"))):
+        sender, _, doc_id = subject[4:].partition("|")
+        conn.execute(update(DOCUMENTS).where(DOCUMENTS.c.sender == sender, DOCUMENTS.c.document_id == doc_id)
+                     .values(referral_id=None))
+    conn.execute(update(EVENTS).where(EVENTS.c.message_id == message_id, EVENTS.c.origin == MESSAGE).values(
+        referral_id=None, pending_key=""))
+    set_link(conn, message_id, referral_id=None, state=REJECTED, matched_by="manual_unlink")
+    for old in before:
+        _manual_event(conn, old, message_id, rf.LINK_REJECTED, now, actor)
+        refresh(conn, old, now)
+    return before
+
+
+# -- read side (CLI and HTTP share these, so the JSON has one shape) --------------------------------
+def referral_json(conn: Connection, referral_id: int, now: datetime) -> dict[str, Any] | None:
+    """One referral as other tools read it. Folded afresh so presumed attendance reflects *now*."""
+    ref = conn.execute(select(REFERRALS).where(REFERRALS.c.id == referral_id)).first()
+    if ref is None:
+        return None
+    rows = load_events(conn, referral_id)
+    state = rf.fold([_event(r) for r in rows], now=now, options=fold_options(ref.presume_hours))
+    links = conn.execute(select(LINKS.c.control_id, LINKS.c.matched_by).where(
+        LINKS.c.referral_id == referral_id, LINKS.c.state == LINKED).order_by(LINKS.c.message_id))
+    out: dict[str, Any] = {
+        "id": ref.id,
+        "placer_id": ref.placer_id,
+        "status": state.status.value,
+        "priority": state.priority,
+        "referred_to": state.referred_to,
+        "referring_provider": state.referring_provider,
+    }
+    out.update({name: iso(getattr(state, name)) for name in _MILESTONES})
+    out["appointments"] = [
+        {"appointment_id": a.appointment_id, "status": a.status.value, "start": iso(a.start)}
+        for a in state.appointments
+    ]
+    out["documents"] = [
+        {"id": d.document_id, "type": d.doc_type,
+         "status": "retracted" if d.retracted else "final" if d.final else "preliminary", "final": d.final}
+        for d in state.documents
+    ]
+    out["timeline"] = [
+        {"at": iso(t.at), "event": t.event, "control_id": t.control_id, "detail": t.detail} for t in state.timeline
+    ]
+    out["links"] = [{"control_id": c, "matched_by": m} for c, m in links]
+    out["flags"] = [f for f in (ref.flags or "").split(",") if f]
+    return out
+
+
+def list_referrals(conn: Connection, *, status: str | None = None, placer_id: str | None = None,
+                   limit: int = 500) -> list[dict[str, Any]]:
+    """Worklist rows from the projection (no fold, so it stays one indexed query)."""
+    stmt = select(REFERRALS).order_by(REFERRALS.c.id).limit(limit)
+    if status:
+        stmt = stmt.where(REFERRALS.c.status == status)
+    if placer_id:
+        stmt = stmt.where(REFERRALS.c.placer_id == placer_id)
+    out = []
+    for r in conn.execute(stmt):
+        row = {"id": r.id, "placer_id": r.placer_id, "status": r.status, "priority": r.priority,
+               "referred_to": r.referred_to, "referring_provider": r.referring_provider}
+        row.update({name: iso(aware(getattr(r, name))) for name in _MILESTONES})
+        row["flags"] = [f for f in (r.flags or "").split(",") if f]
+        out.append(row)
+    return out
+
+
+def list_unmatched(conn: Connection) -> list[dict[str, Any]]:
+    """The review queue (ambiguous matches, with candidates) followed by parked messages."""
+    rows = list(conn.execute(select(LINKS).where(LINKS.c.state.in_((REVIEW, PARKED))).order_by(
+        LINKS.c.state.desc(), LINKS.c.message_id)))
+    ids = {c["id"] for r in rows for c in json.loads(r.candidates)}
+    placers: dict[int, str] = {}
+    if ids:
+        placers = {r.id: r.placer_id for r in conn.execute(
+            select(REFERRALS.c.id, REFERRALS.c.placer_id).where(REFERRALS.c.id.in_(ids)))}
+    return [
+        {"message_id": r.message_id, "control_id": r.control_id, "type": r.message_type, "state": r.state,
+         "candidates": [{"id": c["id"], "placer_id": placers.get(c["id"], ""), "matched": c.get("matched", [])}
+                        for c in json.loads(r.candidates)]}
+        for r in rows
+    ]

@@ -1,0 +1,212 @@
+"""Delivery order must not matter: the same messages in any order give the same referral.
+
+Runs the real ingest path (journal, dedup, handlers) on a real SQLite file, one transaction per message,
+without sockets, so hypothesis can try many orders quickly. Every message carries an explicit referral
+ID (the placer ID or the specialist's alias), which is what makes parking deterministic; see linking.py
+for why an unkeyed message that arrives before its referral cannot be placed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine, event, func, select
+
+from refloop.clock import FixedClock
+from refloop.config import DatabaseSettings, Settings
+from refloop.daemon.ingest import FRAME, Ingestor, Job
+from refloop.daemon.replay import replay
+from refloop.routes.router import Router
+from refloop.routes.table import DEFAULT_ROUTES
+from refloop.store import migrate
+from refloop.store import referrals as repo
+from refloop.store.engine import make_engine
+from refloop.store.models import Referral, ReferralEvent
+from tests.samples import mdm_msg, oru_msg, ref_msg, rri_msg, siu_msg
+
+NOW = datetime(2026, 3, 1, tzinfo=UTC)
+
+#: One referral's whole loop, each message with its own occurrence time (a realistic feed never repeats one).
+LOOP: tuple[str, ...] = (
+    ref_msg("P100", at="20260105090000-0500", cid="C-REF"),
+    rri_msg("P100", "A", at="20260106090000-0500", aliases=("SPEC-77",), cid="C-RRI"),
+    siu_msg("APT1", at="20260107090000-0500", start="20260112090000-0500", placer="P100", cid="C-S12"),
+    siu_msg("APT1", trigger="S26", at="20260112120000-0500", start="20260112090000-0500", status="Noshow",
+            placer="SPEC-77", cid="C-S26"),
+    siu_msg("APT1", trigger="S13", at="20260113090000-0500", start="20260120090000-0500", placer="SPEC-77",
+            cid="C-S13"),
+    siu_msg("APT1", trigger="S14", at="20260120100000-0500", start="20260120090000-0500", status="Complete",
+            placer="P100", cid="C-S14"),
+    mdm_msg("DOC1", at="20260121100000-0500", status="IP", placer="P100", cid="C-T02"),
+    mdm_msg("DOC1", trigger="T08", at="20260122100000-0500", status="AU", placer="SPEC-77", cid="C-T08"),
+    oru_msg("REP1", at="20260123100000-0500", status="P", placer="P100", cid="C-ORU"),
+)
+
+
+class Harness:
+    """The daemon's ingest path on a real SQLite file, minus sockets and the writer thread."""
+
+    def __init__(self, url: str) -> None:
+        self.settings = Settings(database=DatabaseSettings(url=url))
+        self.engine: Engine = make_engine(self.settings.database)
+        self.clock = FixedClock(NOW)
+        self.ingestor = Ingestor(self.settings, Router(DEFAULT_ROUTES), self.clock)
+
+    def send(self, message: str) -> str:
+        with self.engine.begin() as conn:
+            result = self.ingestor.process(conn, Job(FRAME, message.encode(), "test", self.clock.now()))
+        assert result.ack_code == "AA", result.outcome
+        return result.outcome
+
+    def state(self, key: str = "P100") -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            rid = repo.resolve_key(conn, key)
+            assert rid is not None
+            doc = repo.referral_json(conn, rid, NOW)
+            assert doc is not None
+            doc["links"] = sorted(doc["links"], key=lambda link: link["control_id"])
+            doc.pop("id")  # a database id, which depends on which message created the row
+            return doc
+
+    def counts(self) -> tuple[int, int]:
+        with self.engine.connect() as conn:
+            return (conn.execute(select(func.count()).select_from(Referral)).scalar_one(),
+                    conn.execute(select(func.count()).select_from(ReferralEvent)).scalar_one())
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite file; each example copies it instead of migrating again."""
+    path = tmp_path_factory.mktemp("tpl") / "template.db"
+    engine = make_engine(DatabaseSettings(url=f"sqlite:///{path}"))
+    migrate.upgrade(engine)
+    engine.dispose()
+    return path
+
+
+def fresh(template: Path, directory: Path, name: str) -> Harness:
+    target = directory / f"{name}.db"
+    shutil.copy(template, target)
+    return Harness(f"sqlite:///{target}")
+
+
+@pytest.fixture(scope="module")
+def in_order(template: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    h = fresh(template, tmp_path_factory.mktemp("base"), "base")
+    for message in LOOP:
+        h.send(message)
+    state = h.state()
+    h.close()
+    return state
+
+
+def test_in_order_state_is_the_expected_loop(in_order: dict[str, Any]) -> None:
+    assert in_order["status"] == "closed"
+    assert [a["status"] for a in in_order["appointments"]] == ["completed"]
+    assert in_order["appointments"][0]["start"] == "2026-01-20T09:00:00-05:00"
+    assert {d["id"]: (d["status"], d["final"]) for d in in_order["documents"]} == {
+        "DOC1": ("final", True), "REP1": ("preliminary", False)}
+    assert in_order["accepted_at"] == "2026-01-06T14:00:00+00:00"
+    assert in_order["note_received_at"] == "2026-01-22T15:00:00+00:00"
+    assert len(in_order["timeline"]) == len(LOOP)
+    assert {link["matched_by"] for link in in_order["links"]} >= {"referral_id", "explicit:SCH-26.1"}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(order=st.permutations(LOOP))
+def test_any_delivery_order_gives_the_in_order_state(
+    order: list[str], template: Path, tmp_path: Path, in_order: dict[str, Any]
+) -> None:
+    h = fresh(template, tmp_path, "perm")
+    try:
+        for message in order:
+            h.send(message)
+        state = h.state()
+        # How a message was matched may honestly differ: a no-show that arrives before the RRI that
+        # introduces its alias is matched by its appointment instead of by the alias. Where it went may not.
+        for link in state["links"]:
+            assert link["matched_by"] in ("appointment", "document") or link in in_order["links"]
+        assert [link["control_id"] for link in state["links"]] == [link["control_id"] for link in in_order["links"]]
+        assert {k: v for k, v in state.items() if k != "links"} == {k: v for k, v in in_order.items() if k != "links"}
+        with h.engine.connect() as conn:
+            assert repo.list_unmatched(conn) == []
+    finally:
+        h.close()
+        (tmp_path / "perm.db").unlink()
+
+
+def test_resends_change_nothing(template: Path, tmp_path: Path, in_order: dict[str, Any]) -> None:
+    """Exact resends are deduplicated by ingest; the same events under new MSH-10s fold to the same state."""
+    h = fresh(template, tmp_path, "resend")
+    for message in LOOP:
+        h.send(message)
+    counts = h.counts()
+    for message in LOOP:
+        assert h.send(message) == "duplicate"
+    assert h.counts() == counts
+    for message in LOOP:  # the same clinical events again, as an engine that renumbers would send them
+        h.send(message.replace("|C-", "|D-", 1))
+    state = h.state()
+    assert {k: v for k, v in state.items() if k not in ("timeline", "links")} == \
+        {k: v for k, v in in_order.items() if k not in ("timeline", "links")}
+    assert h.counts()[0] == counts[0]
+    h.close()
+
+
+def test_replay_is_idempotent(template: Path, tmp_path: Path, in_order: dict[str, Any]) -> None:
+    h = fresh(template, tmp_path, "replay")
+    for message in LOOP:
+        h.send(message)
+    counts = h.counts()
+    summary = replay(h.engine, h.settings, Router(DEFAULT_ROUTES), h.clock)
+    assert summary["outcomes"] == {"processed": len(LOOP)}
+    assert h.counts() == counts
+    assert h.state() == in_order
+    h.close()
+
+
+def test_replay_keeps_a_coordinators_manual_link(template: Path, tmp_path: Path) -> None:
+    """A replay re-runs the linking rules, but a coordinator's decision outranks them."""
+    h = fresh(template, tmp_path, "manual")
+    h.send(ref_msg("M1", mrn="MRN500"))
+    h.send(ref_msg("M2", mrn="MRN500", at="20260106090000-0500"))
+    h.send(siu_msg("AM", mrn="MRN500", cid="SIU-AM"))
+    with h.engine.begin() as conn:
+        (entry,) = repo.list_unmatched(conn)
+        assert entry["state"] == "review" and [c["placer_id"] for c in entry["candidates"]] == ["M1", "M2"]
+        repo.manual_link(conn, entry["message_id"], repo.resolve_key(conn, "M2") or 0, NOW, actor="test")
+    before = h.state("M2")
+    assert before["status"] == "scheduled"
+    replay(h.engine, h.settings, Router(DEFAULT_ROUTES), h.clock)
+    assert h.state("M2") == before
+    assert h.state("M1")["status"] == "sent"
+    with h.engine.connect() as conn:
+        assert repo.list_unmatched(conn) == []
+    h.close()
+
+
+def test_unrelated_siu_costs_two_indexed_queries(template: Path, tmp_path: Path) -> None:
+    """Most appointments are not referrals: their hot path reads two indexes and writes no referral rows."""
+    h = fresh(template, tmp_path, "cheap")
+    h.send(ref_msg("U1", mrn="MRN600"))
+    statements: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "referral" in statement:
+            statements.append(statement.split()[0])
+
+    event.listen(h.engine, "before_cursor_execute", count)
+    assert h.send(siu_msg("AU", mrn="MRN601")) == "ignored"
+    event.remove(h.engine, "before_cursor_execute", count)
+    assert statements == ["SELECT", "SELECT"]
+    assert h.counts()[0] == 1
+    h.close()
