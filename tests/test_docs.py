@@ -37,3 +37,12 @@ def test_readme_documents_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = [k for k in all_keys() if f"`{k}`" not in readme]
     assert not missing, f"README configuration reference lacks: {missing}"
+
+
+def test_readme_reference_is_current() -> None:
+    """The README's configuration table is exactly what the settings classes render."""
+    from refloop.config.reference import END, START, render_reference
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split(START, 1)[1].split(END, 1)[0].strip()
+    assert block == render_reference(), "run: .venv/bin/python -m refloop.config.reference README.md"
