@@ -46,3 +46,14 @@ def test_readme_reference_is_current() -> None:
     readme = (ROOT / "README.md").read_text()
     block = readme.split(START, 1)[1].split(END, 1)[0].strip()
     assert block == render_reference(), "run: .venv/bin/python -m refloop.config.reference README.md"
+
+
+def test_example_profiles_load() -> None:
+    """The shipped example sender profiles are valid configuration."""
+    from refloop.config import load_settings
+
+    s = load_settings(ROOT / "systemd" / "profiles.example.toml", {})
+    names = {p.name for p in s.profiles}
+    assert {"epic-sched", "threesixtyx", "ortho-sched", "cardio-docs", "default"} <= names
+    assert s.profile_for("EPIC", "MAINCLINIC").link_fields == ("PV1-19.1",)
+    assert s.profile_for("EHR360X", "X").order_mode == "referral"
