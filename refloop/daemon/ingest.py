@@ -37,8 +37,7 @@ from datetime import datetime
 from itertools import count
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
 from refloop.clock import Clock
@@ -48,6 +47,7 @@ from refloop.daemon.framing import CR, FS, VT
 from refloop.message import Message, MessageError, decode_payload, recover_control_id
 from refloop.routes.context import ContentError, HandlerContext, HandlerResult
 from refloop.routes.router import Router
+from refloop.store import journal
 from refloop.store.models import Message as Journal
 from refloop.store.models import MessageKey, Outcome
 
@@ -108,6 +108,15 @@ class Decision:
 
 def _reject(code: int, text: str, location: str) -> Decision:
     return Decision(Outcome.REJECTED, "AR", AckError(code, text, location, "E"))
+
+
+class HandlerFailed(Exception):
+    """The handler raised: its writes must be rolled back with the message's savepoint, then the message
+    is journaled again with this decision (AE) without running the handler."""
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(decision.detail)
+        self.decision = decision
 
 
 class LostRace(Exception):
@@ -194,13 +203,12 @@ class Ingestor:
             "outcome": values.pop("outcome", "processing"),
             **values,
         }
-        res = conn.execute(insert(JOURNAL).values(row))
-        pk = res.inserted_primary_key
-        assert pk is not None
-        return int(pk[0])
+        return journal.insert_message(conn, row)
 
     # -- the entry points ----------------------------------------------------------------------
-    def process(self, conn: Connection, job: Job) -> Result:
+    def process(self, conn: Connection, job: Job, forced: Decision | None = None) -> Result:
+        """Journal and apply one job. ``forced``: the handler already failed on this job in a rolled-back
+        savepoint; journal that outcome without running the handler again."""
         if job.kind == BROKEN:
             mid = self._insert_journal(
                 conn, job, outcome=Outcome.BROKEN_FRAME, content_hash=content_hash(job.payload),
@@ -209,7 +217,7 @@ class Ingestor:
             return Result(outcome=Outcome.BROKEN_FRAME, message_id=mid)
         if job.kind == OVERSIZE:
             return self._oversize(conn, job)
-        return self._frame(conn, job)
+        return self._frame(conn, job, forced)
 
     def storage_failure(self, job: Job) -> Result:
         """The group commit failed: nothing of this job is stored. Answer AR (CE in enhanced mode),
@@ -251,7 +259,7 @@ class Ingestor:
             err_code=207, control_id=hint, message_id=mid,
         )
 
-    def _frame(self, conn: Connection, job: Job) -> Result:
+    def _frame(self, conn: Connection, job: Job, forced: Decision | None = None) -> Result:
         settings = self.settings
         payload = job.payload
         digest = content_hash(payload)
@@ -308,16 +316,14 @@ class Ingestor:
         mid = self._insert_journal(conn, job, **base)
         result.message_id = mid
 
-        d = self._decide(conn, job, msg, profile, mid, base)
+        d = self._decide(conn, job, msg, profile, mid, base, forced)
         sent_code, send = self._mode_code(msg, d.code, retryable=False)
         ack_text = self._ack(msg, sent_code, d.error)
-        conn.execute(
-            update(JOURNAL).where(JOURNAL.c.id == mid).values(
-                outcome=d.outcome, ack_code=sent_code, err_code=d.error.code if d.error else None,
-                ack=ack_text, detail=_clip(result_detail(d.outcome, d.error, d.detail), 255),
-                flags=",".join(d.flags), duplicate_of=d.duplicate_of,
-            )
-        )
+        journal.update_message(conn, mid, {
+            "outcome": d.outcome, "ack_code": sent_code, "err_code": d.error.code if d.error else None,
+            "ack": ack_text, "detail": _clip(result_detail(d.outcome, d.error, d.detail), 255),
+            "flags": ",".join(d.flags), "duplicate_of": d.duplicate_of,
+        })
         result.ack = frame(ack_text, codec) if send else None
         result.outcome, result.ack_code, result.duplicate_of = d.outcome, sent_code, d.duplicate_of
         result.err_code = d.error.code if d.error else None
@@ -325,7 +331,8 @@ class Ingestor:
         return result
 
     def _decide(
-        self, conn: Connection, job: Job, msg: Message, profile: SenderProfile, mid: int, base: dict[str, str]
+        self, conn: Connection, job: Job, msg: Message, profile: SenderProfile, mid: int, base: dict[str, str],
+        forced: Decision | None = None,
     ) -> Decision:
         if msg.is_batch():
             return _reject(200, "Batch messages (FHS/BHS) are not supported; send one message per frame", "")
@@ -350,20 +357,17 @@ class Ingestor:
 
         # Dedup: (sender, MSH-10) + content hash. Only committed, accepted outcomes hold keys.
         key = (base["sending_application"], base["sending_facility"], base["control_id"])
-        rows = conn.execute(
-            select(KEYS.c.content_hash, KEYS.c.message_id, KEYS.c.ack_code, KEYS.c.err_code,
-                   KEYS.c.err_text, KEYS.c.err_location).where(
-                KEYS.c.sending_application == key[0], KEYS.c.sending_facility == key[1],
-                KEYS.c.control_id == key[2],
-            )
-        ).all()
-        for r in rows:
-            if r.content_hash == base["content_hash"]:
-                err = AckError(r.err_code, r.err_text, r.err_location, "E") if r.err_code else None
-                return Decision(Outcome.DUPLICATE, r.ack_code, err, f"resend of message {r.message_id}",
-                                duplicate_of=r.message_id)
+        rows = journal.find_keys(conn, *key)
+        for content, message_id, ack_code, err_code, err_text, err_location in rows:
+            if content == base["content_hash"]:
+                err = AckError(err_code, err_text, err_location, "E") if err_code else None
+                return Decision(Outcome.DUPLICATE, ack_code, err, f"resend of message {message_id}",
+                                duplicate_of=message_id)
         flags = ["control_id_reused"] if rows else []
-        if route is None:
+        if forced is not None:
+            d = forced
+            d.flags = flags
+        elif route is None:
             d = Decision(Outcome.IGNORED, "AA", None, "no route", flags=flags)
         else:
             d = self._run_handler(conn, job, msg, profile, mid, route.handler)
@@ -379,26 +383,24 @@ class Ingestor:
             settings=self.settings, conn=conn, clock=self.clock, profile=profile, message_id=mid,
             control_id=msg.control_id, received_at=job.received_at,
         )
-        nested = conn.begin_nested()
+        # No savepoint of its own (two statements per message saved): if the handler fails, the writer
+        # rolls back this message's savepoint and journals the failure with ``forced``.
         try:
             res = handler(ctx, msg)
         except ContentError as exc:
-            nested.rollback()
-            return Decision(Outcome.ERROR, "AE", exc.error, f"content error {exc.error.code} {exc.error.location}")
+            raise HandlerFailed(Decision(
+                Outcome.ERROR, "AE", exc.error, f"content error {exc.error.code} {exc.error.location}")) from None
         except DBAPIError:
-            nested.rollback()
             raise  # storage trouble: the writer fails the whole group with AR
         except Exception as exc:
-            nested.rollback()
             # A bug, not the sender's fault and not retryable by resending: AE keeps the engine's queue
             # moving; the frame is in the journal with outcome=failed for `refloop replay` after a fix.
             log.error(
                 "handler failed", extra={"control_id": msg.control_id, "message_id": mid,
                                          "error_type": type(exc).__name__},
             )
-            return Decision(Outcome.FAILED, "AE", AckError(207, "Application internal error", "", "E"),
-                            f"handler raised {type(exc).__name__}")
-        nested.commit()
+            raise HandlerFailed(Decision(Outcome.FAILED, "AE", AckError(207, "Application internal error", "", "E"),
+                                         f"handler raised {type(exc).__name__}")) from None
         if res.outcome == Outcome.ERROR:
             return Decision(Outcome.ERROR, "AE", res.error, res.detail)
         return Decision(res.outcome, "AA", None, res.detail)
@@ -412,15 +414,8 @@ class Ingestor:
             "err_code": err.code if err else None, "err_text": _clip(err.text, 255) if err else "",
             "err_location": _clip(err.location, 64) if err else "",
         }
-        dialect = conn.dialect.name
-        if dialect == "postgresql":
-            stmt = postgresql.insert(KEYS).values(values).on_conflict_do_nothing(
-                constraint="uq_message_keys_key"
-            )
-        else:
-            stmt = sqlite.insert(KEYS).values(values).on_conflict_do_nothing()
-        # rowcount is -1 on PostgreSQL for INSERT .. ON CONFLICT; RETURNING says reliably whether we won.
-        if conn.execute(stmt.returning(KEYS.c.id)).first() is None:
+        # ON CONFLICT DO NOTHING RETURNING: a row back means we won (rowcount is -1 on PostgreSQL).
+        if not journal.claim_key(conn, values):
             raise LostRace(mid)
 
 

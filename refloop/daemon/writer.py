@@ -21,7 +21,7 @@ from pathlib import Path
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from refloop.daemon.ingest import Ingestor, Job, LostRace, Result, StorageError
+from refloop.daemon.ingest import HandlerFailed, Ingestor, Job, LostRace, Result, StorageError
 from refloop.daemon.metrics import Metrics
 from refloop.store.engine import is_sqlite, sqlite_path
 
@@ -45,6 +45,7 @@ class Writer:
             str(engine.url)) else None
         self._db_identity: tuple[int, int] | None = None
         self.healthy = False
+        self._conn: Connection | None = None
 
     # -- event-loop side -----------------------------------------------------------------------
     def start(self) -> None:
@@ -81,6 +82,7 @@ class Writer:
             raise StorageError("database file missing")
         if now != self._db_identity:
             log.warning("database file replaced; reconnecting")
+            self._drop_connection()
             self.engine.dispose()
             self._db_identity = now
 
@@ -101,17 +103,17 @@ class Writer:
                     break
                 items.append(nxt)  # type: ignore[arg-type]
             self._commit_group(items)
+        self._drop_connection()
 
     def _commit_group(self, items: list[Item]) -> None:
         t0 = time.perf_counter()
         results: list[Result] = []
         try:
             self._check_file()
-            with self.engine.connect() as conn:
-                conn = conn.execution_options(sqlite_begin="IMMEDIATE")
-                with conn.begin():
-                    for job, _ in items:
-                        results.append(self._one(conn, job))
+            conn = self._connection()
+            with conn.begin():
+                for job, _ in items:
+                    results.append(self._one(conn, job))
             ok = True
         except (SQLAlchemyError, StorageError, OSError) as exc:
             ok = False
@@ -123,6 +125,7 @@ class Writer:
             self.metrics.storage_failures.inc()
             log.exception("writer crashed on a group", extra={"error_type": type(exc).__name__})
         if not ok:
+            self._drop_connection()  # reconnect next time: the database may be back by then
             results = [self.ingestor.storage_failure(job) for job, _ in items]
         self.healthy = ok
         self.metrics.database_up.set(1 if ok else 0)
@@ -130,11 +133,32 @@ class Writer:
         self.metrics.batch_size.observe(len(items))
         self.loop.call_soon_threadsafe(_resolve_all, [f for _, f in items], results)
 
+    def _connection(self) -> Connection:
+        """One connection held by the writer thread across groups (a pool checkout per group costs more
+        than a message); dropped and re-opened after any failure."""
+        if self._conn is None or self._conn.closed:
+            self._conn = self.engine.connect().execution_options(sqlite_begin="IMMEDIATE")
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.invalidate()
+                conn.close()
+            except Exception as exc:  # already broken: nothing more to release
+                log.debug("closing a broken connection failed", extra={"error_type": type(exc).__name__})
+
     def _one(self, conn: Connection, job: Job) -> Result:
-        for _attempt in range(3):
+        forced = None
+        for _attempt in range(4):
             sp = conn.begin_nested()
             try:
-                res = self.ingestor.process(conn, job)
+                res = self.ingestor.process(conn, job, forced)
+            except HandlerFailed as failed:
+                sp.rollback()  # undo the handler's partial writes with the journal row, then journal again
+                forced = failed.decision
+                continue
             except LostRace:
                 sp.rollback()  # another daemon committed it meanwhile: the retry sees its key
                 continue
