@@ -26,6 +26,6 @@ def record_now(engine: Engine, **kw: Any) -> None:
 
 def list_entries(engine: Engine, limit: int = 100) -> list[dict[str, Any]]:
     with engine.connect() as conn:
-        rows = conn.execute(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)).scalars().all()
+        rows = conn.execute(select(AuditEntry.__table__).order_by(AuditEntry.id.desc()).limit(limit)).all()
     return [{"id": r.id, "at": iso(r.at), "actor": r.actor, "action": r.action, "target": r.target,
              "detail": r.detail} for r in rows]
