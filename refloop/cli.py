@@ -182,6 +182,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
     try:
         summary = replay(engine, settings, Router(DEFAULT_ROUTES), SystemClock(), since=since,
                          message_id=args.id)
+        import getpass
+
+        from refloop.store.audit import record_now
+
+        record_now(engine, now=SystemClock().now(), actor=f"cli:{getpass.getuser()}", action="replay",
+                   target=f"id={args.id}" if args.id else f"since={args.since or 'all'}",
+                   detail=f"replayed={summary['replayed']}")
     finally:
         engine.dispose()
     print(json.dumps(summary, indent=2) if args.json else
@@ -195,6 +202,46 @@ def _parse_time(value: str) -> datetime:
     except ValueError:
         raise ConfigError("--since", f"not an ISO 8601 time: {value!r}") from None
     return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+# -- purge / audit --------------------------------------------------------------------------------
+def cmd_purge(args: argparse.Namespace) -> int:
+    import getpass
+
+    from refloop.clock import SystemClock
+    from refloop.store.engine import make_engine
+    from refloop.store.retention import purge
+
+    settings = _settings(args)
+    days = args.older_than if args.older_than is not None else settings.retention.days
+    if days <= 0:
+        raise ConfigError("--older-than", "give a number of days (or set retention.days)")
+    engine = make_engine(settings.database)
+    try:
+        res = purge(engine, now=SystemClock().now(), older_than_days=days, actor=f"cli:{getpass.getuser()}",
+                    dry_run=args.dry_run)
+    finally:
+        engine.dispose()
+    verb = "would purge" if args.dry_run else "purged"
+    print(f"{verb} {res['messages']} message body(ies) and {res['documents']} document(s) older than {days} days")
+    return EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from refloop.store.audit import list_entries
+    from refloop.store.engine import make_engine
+
+    engine = make_engine(_settings(args).database)
+    try:
+        rows = list_entries(engine, limit=args.limit)
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['at']}  {r['actor']:<20} {r['action']:<10} {r['target']}  {r['detail']}")
+    return EXIT_OK
 
 
 # -- parser ---------------------------------------------------------------------------------------
@@ -236,7 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--id", type=int, help="only this journal id")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_replay)
+
+    sp = with_config(sub.add_parser("purge", help="purge raw message bodies and documents older than N days"))
+    sp.add_argument("--older-than", type=int, metavar="DAYS", help="default: retention.days")
+    sp.add_argument("--dry-run", action="store_true")
+    sp.set_defaults(func=cmd_purge)
+
+    sp = with_config(sub.add_parser("audit", help="show the audit log (PHI reads, manual actions, purges)"))
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--limit", type=int, default=100)
+    sp.set_defaults(func=cmd_audit)
     from refloop.cli_referrals import register; register(sub)  # noqa: E702, I001
+    from refloop.cli_worklist import register as register_worklist; register_worklist(sub)  # noqa: E702, I001
     return p
 
 

@@ -29,9 +29,21 @@ class HttpApi:
             web.get("/api/messages", self.messages),
         ])
         from refloop.daemon.http_referrals import add_routes; add_routes(self.app, server)  # noqa: E702, I001
+        from refloop.daemon.http_worklist import add_routes as add_worklist_routes; add_worklist_routes(self.app, server)  # noqa: E501, E702, I001
         self.runner: web.AppRunner | None = None
 
     OPEN = frozenset({"/healthz", "/readyz", "/metrics"})
+    #: Reads that show patient-level data: each one is written to the audit log (HIPAA §164.312(b)).
+    PHI_PATHS = ("/api/referrals", "/api/unmatched", "/referrals/")
+
+    async def _audit_read(self, req: web.Request) -> None:
+        from refloop.store.audit import record_now
+
+        actor = "token" if self.server.settings.http.token else f"http:{req.remote or 'local'}"
+        engine = self.server.engine
+        assert engine is not None
+        await asyncio.to_thread(record_now, engine, now=self.server.clock.now(), actor=actor, action="read",
+                                target=req.path[:255])
 
     @web.middleware
     async def auth(self, req: web.Request, handler: Any) -> web.StreamResponse:
@@ -45,7 +57,10 @@ class HttpApi:
                 return web.json_response({"error": "unauthorized"}, status=401,
                                          headers={"WWW-Authenticate": "Bearer"})
         try:
-            return await handler(req)
+            resp = await handler(req)
+            if req.method == "GET" and resp.status == 200 and req.path.startswith(self.PHI_PATHS):
+                await self._audit_read(req)
+            return resp
         except web.HTTPException as exc:
             return web.json_response({"error": exc.reason}, status=exc.status)
         except Exception as exc:  # never echo exception text: it can quote message content
