@@ -295,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_audit)
     from refloop.cli_referrals import register; register(sub)  # noqa: E702, I001
     from refloop.cli_worklist import register as register_worklist; register_worklist(sub)  # noqa: E702, I001
+    from refloop.cli_simulate import register as register_simulate; register_simulate(sub)  # noqa: E702, I001
     return p
 
 

@@ -30,6 +30,7 @@ class HttpApi:
         ])
         from refloop.daemon.http_referrals import add_routes; add_routes(self.app, server)  # noqa: E702, I001
         from refloop.daemon.http_worklist import add_routes as add_worklist_routes; add_worklist_routes(self.app, server)  # noqa: E501, E702, I001
+        from refloop.daemon.dashboard import add_routes as add_dashboard_routes; add_dashboard_routes(self.app, server)  # noqa: E702, I001
         self.runner: web.AppRunner | None = None
 
     OPEN = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -52,8 +53,9 @@ class HttpApi:
 
         token = self.server.settings.http.token
         if token and req.path not in self.OPEN:
-            given = req.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            # Browsers carry the token as the dashboard's cookie (set by /login, which checks it itself).
+            given = req.headers.get("Authorization", "") or f"Bearer {req.cookies.get('refloop_token', '')}"
+            if req.path != "/login" and not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return web.json_response({"error": "unauthorized"}, status=401,
                                          headers={"WWW-Authenticate": "Bearer"})
         try:

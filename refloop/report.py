@@ -1,0 +1,273 @@
+"""The cohort report: pure computations over rows that :mod:`refloop.store.report_queries` fetches.
+
+Why split this way: the SQL side aggregates what a database does well (counts and conditional sums per
+group, the day differences as plain numbers) so that a one-year report over a million referrals never
+materialises a million objects; this module turns those rows into rates, percentiles, leaks and the
+CMS50-style figure, with no I/O and no clock, so every figure can be checked by hand in a test.
+
+Definitions (REFERRALS.md §3.4)
+-------------------------------
+
+* **Cohort**: referrals whose ``sent_at`` (earliest ``referral_created``) is in ``[from, to)`` (UTC),
+  optionally filtered by referred-to, specialty, referring provider or priority, and grouped by one of
+  those or by sent month. Referrals without ``sent_at`` are never in a cohort.
+* **Rates** are ``num / den`` with both parts reported. ``accepted`` (``accepted_at`` set), ``scheduled``
+  (``scheduled_at`` set: booked at least once), ``completed`` (``completed_at`` set: attended, or a final
+  note proves the visit) and ``closed`` (status ``closed``: the loop-closure rate) are over all sent.
+  ``note_received`` is over completed referrals. ``no_show`` is no-show appointments over appointments
+  ever reported for cohort referrals; ``rebooked_after_no_show`` is referrals with a no-show whose status
+  is now scheduled, completed or closed, over referrals with a no-show.
+* **Within window** rates are censored: the denominator is the *mature* referrals, those whose window has
+  ended at ``now`` or that reached the milestone inside it. A referral still inside its window is in
+  flight, so it counts neither for nor against the rate. Windows are the stall windows (scheduling for
+  booking, visit for attendance) resolved as :mod:`refloop.stall` does (referred-to, specialty, priority,
+  default), in calendar days; business days and holds are not applied here (they are in the leak list).
+* **Days** (sent→scheduled, sent→appointment, appointment→note, sent→closed) are reported as mean, median
+  and p90 (nearest rank: the ``ceil(0.9 n)``-th smallest value) over referrals that have both milestones.
+* **Leaks** are unclosed referrals past a window, with the stage where they stalled: ``never_scheduled``
+  (status sent, scheduling window over), ``not_seen`` (booked but the visit window is over),
+  ``no_show_not_rebooked`` (rebooking window after the latest no-show, or the visit window, is over),
+  ``seen_no_note`` (note window after the visit is over), and ``declined`` (declined or expired) and
+  ``cancelled``, which are final answers and so leaks at once. ``age_days`` is days since sent.
+  Everything open and not overdue is **in flight**.
+* **Recovered**: referrals that were on the worklist (an ``alerts`` row) or got a reminder and then
+  completed (``completed_at`` set), over referrals that were on the worklist.
+
+CMS50-style view (HL7-REFERENCE §8)
+-----------------------------------
+
+How refloop follows CMS50 ("Closing the Referral Loop: Receipt of Specialist Report"):
+
+* **Patient-based**: patients are ``patient_key`` (a hash of PID-3 and its authority); referrals without
+  one cannot be attributed and are left out.
+* **Measurement period** is a calendar year in UTC. Candidate referrals are those with ``sent_at`` from
+  1 January 00:00 up to 31 October 23:59:59.999999 (the v12+ cut-off), not cancelled by the referrer
+  (CMS50 counts only active or completed ServiceRequests). The **first** candidate per patient (earliest
+  ``sent_at``, then lowest id) is the one that counts; a second referral for the same patient never
+  adds a second denominator entry, even when it closed and the first did not.
+* **Numerator**: that first referral's first final consult note (``note_received_at``) is strictly
+  *after* its ``sent_at`` and before the end of the measurement year. A note dated before the referral
+  does not count, even though it closed the referral in refloop.
+
+Where it cannot follow the measure: refloop has no encounter feed, so the "encounter during the
+measurement period" condition is approximated by the referral itself; it has no value sets, so any
+referral message counts as a Referral and any final note linked to it as a Consultant Report; authorship
+by the referred-to clinician is assumed from the link (explicit ID or patient + referred-to provider), not
+checked against the author; attribution is per patient, not per referring clinician (the narrative's
+reading); and ``note_received_at`` is the time the note became final as the sender reported it, not the
+time the referrer read it. Label it "CMS50-style", never a certified eCQM result.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+from refloop import stall
+from refloop.stall import Windows
+
+#: Fields a cohort can be filtered or grouped by (``month`` only groups).
+GROUP_FIELDS: Final = ("referred_to", "specialty", "referring_provider", "priority", "month")
+FILTER_FIELDS: Final = ("referred_to", "specialty", "referring_provider", "priority")
+
+#: Leak stages, in the order the loop reaches them.
+LEAK_STAGES: Final = (
+    "never_scheduled", "not_seen", "no_show_not_rebooked", "seen_no_note", "declined", "cancelled",
+)
+DAY_METRICS: Final = ("sent_to_scheduled", "sent_to_appointment", "appointment_to_note", "sent_to_closed")
+
+#: Conditional-sum columns the SQL side returns for every group (and the totals).
+COUNT_COLUMNS: Final = (
+    "sent", "accepted", "scheduled", "completed", "closed", "note_of_completed",
+    "scheduled_in_window", "scheduling_mature", "completed_in_window", "visit_mature",
+)
+EVENT_COLUMNS: Final = ("appointments", "no_show_appointments", "no_show_referrals", "rebooked_after_no_show")
+
+
+@dataclass(frozen=True)
+class OpenRow:
+    """An unclosed cohort referral, as much as the leak rules need (no PHI)."""
+
+    referral_id: int
+    placer_id: str
+    status: str
+    priority: str
+    referred_to: str
+    specialty: str
+    sent_at: datetime
+    completed_at: datetime | None
+    last_no_show_at: datetime | None
+    group: str = ""
+
+
+def ratio(num: int, den: int) -> dict[str, Any]:
+    """A rate that keeps its parts: a 0/0 rate is None, not 0, so "no data" never reads as "all failed"."""
+    return {"num": int(num), "den": int(den), "rate": round(num / den, 4) if den else None}
+
+
+def distribution(values: Iterable[float]) -> dict[str, Any]:
+    """Mean, median and nearest-rank p90 in days (2 decimals); None for all three when there is no value."""
+    data = sorted(values)
+    n = len(data)
+    if n == 0:
+        return {"n": 0, "mean": None, "median": None, "p90": None}
+    mid = n // 2
+    median = data[mid] if n % 2 else (data[mid - 1] + data[mid]) / 2
+    p90 = data[max(math.ceil(0.9 * n) - 1, 0)]
+    return {"n": n, "mean": round(sum(data) / n, 2), "median": round(median, 2), "p90": round(p90, 2)}
+
+
+def rates(counts: Mapping[str, int], events: Mapping[str, int]) -> dict[str, Any]:
+    """The rate block of one group from its SQL counts (see the module docstring for each definition)."""
+    sent = counts.get("sent", 0)
+    return {
+        "accepted": ratio(counts.get("accepted", 0), sent),
+        "scheduled": ratio(counts.get("scheduled", 0), sent),
+        "scheduled_in_window": ratio(counts.get("scheduled_in_window", 0), counts.get("scheduling_mature", 0)),
+        "completed": ratio(counts.get("completed", 0), sent),
+        "completed_in_window": ratio(counts.get("completed_in_window", 0), counts.get("visit_mature", 0)),
+        "no_show": ratio(events.get("no_show_appointments", 0), events.get("appointments", 0)),
+        "rebooked_after_no_show": ratio(events.get("rebooked_after_no_show", 0), events.get("no_show_referrals", 0)),
+        "note_received": ratio(counts.get("note_of_completed", 0), counts.get("completed", 0)),
+        "loop_closure": ratio(counts.get("closed", 0), sent),
+    }
+
+
+def _key(name: str) -> str:
+    return " ".join(name.split()).casefold()
+
+
+def window_days(windows: Windows, stage: str, *, referred_to: str, specialty: str, priority: str) -> float:
+    """:meth:`Windows.window_days` for a projection row (same precedence), without folding a state."""
+    for name in (referred_to, specialty):
+        if name and (days := windows.target_days.get((_key(name), stage))) is not None:
+            return days
+    days = windows.priority_days.get((stall.priority_class(priority), stage))
+    return days if days is not None else windows.stage_days[stage]
+
+
+def _elapsed(start: datetime, now: datetime, windows: Windows) -> float:
+    return stall.elapsed_days(start, now, business_days=windows.business_days, holidays=windows.holidays)
+
+
+def classify(row: OpenRow, now: datetime, windows: Windows) -> tuple[str, float] | None:
+    """``(stage, overdue_days)`` when an unclosed referral is a leak at ``now``, None while in flight."""
+    if row.status == "cancelled":
+        return "cancelled", 0.0
+    if row.status in ("declined", "expired"):
+        return "declined", 0.0
+
+    def over(stage: str, start: datetime | None) -> float | None:
+        if start is None:
+            return None
+        window = window_days(windows, stage, referred_to=row.referred_to, specialty=row.specialty,
+                             priority=row.priority)
+        elapsed = _elapsed(start, now, windows)
+        return elapsed - window if elapsed >= window else None
+
+    if row.status == "sent":
+        late = over(stall.SCHEDULING, row.sent_at)
+        return ("never_scheduled", late) if late is not None else None
+    if row.status == "scheduled":
+        late = over(stall.VISIT, row.sent_at)
+        return ("not_seen", late) if late is not None else None
+    if row.status == "no_show":
+        lates = [x for x in (over(stall.REBOOKING, row.last_no_show_at), over(stall.VISIT, row.sent_at))
+                 if x is not None]
+        return ("no_show_not_rebooked", max(lates)) if lates else None
+    if row.status == "completed":
+        late = over(stall.NOTE, row.completed_at)
+        return ("seen_no_note", late) if late is not None else None
+    return None
+
+
+def leak_entry(row: OpenRow, stage: str, overdue: float, now: datetime) -> dict[str, Any]:
+    """One leak as reported: identifiers and codes only, never patient data."""
+    return {
+        "referral_id": row.referral_id, "placer_id": row.placer_id, "status": row.status, "stage": stage,
+        "age_days": round(max((now - row.sent_at).total_seconds(), 0.0) / 86400, 1),
+        "overdue_days": round(overdue, 1), "referred_to": row.referred_to, "specialty": row.specialty,
+        "priority": row.priority, "sent_at": row.sent_at.isoformat(),
+    }
+
+
+def cms50_block(year: int, denominator: int, numerator: int) -> dict[str, Any]:
+    return {
+        "label": "CMS50-style (not a certified eCQM result)",
+        "year": year,
+        "referral_window": [f"{year}-01-01", f"{year}-10-31"],
+        "denominator": denominator,
+        "numerator": numerator,
+        "rate": round(numerator / denominator, 4) if denominator else None,
+        "notes": [
+            "patient-level: first non-cancelled referral per patient sent 1 Jan - 31 Oct (UTC)",
+            "numerator: first final consult note received after the referral and within the year",
+            "no encounter feed: the referral stands in for the qualifying encounter",
+            "no value sets: every referral counts; every linked final note counts as the consultant report",
+        ],
+    }
+
+
+# -- rendering (CLI) -------------------------------------------------------------------------------
+def _pct(rate: Mapping[str, Any]) -> str:
+    return "-" if rate["rate"] is None else f"{rate['rate'] * 100:.1f}% ({rate['num']}/{rate['den']})"
+
+
+def render_table(report: Mapping[str, Any]) -> str:
+    """A plain-text report for a terminal: totals, rates, days, groups and the first leaks."""
+    out: list[str] = []
+    c = report["cohort"]
+    out.append(f"cohort  sent {c['from']} .. {c['to']} (exclusive)  now {c['now']}")
+    t = report["totals"]
+    out.append("totals  " + "  ".join(f"{k} {v}" for k, v in t.items()))
+    out.append("")
+    out.append("rates")
+    for name, rate in report["rates"].items():
+        out.append(f"  {name:24} {_pct(rate)}")
+    out.append("days (n / mean / median / p90)")
+    for name, d in report["days"].items():
+        out.append(f"  {name:24} {d['n']} / {d['mean']} / {d['median']} / {d['p90']}")
+    if report["groups"]:
+        out.append("")
+        out.append(f"by {c['by']}")
+        out.append(f"  {'group':30} {'sent':>7} {'scheduled':>10} {'completed':>10} {'closure':>8} {'leaks':>6}")
+        for g in report["groups"]:
+            r = g["rates"]
+
+            def p(x: Mapping[str, Any]) -> str:
+                return "-" if x["rate"] is None else f"{x['rate'] * 100:.1f}%"
+
+            out.append(f"  {str(g['key'])[:30]:30} {g['totals']['sent']:>7} {p(r['scheduled']):>10} "
+                       f"{p(r['completed']):>10} {p(r['loop_closure']):>8} {g['totals']['leaks']:>6}")
+    cms = report["cms50"]
+    out.append("")
+    rate = "-" if cms["rate"] is None else f"{cms['rate'] * 100:.1f}%"
+    out.append(f"CMS50-style {cms['year']}: {cms['numerator']}/{cms['denominator']} = {rate}")
+    leaks = report["leaks"]
+    out.append("")
+    out.append(f"leaks ({t['leaks']}, showing {min(len(leaks), 50)})")
+    for leak in leaks[:50]:
+        out.append(f"  {leak['placer_id']:20} {leak['stage']:22} age {leak['age_days']:>6} d  {leak['referred_to']}")
+    return "\n".join(out)
+
+
+def render_csv(report: Mapping[str, Any]) -> str:
+    """One row per group (the totals first): the figures a spreadsheet wants, rates as fractions."""
+    buf = io.StringIO()
+    rate_names = list(report["rates"])
+    cols = ["group", "sent", "in_flight", "leaks", *rate_names, *(f"{d}_{s}" for d in DAY_METRICS
+                                                                 for s in ("mean", "median", "p90"))]
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(cols)
+    blocks = [{"key": "ALL", "totals": report["totals"], "rates": report["rates"], "days": report["days"]},
+              *report["groups"]]
+    for b in blocks:
+        writer.writerow([b["key"], b["totals"]["sent"], b["totals"]["in_flight"], b["totals"]["leaks"],
+                         *(b["rates"][n]["rate"] for n in rate_names),
+                         *(b["days"][d][s] for d in DAY_METRICS for s in ("mean", "median", "p90"))])
+    return buf.getvalue()

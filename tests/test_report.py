@@ -1,0 +1,175 @@
+"""The cohort report on a hand-computed fixture, on SQLite and PostgreSQL.
+
+Referrals are written through the store (``get_or_create`` + journaled events + ``refresh``, the same
+fold the handlers use) so every milestone is exact. The expected figures below were worked out by hand
+from the table in :func:`fixture`; see each assertion's comment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import insert
+
+from refloop.cli import main as cli_main
+from refloop.config.windows import WindowSettings, windows_from_settings
+from refloop.store import migrate
+from refloop.store import referrals as repo
+from refloop.store import report_queries as rq
+from refloop.store.engine import make_engine
+from refloop.store.models import Alert
+from tests.utils import make_settings, running_daemon
+
+NOW = datetime(2026, 6, 1, tzinfo=UTC)
+
+
+def d(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+def make(conn: Any, placer: str, patient: str, events: list[tuple[str, str, dict[str, Any]]]) -> int:
+    """A referral from (kind, day, data) events, folded and projected like a handler would."""
+    rid = repo.get_or_create(conn, placer, "CLINIC", NOW)
+    repo.set_identity(conn, rid, patient_key=patient)
+    for kind, day, data in events:
+        subject = f"appt:SCHED^HEART|{data['appointment_id']}" if "appointment_id" in data else ""
+        conn.execute(insert(repo.EVENTS).values(
+            referral_id=rid, message_id=None, origin=repo.MANUAL, seq=0, kind=kind, occurred_at=d(day),
+            control_id="", subject=subject, pending_key="", data=json.dumps(data)))
+    repo.refresh(conn, rid, NOW)
+    return rid
+
+
+def created(day: str) -> tuple[str, str, dict[str, Any]]:
+    return ("referral_created", day, {"priority": "R", "referred_to": "Heartwell, Hana", "specialty": "CARD"})
+
+
+def booked(day: str, appt: str, start: str) -> tuple[str, str, dict[str, Any]]:
+    return ("appointment_booked", day, {"appointment_id": appt, "start": d(start).isoformat()})
+
+
+def fixture(url: str) -> None:
+    engine = make_engine(make_settings(url).database)
+    migrate.upgrade(engine)
+    with engine.begin() as conn:
+        # A: accepted, booked day 4, seen day 19, note day 24 -> closed.
+        make(conn, "A", "p1", [created("2026-01-01"), ("referral_answered", "2026-01-02", {"answer": "accepted"}),
+                               booked("2026-01-05", "A1", "2026-01-20"),
+                               ("appointment_completed", "2026-01-20", {"appointment_id": "A1"}),
+                               ("note_received", "2026-01-25", {"document_id": "DA", "final": True})])
+        # B: booked day 20 (late), no-show, rebooked, seen day 50, no note -> completed, seen_no_note leak.
+        b = make(conn, "B", "p2", [created("2026-01-10"), booked("2026-01-30", "B1", "2026-02-10"),
+                                   ("appointment_no_show", "2026-02-10", {"appointment_id": "B1"}),
+                                   booked("2026-02-15", "B2", "2026-03-01"),
+                                   ("appointment_completed", "2026-03-01", {"appointment_id": "B2"})])
+        c = make(conn, "C", "p3", [created("2026-02-01")])  # never booked: never_scheduled, 120 days
+        make(conn, "D", "p4", [created("2026-05-25")])  # 7 days old: in flight
+        make(conn, "E", "p5", [created("2026-03-01"), ("referral_answered", "2026-03-03", {"answer": "declined"})])
+        make(conn, "F", "p1", [created("2026-01-15"), ("referral_cancelled", "2026-01-20", {})])
+        # G: booked, no-show 04-10, never rebooked: no_show_not_rebooked.
+        make(conn, "G", "p6", [created("2026-04-01"), booked("2026-04-02", "G1", "2026-04-10"),
+                               ("appointment_no_show", "2026-04-10", {"appointment_id": "G1"})])
+        make(conn, "H", "p11", [created("2026-05-20"), booked("2026-05-21", "H1", "2026-06-10")])  # in flight
+        # J: p2's second referral; a final note alone proves the visit and closes it (completed_at = note).
+        make(conn, "J", "p2", [created("2026-02-01"), ("note_received", "2026-02-20", {"document_id": "DJ",
+                                                                                         "final": True})])
+        make(conn, "I", "p12", [created("2025-12-20")])  # before the cohort
+        # CMS50 2025 edge cases.
+        make(conn, "K", "p7", [created("2025-11-05"), ("note_received", "2025-11-20", {"document_id": "DK",
+                                                                                         "final": True})])
+        make(conn, "L", "p8", [created("2025-10-31T23:00:00"),
+                               ("note_received", "2025-11-10", {"document_id": "DL", "final": True})])
+        make(conn, "M", "p9", [created("2025-03-01"), ("note_received", "2025-02-20", {"document_id": "DM",
+                                                                                         "final": True})])
+        make(conn, "N", "p10", [created("2025-06-01"), ("note_received", "2026-01-10", {"document_id": "DN",
+                                                                                          "final": True})])
+        for rid in (b, c):  # both were on the worklist from 20 Feb; only B was then completed
+            conn.execute(insert(Alert.__table__).values(referral_id=rid, stage="scheduling", level=1,
+                                                        status="open", owner="", overdue_days=1.0,
+                                                        raised_at=d("2026-02-20"), open_key=0))
+    engine.dispose()
+
+
+def report(url: str, **kw: Any) -> dict[str, Any]:
+    engine = make_engine(make_settings(url).database)
+    params = rq.default_params(NOW, start="2026-01-01", end="2026-06-01", **kw)
+    with engine.connect() as conn:
+        doc = rq.build_report(conn, params, windows_from_settings(WindowSettings()))
+    engine.dispose()
+    return doc
+
+
+def rate(num: int, den: int) -> dict[str, Any]:
+    return {"num": num, "den": den, "rate": round(num / den, 4) if den else None}
+
+
+def test_report_figures(db_url: str) -> None:
+    fixture(db_url)
+    doc = report(db_url)
+    assert set(doc) == {"cohort", "totals", "rates", "days", "groups", "leaks", "cms50"}
+    t = doc["totals"]
+    assert (t["sent"], t["accepted"], t["scheduled"], t["completed"], t["note_received"], t["closed"]) == \
+        (9, 1, 4, 3, 2, 2)  # A..H + J; I is before the cohort
+    assert (t["appointments"], t["no_shows"], t["in_flight"], t["leaks"]) == (5, 2, 2, 5)
+    r = doc["rates"]
+    assert r["accepted"] == rate(1, 9)
+    assert r["scheduled"] == rate(4, 9)
+    assert r["scheduled_in_window"] == rate(3, 8)  # A, G, H in 14 days; D still censored
+    assert r["completed"] == rate(3, 9)
+    assert r["completed_in_window"] == rate(2, 7)  # A (19 d), J (19 d); D and H censored, B took 50 d
+    assert r["no_show"] == rate(2, 5)  # B1, G1 of A1, B1, B2, G1, H1
+    assert r["rebooked_after_no_show"] == rate(1, 2)  # B yes, G no
+    assert r["note_received"] == rate(2, 3)
+    assert r["loop_closure"] == rate(2, 9)
+    assert {k: r["recovered"][k] for k in ("num", "den", "count")} == {"num": 1, "den": 2, "count": 1}
+    days = doc["days"]
+    assert days["sent_to_scheduled"] == {"n": 4, "mean": 6.5, "median": 2.5, "p90": 20.0}
+    assert days["sent_to_appointment"] == {"n": 3, "mean": 30.0, "median": 21.0, "p90": 50.0}
+    assert days["appointment_to_note"] == {"n": 1, "mean": 5.0, "median": 5.0, "p90": 5.0}
+    assert days["sent_to_closed"] == {"n": 2, "mean": 21.5, "median": 21.5, "p90": 24.0}
+    leaks = {x["placer_id"]: (x["stage"], x["age_days"]) for x in doc["leaks"]}
+    assert leaks == {"B": ("seen_no_note", 142.0), "C": ("never_scheduled", 120.0), "E": ("declined", 92.0),
+                     "F": ("cancelled", 137.0), "G": ("no_show_not_rebooked", 61.0)}
+    # CMS50 2026: first non-cancelled referral per patient: A (note after: yes), B (J closed but is second),
+    # C, D, E, G, H -> 1 / 7.
+    assert (doc["cms50"]["year"], doc["cms50"]["denominator"], doc["cms50"]["numerator"]) == (2026, 7, 1)
+
+
+def test_cms50_edges(db_url: str) -> None:
+    fixture(db_url)
+    cms = report(db_url, year=2025)["cms50"]
+    # K is after 31 October; L (31 Oct 23:00) counts; M's note predates the referral; N's note is in 2026.
+    assert (cms["denominator"], cms["numerator"]) == (3, 1)
+
+
+def test_groups_and_filters(sqlite_url: str) -> None:
+    fixture(sqlite_url)
+    doc = report(sqlite_url, by="month")
+    months = {g["key"]: g["totals"]["sent"] for g in doc["groups"]}
+    assert months == {"2026-01": 3, "2026-02": 2, "2026-03": 1, "2026-04": 1, "2026-05": 2}
+    assert sum(g["totals"]["leaks"] for g in doc["groups"]) == doc["totals"]["leaks"]
+    assert report(sqlite_url, filters={"priority": "U"})["totals"]["sent"] == 0
+
+
+def test_cli_json_equals_api_json(sqlite_url: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    fixture(sqlite_url)
+    monkeypatch.setenv("REFLOOP_DATABASE_URL", sqlite_url)
+    query = {"from": "2026-01-01", "to": "2026-06-01", "by": "specialty", "now": NOW.isoformat()}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli_main(["report", "--from", query["from"], "--to", query["to"], "--by", "specialty",
+                         "--now", query["now"], "--format", "json"])
+    assert code == 0
+    cli_doc = json.loads(out.getvalue())
+    with running_daemon(make_settings(sqlite_url)) as d:
+        from urllib.parse import urlencode
+
+        status, api_doc = d.get("/api/report?" + urlencode(query))
+    assert status == 200
+    assert cli_doc == api_doc
+    assert cli_doc["totals"]["sent"] == 9 and cli_doc["groups"][0]["key"] == "CARD"
