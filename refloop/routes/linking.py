@@ -106,7 +106,7 @@ def record(ctx: HandlerContext, msg: Message, placement: Placement, events: list
                     pending_key=placement.pending_key if placement.state == repo.PARKED else "")
     repo.set_link(conn, ctx.message_id, referral_id=rid, state=placement.state, matched_by=placement.matched_by,
                   control_id=ctx.control_id, message_type=f"{msg.message_type}^{msg.trigger_event}".upper(),
-                  candidates=placement.candidates)
+                  candidates=placement.candidates, fresh=not ctx.replay)
     if rid is not None:
         if presume_hours > 0:
             repo.set_identity(conn, rid, presume_hours=presume_hours)
@@ -124,12 +124,21 @@ def record(ctx: HandlerContext, msg: Message, placement: Placement, events: list
 def _refresh_all(ctx: HandlerContext, referral_ids: Iterable[int]) -> None:
     now = ctx.clock.now()
     for rid in sorted(referral_ids):
-        repo.refresh(ctx.conn, rid, now, duplicate_window_days=ctx.profile.duplicate_window_days)
+        # A first delivery only appends events; a replay also removed some (see repo.refresh).
+        repo.refresh(ctx.conn, rid, now, duplicate_window_days=ctx.profile.duplicate_window_days,
+                     appended=not ctx.replay)
+
+
+_FAMILIES: dict[tuple[str, ...], frozenset[str]] = {}
 
 
 def family_enabled(ctx: HandlerContext, msg: Message) -> bool:
     """``SenderProfile.message_families``: a sender can be limited to the feeds it is trusted for."""
-    return msg.message_type.upper() in {f.upper() for f in ctx.profile.message_families}
+    key = tuple(ctx.profile.message_families)
+    families = _FAMILIES.get(key)
+    if families is None:
+        families = _FAMILIES[key] = frozenset(f.upper() for f in key)
+    return msg.message_type.upper() in families
 
 
 def disabled() -> HandlerResult:

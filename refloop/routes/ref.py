@@ -40,15 +40,18 @@ def apply_referral(ctx: HandlerContext, msg: Message, *, placer_id: str, authori
     """Shared by REF and 360X orders: the message *is* about this key, so create-or-update, then refold."""
     conn = ctx.conn
     touched = repo.forget_message(conn, ctx.message_id) if ctx.replay else set()
-    rid = repo.get_or_create(conn, placer_id[:199], authority[:180], ctx.clock.now())
-    repo.set_identity(conn, rid, patient_key=patient_key(msg), referred_to_id=referred_to_id[:64])
+    # Identity goes into the INSERT of a new referral, or an UPDATE only when a value differs.
+    rid = repo.get_or_create(conn, placer_id[:199], authority[:180], ctx.clock.now(),
+                             patient_key=patient_key(msg), referred_to_id=referred_to_id[:64])
     repo.add_events(conn, referral_id=rid, message_id=ctx.message_id, control_id=ctx.control_id, events=events)
     repo.set_link(conn, ctx.message_id, referral_id=rid, state=repo.LINKED, matched_by="referral_id",
-                  control_id=ctx.control_id, message_type=f"{msg.message_type}^{msg.trigger_event}".upper())
+                  control_id=ctx.control_id, message_type=f"{msg.message_type}^{msg.trigger_event}".upper(),
+                  fresh=not ctx.replay)
     now = ctx.clock.now()
     for other in sorted(touched - {rid}):
         repo.refresh(conn, other, now, duplicate_window_days=ctx.profile.duplicate_window_days)
-    state = repo.refresh(conn, rid, now, duplicate_window_days=ctx.profile.duplicate_window_days)
+    state = repo.refresh(conn, rid, now, duplicate_window_days=ctx.profile.duplicate_window_days,
+                         appended=not ctx.replay)
     return HandlerResult(Outcome.PROCESSED, detail=f"referral {rid} {state.status.value}")
 
 

@@ -6,6 +6,10 @@ the same transaction. A late, duplicated or out-of-order message therefore only 
 and a parked message (explicit ID of a referral not seen yet) is attached by re-pointing its events.
 Every function takes a Connection so handlers (inside the writer's savepoint), the CLI and the HTTP API
 share one implementation. Nothing here logs: rows carry PHI-adjacent data (hashes, note content).
+
+PERF: the functions below run on the writer thread for every SIU/MDM/REF, so their statements are built
+once, at import, with :func:`bindparam` placeholders, and executed with parameter dicts. Building a
+``select().where()`` per call cost 4x the execution itself (new bind parameters, a fresh cache key).
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Connection, and_, delete, insert, or_, select, update
+from sqlalchemy import Connection, Table, bindparam, delete, literal_column, or_, select, union_all, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from refloop import referral as rf
@@ -28,11 +32,11 @@ from refloop.store.models import (
     ReferralLink,
 )
 
-REFERRALS = Referral.__table__
-EVENTS = ReferralEvent.__table__
-ALIASES = ReferralAlias.__table__
-LINKS = ReferralLink.__table__
-DOCUMENTS = ReferralDocument.__table__
+REFERRALS = cast(Table, Referral.__table__)
+EVENTS = cast(Table, ReferralEvent.__table__)
+ALIASES = cast(Table, ReferralAlias.__table__)
+LINKS = cast(Table, ReferralLink.__table__)
+DOCUMENTS = cast(Table, ReferralDocument.__table__)
 
 MESSAGE, MANUAL = "message", "manual"
 LINKED, PARKED, REVIEW, REJECTED = "linked", "parked", "review", "rejected"
@@ -68,23 +72,122 @@ class NewEvent:
     subject: str = ""
 
 
+# -- prebuilt statements ----------------------------------------------------------------------------
+# Parameter names that appear next to column values in UPDATE/INSERT parameter dicts start with "b_", so
+# they never collide with a column name (SQLAlchemy derives the SET clause from the dict's keys).
+def _expanding(name: str) -> Any:
+    return bindparam(name, expanding=True)
+
+
+# The open statuses are a fixed set of enum values: rendered inline, they cost no expanding-parameter
+# processing on every execution (an ``in_(OPEN)`` would be a post-compiled IN list).
+_IS_OPEN = REFERRALS.c.status.in_([literal_column(f"'{s}'") for s in sorted(OPEN)])
+
+
+# Placer IDs and aliases in one round trip; placer hits first (smallest id), then aliases. The usual
+# message names one ID: an "=" variant avoids expanding an IN list on every execution.
+_FIND_ONE = union_all(
+    select(REFERRALS.c.id.label("rid"), REFERRALS.c.placer_id.label("value"), literal_column("0").label("src"))
+    .where(REFERRALS.c.placer_id == bindparam("value")),
+    select(ALIASES.c.referral_id, ALIASES.c.alias_value, literal_column("1"))
+    .where(ALIASES.c.alias_value == bindparam("value")),
+).order_by(literal_column("src"), literal_column("rid"))
+_FIND = union_all(
+    select(REFERRALS.c.id.label("rid"), REFERRALS.c.placer_id.label("value"), literal_column("0").label("src"))
+    .where(REFERRALS.c.placer_id.in_(_expanding("values"))),
+    select(ALIASES.c.referral_id, ALIASES.c.alias_value, literal_column("1"))
+    .where(ALIASES.c.alias_value.in_(_expanding("values"))),
+).order_by(literal_column("src"), literal_column("rid"))
+_BY_SUBJECT = (
+    select(EVENTS.c.referral_id, EVENTS.c.pending_key)
+    .where(EVENTS.c.subject == bindparam("subject"), EVENTS.c.origin == MESSAGE,
+           or_(EVENTS.c.referral_id.is_not(None), EVENTS.c.pending_key != ""))
+    .order_by(EVENTS.c.referral_id.is_(None), EVENTS.c.id).limit(1)
+)
+_OPEN_FOR_PATIENT = (
+    select(REFERRALS.c.id, REFERRALS.c.placer_id, REFERRALS.c.referred_to, REFERRALS.c.referred_to_id,
+           REFERRALS.c.specialty)
+    .where(REFERRALS.c.patient_key == bindparam("patient_key"), _IS_OPEN)
+    .order_by(REFERRALS.c.id)
+)
+_LINK_ROW = select(LINKS).where(LINKS.c.message_id == bindparam("message_id"))
+_REFERRAL_ID = select(REFERRALS.c.id).where(REFERRALS.c.id == bindparam("rid"))
+_REFERRAL_ROW = select(REFERRALS).where(REFERRALS.c.id == bindparam("rid"))
+# FOR UPDATE on PostgreSQL; SQLite's compiler drops the clause (one writer anyway).
+_REFERRAL_ROW_LOCKED = _REFERRAL_ROW.with_for_update()
+_BY_PLACER = select(REFERRALS.c.id, REFERRALS.c.patient_key, REFERRALS.c.referred_to_id).where(
+    REFERRALS.c.placer_id == bindparam("placer_id"), REFERRALS.c.authority == bindparam("authority"))
+_CREATE = {
+    "postgresql": postgresql.insert(REFERRALS).on_conflict_do_nothing(constraint="uq_referrals_placer")
+    .returning(REFERRALS.c.id),
+    "sqlite": sqlite.insert(REFERRALS).on_conflict_do_nothing().returning(REFERRALS.c.id),
+}
+_UPDATE_REFERRAL = REFERRALS.update().where(REFERRALS.c.id == bindparam("b_rid"))
+
+_INSERT_EVENTS = EVENTS.insert()
+_EVENTS_OF = select(EVENTS).where(EVENTS.c.referral_id == bindparam("rid"))
+_REFERRALS_OF_MESSAGE = select(EVENTS.c.referral_id).distinct().where(
+    EVENTS.c.message_id == bindparam("message_id"), EVENTS.c.origin == MESSAGE, EVENTS.c.referral_id.is_not(None))
+_ALIAS_REFERRALS_OF_MESSAGE = select(ALIASES.c.referral_id).where(ALIASES.c.message_id == bindparam("message_id"))
+_DELETE_MESSAGE_EVENTS = delete(EVENTS).where(EVENTS.c.message_id == bindparam("message_id"),
+                                              EVENTS.c.origin == MESSAGE)
+_DELETE_MESSAGE_ALIASES = delete(ALIASES).where(ALIASES.c.message_id == bindparam("message_id"))
+_MOVE_MESSAGE_EVENTS = update(EVENTS).where(
+    EVENTS.c.message_id == bindparam("b_message_id"), EVENTS.c.origin == MESSAGE,
+).values(referral_id=bindparam("b_rid"), pending_key="")
+_DOC_SUBJECTS_OF_MESSAGE = select(EVENTS.c.subject).where(
+    EVENTS.c.message_id == bindparam("message_id"), EVENTS.c.origin == MESSAGE, EVENTS.c.subject.like("doc:%"))
+
+_INSERT_LINK = LINKS.insert()
+_UPDATE_LINK = LINKS.update().where(LINKS.c.message_id == bindparam("b_message_id"))
+_DELETE_LINK = delete(LINKS).where(LINKS.c.message_id == bindparam("message_id"))
+
+_DOCUMENT = select(DOCUMENTS.c.id, DOCUMENTS.c.final, DOCUMENTS.c.status).where(
+    DOCUMENTS.c.sender == bindparam("sender"), DOCUMENTS.c.document_id == bindparam("document_id"))
+_INSERT_DOCUMENT = DOCUMENTS.insert()
+_UPDATE_DOCUMENT = DOCUMENTS.update().where(DOCUMENTS.c.id == bindparam("b_id"))
+_POINT_DOCUMENT = update(DOCUMENTS).where(
+    DOCUMENTS.c.sender == bindparam("b_sender"), DOCUMENTS.c.document_id == bindparam("b_document_id"),
+).values(referral_id=bindparam("b_rid"))
+
+_ALIASES_OF = select(ALIASES.c.id, ALIASES.c.alias_value).where(ALIASES.c.referral_id == bindparam("rid"))
+_DELETE_ALIASES = delete(ALIASES).where(ALIASES.c.id.in_(_expanding("ids")))
+_TAKEN_ALIASES = select(ALIASES.c.alias_value).where(ALIASES.c.alias_value.in_(_expanding("values")))
+_INSERT_ALIAS = ALIASES.insert()
+
+_PARKED_MESSAGES = select(EVENTS.c.message_id).distinct().where(
+    EVENTS.c.referral_id.is_(None), EVENTS.c.origin == MESSAGE, EVENTS.c.pending_key.in_(_expanding("keys")))
+_PARKED_MESSAGES_ONE = select(EVENTS.c.message_id).distinct().where(
+    EVENTS.c.referral_id.is_(None), EVENTS.c.origin == MESSAGE, EVENTS.c.pending_key == bindparam("key"))
+_ATTACH_EVENTS = update(EVENTS).where(
+    EVENTS.c.message_id.in_(_expanding("b_mids")), EVENTS.c.origin == MESSAGE,
+).values(referral_id=bindparam("b_rid"), pending_key="")
+_ATTACH_LINKS = update(LINKS).where(
+    LINKS.c.message_id.in_(_expanding("b_mids")), LINKS.c.state == PARKED,
+).values(referral_id=bindparam("b_rid"), state=LINKED)
+
+_LINKED_MESSAGES = select(LINKS.c.control_id, LINKS.c.matched_by).where(
+    LINKS.c.referral_id == bindparam("rid"), LINKS.c.state == LINKED).order_by(LINKS.c.message_id)
+_OTHER_OPEN_SAME_SPECIALTY = select(REFERRALS.c.id, REFERRALS.c.sent_at).where(
+    REFERRALS.c.patient_key == bindparam("patient_key"), _IS_OPEN,
+    REFERRALS.c.id != bindparam("rid"), REFERRALS.c.specialty == bindparam("specialty"),
+    REFERRALS.c.sent_at.is_not(None))
+
+
 # -- lookups ----------------------------------------------------------------------------------------
 def find_referral(conn: Connection, values: Sequence[str]) -> tuple[int, str] | None:
     """The referral whose placer ID or alias equals one of *values*: ``(id, value)``, first value wins.
 
-    Two indexed queries at most, whatever the number of values, because this runs for every SIU/MDM.
+    One indexed query (placer IDs UNION ALL aliases), whatever the number of values, because this runs
+    for every SIU/MDM that names a referral.
     """
     if not values:
         return None
     hits: dict[str, int] = {}
-    for rid, value in conn.execute(select(REFERRALS.c.id, REFERRALS.c.placer_id).where(
-            REFERRALS.c.placer_id.in_(values)).order_by(REFERRALS.c.id)):
+    found = conn.execute(_FIND_ONE, {"value": values[0]}) if len(values) == 1 else \
+        conn.execute(_FIND, {"values": list(values)})
+    for rid, value, _src in found:
         hits.setdefault(value, rid)
-    missing = [v for v in values if v not in hits]
-    if missing:
-        for rid, value in conn.execute(select(ALIASES.c.referral_id, ALIASES.c.alias_value).where(
-                ALIASES.c.alias_value.in_(missing))):
-            hits.setdefault(value, rid)
     for value in values:
         if value in hits:
             return hits[value], value
@@ -95,12 +198,7 @@ def by_subject(conn: Connection, subject: str) -> tuple[int | None, str] | None:
     """How an earlier message about the same appointment/document was placed: ``(referral_id, pending)``."""
     if not subject:
         return None
-    row = conn.execute(
-        select(EVENTS.c.referral_id, EVENTS.c.pending_key).where(
-            EVENTS.c.subject == subject, EVENTS.c.origin == MESSAGE,
-            or_(EVENTS.c.referral_id.is_not(None), EVENTS.c.pending_key != ""),
-        ).order_by(EVENTS.c.referral_id.is_(None), EVENTS.c.id).limit(1)
-    ).first()
+    row = conn.execute(_BY_SUBJECT, {"subject": subject}).first()
     return (row.referral_id, row.pending_key) if row is not None else None
 
 
@@ -108,22 +206,18 @@ def open_referrals_for_patient(conn: Connection, patient_key: str) -> list[Any]:
     """Heuristic candidates: one indexed query on (patient_key, status)."""
     if not patient_key:
         return []
-    return list(conn.execute(
-        select(REFERRALS.c.id, REFERRALS.c.placer_id, REFERRALS.c.referred_to, REFERRALS.c.referred_to_id,
-               REFERRALS.c.specialty).where(REFERRALS.c.patient_key == patient_key, REFERRALS.c.status.in_(OPEN))
-        .order_by(REFERRALS.c.id)
-    ))
+    return list(conn.execute(_OPEN_FOR_PATIENT, {"patient_key": patient_key}))
 
 
 def link_row(conn: Connection, message_id: int) -> Any | None:
-    return conn.execute(select(LINKS).where(LINKS.c.message_id == message_id)).first()
+    return conn.execute(_LINK_ROW, {"message_id": message_id}).first()
 
 
 def resolve_key(conn: Connection, key: str) -> int | None:
     """A referral by numeric id, placer ID (RF1-6/ORC-2) or alias: what `refloop show KEY` accepts."""
     key = key.strip()
     if key.isdigit():
-        row = conn.execute(select(REFERRALS.c.id).where(REFERRALS.c.id == int(key))).first()
+        row = conn.execute(_REFERRAL_ID, {"rid": int(key)}).first()
         if row is not None:
             return int(row.id)
     hit = find_referral(conn, [key])
@@ -131,38 +225,43 @@ def resolve_key(conn: Connection, key: str) -> int | None:
 
 
 # -- writes -----------------------------------------------------------------------------------------
-def get_or_create(conn: Connection, placer_id: str, authority: str, now: datetime) -> int:
-    """The referral for a placer ID; created empty (the fold fills it) when it is new."""
-    key = select(REFERRALS.c.id).where(REFERRALS.c.placer_id == placer_id, REFERRALS.c.authority == authority)
-    row = conn.execute(key).first()
-    if row is not None:
-        return int(row.id)
-    # Two daemons sharing PostgreSQL may create the same referral at once: the loser waits on the unique
-    # constraint, does nothing, and then reads the winner's committed row instead of failing its group.
-    values = {"placer_id": placer_id, "authority": authority, "status": rf.Status.SENT.value,
-              "updated_at": utc(now)}
-    if conn.dialect.name == "postgresql":
-        conn.execute(postgresql.insert(REFERRALS).values(values).on_conflict_do_nothing(
-            constraint="uq_referrals_placer"))
-    else:
-        conn.execute(sqlite.insert(REFERRALS).values(values).on_conflict_do_nothing())
-    return int(conn.execute(key).scalar_one())
+def get_or_create(conn: Connection, placer_id: str, authority: str, now: datetime, **identity: Any) -> int:
+    """The referral for a placer ID; created empty (the fold fills it) when it is new.
+
+    ``identity`` (see :func:`set_identity`) is written with the new row, or to the existing row when a
+    non-empty value differs, so a REF costs no separate UPDATE.
+    """
+    identity = {k: v for k, v in identity.items() if v not in ("", None)}
+    key = {"placer_id": placer_id, "authority": authority}
+    row = conn.execute(_BY_PLACER, key).first()
+    if row is None:
+        # Two daemons sharing PostgreSQL may create the same referral at once: the loser waits on the unique
+        # constraint, does nothing (no row returned), and then reads the winner's committed row.
+        values = {**key, "status": rf.Status.SENT.value, "updated_at": utc(now), **identity}
+        created = conn.execute(_CREATE.get(conn.dialect.name, _CREATE["sqlite"]), values).first()
+        if created is not None:
+            return int(created.id)
+        row = conn.execute(_BY_PLACER, key).one()
+    changed = {k: v for k, v in identity.items() if not hasattr(row, k) or getattr(row, k) != v}
+    if changed:
+        conn.execute(_UPDATE_REFERRAL, {"b_rid": row.id, **changed})
+    return int(row.id)
 
 
 def set_identity(conn: Connection, referral_id: int, **values: Any) -> None:
     """Matching keys the fold does not know (patient hash, referred-to id): the latest non-empty wins."""
     values = {k: v for k, v in values.items() if v not in ("", None)}
     if values:
-        conn.execute(update(REFERRALS).where(REFERRALS.c.id == referral_id).values(**values))
+        conn.execute(_UPDATE_REFERRAL, {"b_rid": referral_id, **values})
 
 
 def forget_message(conn: Connection, message_id: int) -> set[int]:
     """Delete what a message produced (for replay), returning the referrals to recompute."""
-    touched = {r for (r,) in conn.execute(select(EVENTS.c.referral_id).distinct().where(
-        EVENTS.c.message_id == message_id, EVENTS.c.origin == MESSAGE, EVENTS.c.referral_id.is_not(None)))}
-    touched |= {r for (r,) in conn.execute(select(ALIASES.c.referral_id).where(ALIASES.c.message_id == message_id))}
-    conn.execute(delete(EVENTS).where(EVENTS.c.message_id == message_id, EVENTS.c.origin == MESSAGE))
-    conn.execute(delete(ALIASES).where(ALIASES.c.message_id == message_id))
+    p = {"message_id": message_id}
+    touched = {r for (r,) in conn.execute(_REFERRALS_OF_MESSAGE, p)}
+    touched |= {r for (r,) in conn.execute(_ALIAS_REFERRALS_OF_MESSAGE, p)}
+    conn.execute(_DELETE_MESSAGE_EVENTS, p)
+    conn.execute(_DELETE_MESSAGE_ALIASES, p)
     return touched
 
 
@@ -175,43 +274,48 @@ def add_events(conn: Connection, *, referral_id: int | None, message_id: int, co
         for i, e in enumerate(events)
     ]
     if rows:
-        conn.execute(insert(EVENTS), rows)
+        conn.execute(_INSERT_EVENTS, rows[0] if len(rows) == 1 else rows)
 
 
 def set_link(conn: Connection, message_id: int, *, referral_id: int | None, state: str, matched_by: str,
-             control_id: str = "", message_type: str = "", candidates: list[dict[str, Any]] | None = None) -> None:
-    """Record (or replace) how a message was placed; one row per message."""
+             control_id: str = "", message_type: str = "", candidates: list[dict[str, Any]] | None = None,
+             fresh: bool = False) -> None:
+    """Record (or replace) how a message was placed; one row per message.
+
+    ``fresh``: the caller knows the message has no link row yet (first delivery, not a replay or a
+    coordinator action), so the row is inserted without trying an UPDATE first.
+    """
     values = {"referral_id": referral_id, "state": state, "matched_by": matched_by[:255],
               "candidates": json.dumps(candidates or [])}
-    if conn.execute(update(LINKS).where(LINKS.c.message_id == message_id).values(**values)).rowcount == 0:
-        conn.execute(insert(LINKS).values(message_id=message_id, control_id=control_id[:199],
-                                          message_type=message_type[:16], **values))
+    if not fresh and conn.execute(_UPDATE_LINK, {"b_message_id": message_id, **values}).rowcount != 0:
+        return
+    conn.execute(_INSERT_LINK, {"message_id": message_id, "control_id": control_id[:199],
+                                "message_type": message_type[:16], **values})
 
 
 def drop_link(conn: Connection, message_id: int) -> None:
     """A replayed message that no longer belongs anywhere loses its link row too."""
-    conn.execute(delete(LINKS).where(LINKS.c.message_id == message_id))
+    conn.execute(_DELETE_LINK, {"message_id": message_id})
 
 
 def upsert_document(conn: Connection, *, sender: str, document_id: str, referral_id: int | None, message_id: int,
                     status: str, final: bool, doc_type: str, content: bytes | None, content_type: str,
                     received_at: datetime) -> None:
     """Keep the latest content of a document; finality only moves forward, as HL7 completion status does."""
-    key = and_(DOCUMENTS.c.sender == sender[:180], DOCUMENTS.c.document_id == document_id[:199])
-    row = conn.execute(select(DOCUMENTS.c.id, DOCUMENTS.c.final, DOCUMENTS.c.status).where(key)).first()
+    key = {"sender": sender[:180], "document_id": document_id[:199]}
+    row = conn.execute(_DOCUMENT, key).first()
     values: dict[str, Any] = {"message_id": message_id, "status": status[:16], "doc_type": doc_type[:64]}
     if referral_id is not None:
         values["referral_id"] = referral_id
     if content is not None:
         values.update(content=content, content_type=content_type)
     if row is None:
-        conn.execute(insert(DOCUMENTS).values(sender=sender[:180], document_id=document_id[:199], final=final,
-                                              received_at=utc(received_at), **values))
+        conn.execute(_INSERT_DOCUMENT, {**key, "final": final, "received_at": utc(received_at), **values})
         return
     values["final"] = bool(row.final) or final
     if row.status == "retracted":
         values["status"] = "retracted"  # a retraction is sticky, like in the fold
-    conn.execute(update(DOCUMENTS).where(DOCUMENTS.c.id == row.id).values(**values))
+    conn.execute(_UPDATE_DOCUMENT, {"b_id": row.id, **values})
 
 
 def _event(row: Any) -> rf.Event:
@@ -220,83 +324,116 @@ def _event(row: Any) -> rf.Event:
 
 
 def load_events(conn: Connection, referral_id: int) -> list[Any]:
-    return list(conn.execute(select(EVENTS).where(EVENTS.c.referral_id == referral_id)))
+    return list(conn.execute(_EVENTS_OF, {"rid": referral_id}))
 
 
-def _sync_aliases(conn: Connection, referral_id: int, rows: list[Any]) -> list[str]:
+def _wanted_aliases(rows: list[Any]) -> dict[str, tuple[str, int | None]]:
     """Aliases are derived from answered events (RF1-11), so they follow their events when moved."""
     wanted: dict[str, tuple[str, int | None]] = {}
     for r in rows:
         if r.kind == rf.REFERRAL_ANSWERED and r.origin == MESSAGE:
             for value in json.loads(r.data).get("aliases", []):
                 wanted.setdefault(str(value)[:199], ("external", r.message_id))
-    have = {a.alias_value: a.id for a in conn.execute(
-        select(ALIASES.c.id, ALIASES.c.alias_value).where(ALIASES.c.referral_id == referral_id))}
+    return wanted
+
+
+def _sync_aliases(conn: Connection, referral_id: int, wanted: dict[str, tuple[str, int | None]]) -> None:
+    have = {a.alias_value: a.id for a in conn.execute(_ALIASES_OF, {"rid": referral_id})}
     stale = [i for v, i in have.items() if v not in wanted]
     if stale:
-        conn.execute(delete(ALIASES).where(ALIASES.c.id.in_(stale)))
+        conn.execute(_DELETE_ALIASES, {"ids": stale})
     fresh = [v for v in wanted if v not in have]
     if fresh:
-        taken = {v for (v,) in conn.execute(select(ALIASES.c.alias_value).where(ALIASES.c.alias_value.in_(fresh)))}
-        for value in fresh:
-            if value not in taken:  # never steal another referral's identifier
-                kind, mid = wanted[value]
-                conn.execute(insert(ALIASES).values(referral_id=referral_id, alias_value=value, alias_kind=kind,
-                                                    message_id=mid))
-    return list(wanted)
+        taken = {v for (v,) in conn.execute(_TAKEN_ALIASES, {"values": fresh})}
+        rows = [{"referral_id": referral_id, "alias_value": v, "alias_kind": wanted[v][0], "message_id": wanted[v][1]}
+                for v in fresh if v not in taken]  # never steal another referral's identifier
+        if rows:
+            conn.execute(_INSERT_ALIAS, rows)
 
 
 def _attach_parked(conn: Connection, referral_id: int, keys: list[str]) -> bool:
     """Point parked events that named one of *keys* at this referral; True if any moved."""
     if not keys:
         return False
-    mids = [m for (m,) in conn.execute(select(EVENTS.c.message_id).distinct().where(
-        EVENTS.c.referral_id.is_(None), EVENTS.c.origin == MESSAGE, EVENTS.c.pending_key.in_(keys)))]
+    found = conn.execute(_PARKED_MESSAGES_ONE, {"key": keys[0]}) if len(keys) == 1 else \
+        conn.execute(_PARKED_MESSAGES, {"keys": keys})
+    mids = [m for (m,) in found]
     if not mids:
         return False
-    conn.execute(update(EVENTS).where(EVENTS.c.message_id.in_(mids), EVENTS.c.origin == MESSAGE).values(
-        referral_id=referral_id, pending_key=""))
-    conn.execute(update(LINKS).where(LINKS.c.message_id.in_(mids), LINKS.c.state == PARKED).values(
-        referral_id=referral_id, state=LINKED))
+    p = {"b_mids": mids, "b_rid": referral_id}
+    conn.execute(_ATTACH_EVENTS, p)
+    conn.execute(_ATTACH_LINKS, p)
     return True
 
 
-def refresh(conn: Connection, referral_id: int, now: datetime, *, duplicate_window_days: int = 30) -> rf.ReferralState:
-    """Attach parked events, sync aliases and recompute the projection: call after every change."""
+def refresh(conn: Connection, referral_id: int, now: datetime, *, duplicate_window_days: int = 30,
+            appended: bool = False) -> rf.ReferralState:
+    """Attach parked events, sync aliases and recompute the projection: call after every change.
+
+    ``appended``: since the referral's last refresh, the only change is events the caller just appended
+    (a first delivery, not a replay, move or removal). Then aliases and document pointers already match
+    every older event (each refresh leaves them so), and only new aliases or attached parked events can
+    require work, which skips two statements per linked message.
+    """
     # Lock the projection row first (PostgreSQL; SQLite has one writer): events read after the lock include
     # everything a concurrent daemon committed, so its projection update is never overwritten by a stale one.
-    placer = conn.execute(select(REFERRALS.c.placer_id).where(REFERRALS.c.id == referral_id)
-                          .with_for_update()).scalar_one()
+    ref = conn.execute(_REFERRAL_ROW_LOCKED, {"rid": referral_id}).one()
+    moved = False
     for _ in range(3):  # an attached RRI can bring aliases that unpark more messages
         rows = load_events(conn, referral_id)
-        aliases = _sync_aliases(conn, referral_id, rows)
-        if not _attach_parked(conn, referral_id, [placer, *aliases]):
+        wanted = _wanted_aliases(rows)
+        if wanted or not appended or moved:
+            _sync_aliases(conn, referral_id, wanted)
+        if not _attach_parked(conn, referral_id, [ref.placer_id, *wanted]):
             break
-    rows = load_events(conn, referral_id)
-    _sync_aliases(conn, referral_id, rows)
-    return recompute(conn, referral_id, now, rows=rows, duplicate_window_days=duplicate_window_days)
+        moved = True
+    else:
+        rows = load_events(conn, referral_id)
+        _sync_aliases(conn, referral_id, _wanted_aliases(rows))
+    return recompute(conn, referral_id, now, rows=rows, duplicate_window_days=duplicate_window_days, ref=ref,
+                     documents=moved or not appended)
 
 
 def fold_options(presume_hours: float | None) -> rf.FoldOptions:
     return rf.FoldOptions(presume_attendance_hours=presume_hours if presume_hours else None)
 
 
+def _same(stored: Any, value: Any) -> bool:
+    if isinstance(value, datetime) or isinstance(stored, datetime):
+        return aware(stored) == value
+    return bool(stored == value)
+
+
 def recompute(conn: Connection, referral_id: int, now: datetime, *, rows: list[Any] | None = None,
-              duplicate_window_days: int = 30) -> rf.ReferralState:
-    """Fold every event of the referral and write the projection row."""
+              duplicate_window_days: int = 30, ref: Any | None = None, documents: bool = True) -> rf.ReferralState:
+    """Fold every event of the referral and write the projection row (only if a value changed).
+
+    ``ref``: the referral row if the caller has just read it; ``documents``: re-point the referral's
+    documents at it (off when nothing moved, see :func:`refresh`).
+    """
     rows = load_events(conn, referral_id) if rows is None else rows
-    ref = conn.execute(select(REFERRALS).where(REFERRALS.c.id == referral_id)).one()
+    if ref is None:
+        ref = conn.execute(_REFERRAL_ROW, {"rid": referral_id}).one()
     state = rf.fold([_event(r) for r in rows], now=now, options=fold_options(ref.presume_hours))
     flags = _duplicate_flags(conn, ref, state, duplicate_window_days)
     values: dict[str, Any] = {name: utc(getattr(state, name)) for name in _MILESTONES}
     values.update(status=state.status.value, priority=state.priority[:64], referred_to=state.referred_to[:255],
                   referring_provider=state.referring_provider[:255], specialty=state.specialty[:64],
-                  flags=",".join(flags), updated_at=utc(now))
-    conn.execute(update(REFERRALS).where(REFERRALS.c.id == referral_id).values(**values))
-    subjects = [r.subject[4:].split("|", 1) for r in rows if r.subject.startswith("doc:")]
-    for sender, doc_id in (s for s in subjects if len(s) == 2):
-        conn.execute(update(DOCUMENTS).where(DOCUMENTS.c.sender == sender, DOCUMENTS.c.document_id == doc_id)
-                     .values(referral_id=referral_id))
+                  flags=",".join(flags))
+    # updated_at is when the projection last changed: an event that changes nothing writes nothing.
+    if not all(_same(getattr(ref, k), v) for k, v in values.items()):
+        conn.execute(_UPDATE_REFERRAL, {"b_rid": referral_id, "updated_at": utc(now), **values})
+    if documents:
+        seen: set[tuple[str, str]] = set()
+        params = []
+        for r in rows:
+            if r.subject.startswith("doc:"):
+                sender, sep, doc_id = r.subject[4:].partition("|")
+                if sep and (sender, doc_id) not in seen:
+                    seen.add((sender, doc_id))
+                    params.append({"b_sender": sender, "b_document_id": doc_id, "b_rid": referral_id})
+        if params:
+            conn.execute(_POINT_DOCUMENT, params)
     return state
 
 
@@ -305,9 +442,8 @@ def _duplicate_flags(conn: Connection, ref: Any, state: rf.ReferralState, window
     if not ref.patient_key or not state.specialty or state.sent_at is None or state.status not in rf.OPEN_STATUSES:
         return []
     window = timedelta(days=window_days)
-    others = conn.execute(select(REFERRALS.c.id, REFERRALS.c.sent_at).where(
-        REFERRALS.c.patient_key == ref.patient_key, REFERRALS.c.status.in_(OPEN), REFERRALS.c.id != ref.id,
-        REFERRALS.c.specialty == state.specialty, REFERRALS.c.sent_at.is_not(None)))
+    others = conn.execute(_OTHER_OPEN_SAME_SPECIALTY, {"patient_key": ref.patient_key, "rid": ref.id,
+                                                      "specialty": state.specialty})
     mine = (utc(state.sent_at), ref.id)
     for other_id, other_sent in others:
         theirs = (aware(other_sent), other_id)
@@ -318,23 +454,21 @@ def _duplicate_flags(conn: Connection, ref: Any, state: rf.ReferralState, window
 
 # -- coordinator actions ----------------------------------------------------------------------------
 def _referrals_of(conn: Connection, message_id: int) -> set[int]:
-    return {r for (r,) in conn.execute(select(EVENTS.c.referral_id).distinct().where(
-        EVENTS.c.message_id == message_id, EVENTS.c.origin == MESSAGE, EVENTS.c.referral_id.is_not(None)))}
+    return {r for (r,) in conn.execute(_REFERRALS_OF_MESSAGE, {"message_id": message_id})}
 
 
 def _manual_event(conn: Connection, referral_id: int, message_id: int, kind: str, now: datetime,
                   actor: str) -> None:
-    conn.execute(insert(EVENTS).values(
-        referral_id=referral_id, message_id=message_id, origin=MANUAL, seq=0, kind=kind, occurred_at=utc(now),
-        control_id="", subject="", pending_key="",
-        data=json.dumps({"message_id": message_id, "actor": actor[:64]}, sort_keys=True)))
+    conn.execute(_INSERT_EVENTS, {
+        "referral_id": referral_id, "message_id": message_id, "origin": MANUAL, "seq": 0, "kind": kind,
+        "occurred_at": utc(now), "control_id": "", "subject": "", "pending_key": "",
+        "data": json.dumps({"message_id": message_id, "actor": actor[:64]}, sort_keys=True)})
 
 
 def manual_link(conn: Connection, message_id: int, referral_id: int, now: datetime, actor: str = "") -> None:
     """A coordinator ties a message to a referral: its events move, and a link_confirmed event records why."""
     before = _referrals_of(conn, message_id) - {referral_id}
-    conn.execute(update(EVENTS).where(EVENTS.c.message_id == message_id, EVENTS.c.origin == MESSAGE).values(
-        referral_id=referral_id, pending_key=""))
+    conn.execute(_MOVE_MESSAGE_EVENTS, {"b_message_id": message_id, "b_rid": referral_id})
     set_link(conn, message_id, referral_id=referral_id, state=LINKED, matched_by="manual")
     _manual_event(conn, referral_id, message_id, rf.LINK_CONFIRMED, now, actor)
     for old in before:
@@ -346,13 +480,10 @@ def manual_link(conn: Connection, message_id: int, referral_id: int, now: dateti
 def manual_unlink(conn: Connection, message_id: int, now: datetime, actor: str = "") -> list[int]:
     """A coordinator says a message is not about its referral: its events stop being folded there."""
     before = sorted(_referrals_of(conn, message_id))
-    for (subject,) in conn.execute(select(EVENTS.c.subject).where(
-            EVENTS.c.message_id == message_id, EVENTS.c.origin == MESSAGE, EVENTS.c.subject.like("doc:%"))):
+    for (subject,) in conn.execute(_DOC_SUBJECTS_OF_MESSAGE, {"message_id": message_id}):
         sender, _, doc_id = subject[4:].partition("|")
-        conn.execute(update(DOCUMENTS).where(DOCUMENTS.c.sender == sender, DOCUMENTS.c.document_id == doc_id)
-                     .values(referral_id=None))
-    conn.execute(update(EVENTS).where(EVENTS.c.message_id == message_id, EVENTS.c.origin == MESSAGE).values(
-        referral_id=None, pending_key=""))
+        conn.execute(_POINT_DOCUMENT, {"b_sender": sender, "b_document_id": doc_id, "b_rid": None})
+    conn.execute(_MOVE_MESSAGE_EVENTS, {"b_message_id": message_id, "b_rid": None})
     set_link(conn, message_id, referral_id=None, state=REJECTED, matched_by="manual_unlink")
     for old in before:
         _manual_event(conn, old, message_id, rf.LINK_REJECTED, now, actor)
@@ -363,13 +494,12 @@ def manual_unlink(conn: Connection, message_id: int, now: datetime, actor: str =
 # -- read side (CLI and HTTP share these, so the JSON has one shape) --------------------------------
 def referral_json(conn: Connection, referral_id: int, now: datetime) -> dict[str, Any] | None:
     """One referral as other tools read it. Folded afresh so presumed attendance reflects *now*."""
-    ref = conn.execute(select(REFERRALS).where(REFERRALS.c.id == referral_id)).first()
+    ref = conn.execute(_REFERRAL_ROW, {"rid": referral_id}).first()
     if ref is None:
         return None
     rows = load_events(conn, referral_id)
     state = rf.fold([_event(r) for r in rows], now=now, options=fold_options(ref.presume_hours))
-    links = conn.execute(select(LINKS.c.control_id, LINKS.c.matched_by).where(
-        LINKS.c.referral_id == referral_id, LINKS.c.state == LINKED).order_by(LINKS.c.message_id))
+    links = conn.execute(_LINKED_MESSAGES, {"rid": referral_id})
     out: dict[str, Any] = {
         "id": ref.id,
         "placer_id": ref.placer_id,
