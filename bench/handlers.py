@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                     route = router.resolve(msg.message_type, msg.trigger_event)
                     assert route is not None
                     profile = settings.profile_for(msg.sending_application, msg.sending_facility)
-                    ctx = HandlerContext(settings=settings, conn=conn, clock=clock, profile=profile, message_id=mid,
+                    ctx = HandlerContext(settings=settings, conn=conn, clock=clock, profile=profile, message_ref=mid,
                                          control_id=msg.control_id, received_at=now)
                     s0, t0 = stmts[0], time.process_time()
                     res = route.handler(ctx, msg)

@@ -104,6 +104,29 @@ class Decision:
     detail: str = ""
     duplicate_of: int | None = None
     flags: list[str] = field(default_factory=list)
+    claim: bool = False  # accepted: claim the dedup key so resends are answered, not re-applied
+
+
+class _LazyRow:
+    """The journal row of the message being processed, inserted on first need: when a handler asks for
+    the message id (its effects cite it), or at the end with its final values (one INSERT, no UPDATE)."""
+
+    def __init__(self, conn: Connection, values: dict[str, Any]) -> None:
+        self.conn = conn
+        self.values = values
+        self.id: int | None = None
+
+    def ensure(self) -> int:
+        if self.id is None:
+            self.id = journal.insert_message(self.conn, {**self.values, "outcome": "processing"})
+        return self.id
+
+    def finish(self, final: dict[str, Any]) -> int:
+        if self.id is None:
+            self.id = journal.insert_message(self.conn, {**self.values, **final})
+        else:
+            journal.update_message(self.conn, self.id, final)
+        return self.id
 
 
 def _reject(code: int, text: str, location: str) -> Decision:
@@ -193,6 +216,13 @@ class Ingestor:
         else:  # AL, or a value outside table 0155: answer rather than leave the sender waiting
             send = True
         return enhanced, send
+
+    @staticmethod
+    def _journal_row(job: Job, values: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "received_at": job.received_at, "peer": _clip(job.peer, 64), "raw": job.payload,
+            "size": job.received_size or len(job.payload), **values,
+        }
 
     def _insert_journal(self, conn: Connection, job: Job, **values: Any) -> int:
         row = {
@@ -313,17 +343,19 @@ class Ingestor:
             profile=profile.name, decode_fallback=fallback,
             app_ack_requested=msg.app_ack_type.strip().upper() not in ("", "NE"),
         )
-        mid = self._insert_journal(conn, job, **base)
-        result.message_id = mid
-
-        d = self._decide(conn, job, msg, profile, mid, base, forced)
+        row = _LazyRow(conn, self._journal_row(job, base))
+        d = self._decide(conn, job, msg, profile, row, base, forced)
         sent_code, send = self._mode_code(msg, d.code, retryable=False)
         ack_text = self._ack(msg, sent_code, d.error)
-        journal.update_message(conn, mid, {
+        mid = row.finish({
             "outcome": d.outcome, "ack_code": sent_code, "err_code": d.error.code if d.error else None,
             "ack": ack_text, "detail": _clip(result_detail(d.outcome, d.error, d.detail), 255),
             "flags": ",".join(d.flags), "duplicate_of": d.duplicate_of,
         })
+        result.message_id = mid
+        if d.claim:
+            key = (base["sending_application"], base["sending_facility"], base["control_id"])
+            self._claim(conn, key, base["content_hash"], mid, d.code, d.error)
         result.ack = frame(ack_text, codec) if send else None
         result.outcome, result.ack_code, result.duplicate_of = d.outcome, sent_code, d.duplicate_of
         result.err_code = d.error.code if d.error else None
@@ -331,8 +363,8 @@ class Ingestor:
         return result
 
     def _decide(
-        self, conn: Connection, job: Job, msg: Message, profile: SenderProfile, mid: int, base: dict[str, str],
-        forced: Decision | None = None,
+        self, conn: Connection, job: Job, msg: Message, profile: SenderProfile, row: _LazyRow,
+        base: dict[str, str], forced: Decision | None = None,
     ) -> Decision:
         if msg.is_batch():
             return _reject(200, "Batch messages (FHS/BHS) are not supported; send one message per frame", "")
@@ -370,17 +402,17 @@ class Ingestor:
         elif route is None:
             d = Decision(Outcome.IGNORED, "AA", None, "no route", flags=flags)
         else:
-            d = self._run_handler(conn, job, msg, profile, mid, route.handler)
+            d = self._run_handler(conn, job, msg, profile, row, route.handler)
             d.flags = flags
-        self._claim(conn, key, base["content_hash"], mid, d.code, d.error)
+        d.claim = True  # accepted (AA/AE): later resends are answered from this claim
         return d
 
     def _run_handler(
-        self, conn: Connection, job: Job, msg: Message, profile: SenderProfile, mid: int,
+        self, conn: Connection, job: Job, msg: Message, profile: SenderProfile, row: _LazyRow,
         handler: Callable[[HandlerContext, Message], HandlerResult],
     ) -> Decision:
         ctx = HandlerContext(
-            settings=self.settings, conn=conn, clock=self.clock, profile=profile, message_id=mid,
+            settings=self.settings, conn=conn, clock=self.clock, profile=profile, message_ref=row.ensure,
             control_id=msg.control_id, received_at=job.received_at,
         )
         # No savepoint of its own (two statements per message saved): if the handler fails, the writer
@@ -396,7 +428,7 @@ class Ingestor:
             # A bug, not the sender's fault and not retryable by resending: AE keeps the engine's queue
             # moving; the frame is in the journal with outcome=failed for `refloop replay` after a fix.
             log.error(
-                "handler failed", extra={"control_id": msg.control_id, "message_id": mid,
+                "handler failed", extra={"control_id": msg.control_id, "message_id": row.id,
                                          "error_type": type(exc).__name__},
             )
             raise HandlerFailed(Decision(Outcome.FAILED, "AE", AckError(207, "Application internal error", "", "E"),

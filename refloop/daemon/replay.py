@@ -62,7 +62,7 @@ def _replay_one(conn, row, settings: Settings, router: Router, clock: Clock) -> 
     route = router.resolve(msg.message_type, msg.trigger_event)
     if route is None:
         return Decision(Outcome.IGNORED, "AA", None, "no route")
-    ctx = HandlerContext(settings=settings, conn=conn, clock=clock, profile=profile, message_id=row.id,
+    ctx = HandlerContext(settings=settings, conn=conn, clock=clock, profile=profile, message_ref=row.id,
                          control_id=msg.control_id, received_at=row.received_at, replay=True)
     nested = conn.begin_nested()
     try:

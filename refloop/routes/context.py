@@ -7,6 +7,7 @@ thread, next to the database, never on the event loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -26,10 +27,18 @@ class HandlerContext:
     conn: Connection  # inside the message's savepoint; never commit or roll back here
     clock: Clock
     profile: SenderProfile
-    message_id: int  # the journal row; every effect cites it so replays can be idempotent
+    message_ref: int | Callable[[], int]  # the journal row id, or how to get it (see message_id)
     control_id: str
     received_at: datetime
     replay: bool = False
+
+    @property
+    def message_id(self) -> int:
+        """The journal row; every effect cites it so replays can be idempotent. The ingest path writes
+        the row lazily: a handler that writes nothing (an unrelated SIU) never forces the insert, so
+        the row is written once, with its final outcome, instead of inserted and then updated."""
+        ref = self.message_ref
+        return ref if isinstance(ref, int) else ref()
 
 
 @dataclass(frozen=True)
