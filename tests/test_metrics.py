@@ -66,7 +66,16 @@ ALLOWED: dict[str, frozenset[str]] = {
         # refloop_journal_outcomes_total
         "processed", "ignored", "rejected", "error", "failed", "duplicate", "unparseable", "broken_frame",
         "oversize", "storage_failure", "lost_broken_frame",
+        # refloop_notifications_total (delivery outcomes)
+        "delivered", "failed", "dead", "suppressed",
     }),
+    # refloop_referrals{status}: refloop.referral.Status
+    "status": frozenset({"sent", "scheduled", "completed", "no_show", "closed", "cancelled", "declined", "expired"}),
+    # refloop_alerts_open{stage,level}: refloop.stall stages, levels bucketed
+    "stage": frozenset({"scheduling", "rebooking", "visit", "note"}),
+    "level": frozenset({"1", "2", "3+"}),
+    # refloop_notifications_total{channel}
+    "channel": frozenset({"webhook", "email", "mllp", "patient"}),
     "result": frozenset({
         "accepted", "rejected_shutting_down", "rejected_max_connections", "rejected_max_per_ip",
         "rejected_not_allowed",

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from refloop.config.fields import DEFAULT_VERSIONS, Check, setting
+from refloop.config.notify import NotifySettings, WorklistSettings
 from refloop.config.windows import WindowSettings
 
 
@@ -278,6 +279,8 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     stall: WindowSettings = field(default_factory=WindowSettings)
+    worklist: WorklistSettings = field(default_factory=WorklistSettings)
+    notify: NotifySettings = field(default_factory=NotifySettings)
     profiles: tuple[SenderProfile, ...] = (SenderProfile(),)
     config_path: str = ""
 
@@ -306,4 +309,6 @@ SECTIONS: dict[str, type] = {
     "log": LogSettings,
     "retention": RetentionSettings,
     "stall": WindowSettings,
+    "worklist": WorklistSettings,
+    "notify": NotifySettings,
 }

@@ -110,6 +110,21 @@ class Metrics:
             "refloop_scheduler_last_success_timestamp_seconds", "Unix time each scheduled job last succeeded.",
             ["task"], registry=r,  # not "job": that name belongs to Prometheus' target label
         )
+        self.alerts_open = Gauge(
+            "refloop_alerts_open", "Unresolved stall alerts by stage and level (1, 2, 3+), as of the last scan.",
+            ["stage", "level"], registry=r,
+        )
+        self.notifications = Counter(
+            "refloop_notifications_total", "Notification delivery attempts by channel and outcome "
+            "(delivered, failed, dead).", ["channel", "outcome"], registry=r,
+        )
+        self.outbox_backlog = Gauge(
+            "refloop_outbox_backlog", "Notifications waiting for delivery (pending or failed, to retry).", registry=r
+        )
+        self.outbox_dead_letters = Gauge(
+            "refloop_outbox_dead_letters", "Notifications that used up their attempts (see the worklist).", registry=r
+        )
+        self.referrals = Gauge("refloop_referrals", "Referrals by status, as of the last scan.", ["status"], registry=r)
         self.build = Info("refloop_build", "refloop version.", registry=r)
         self.build.info({"version": __version__})
         self.database_up.set(0)

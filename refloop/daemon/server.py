@@ -139,6 +139,11 @@ class Server:
         self.jobs = Jobs(self)
         self.jobs.add("retention_purge", self.settings.retention.check_hours * 3600, purge_job)
         self.jobs.add("status", 30.0, status_job)
+        from refloop.notify.scan import digest_job, dispatch_job, scan_job
+
+        self.jobs.add("stall_scan", self.settings.stall.scan_minutes * 60, scan_job)
+        self.jobs.add("outbox_dispatch", self.settings.notify.dispatch_seconds, dispatch_job)
+        self.jobs.add("digest", 900.0, digest_job)
         for name, every, fn in self.extra_jobs:
             self.jobs.add(name, every, fn)
         self.jobs.start()

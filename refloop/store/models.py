@@ -327,3 +327,12 @@ class OutboxEntry(Base):
         UniqueConstraint("idempotency_key", name="uq_outbox_idempotency_key"),
         Index("ix_outbox_due", "status", "next_attempt_at"),
     )
+
+
+# -- cohort report indexes (migration 0005) --------------------------------------------------------
+# The report selects a sent-date range, the CMS50 view ranks each patient's referrals by sent date, and
+# the no-show figures join appointment events by referral and kind; these keep a one-year report on a
+# million referrals an index range scan instead of full-table sorts.
+Index("ix_referrals_sent_at", Referral.sent_at)
+Index("ix_referrals_patient_sent", Referral.patient_key, Referral.sent_at)
+Index("ix_referral_events_referral_kind", ReferralEvent.referral_id, ReferralEvent.kind)

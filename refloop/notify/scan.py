@@ -1,0 +1,68 @@
+"""Daemon jobs: the stall scan, the outbox dispatcher and the daily digest.
+
+Each recomputes from the database and ``now`` (nothing depends on APScheduler's state), runs its database
+work in a worker thread, and is safe when several daemons share PostgreSQL: the scan takes an advisory
+lock, the dispatcher claims rows with SKIP LOCKED, and the digest is idempotent per owner and day.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from refloop.notify.dispatch import dispatch_once
+from refloop.store import alerts
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from refloop.daemon.metrics import Metrics
+    from refloop.daemon.server import Server
+
+log = logging.getLogger("refloop.scan")
+
+
+def update_gauges(engine: Engine, metrics: Metrics) -> None:
+    """Alert, referral and outbox gauges from the database, so every daemon reports the same truth."""
+    with engine.connect() as conn:
+        g = alerts.gauges(conn)
+    metrics.alerts_open.clear()
+    for stage, level, n in g["alerts"]:
+        metrics.alerts_open.labels(stage, level).set(n)
+    for status, n in g["referrals"].items():
+        metrics.referrals.labels(status).set(n)
+    metrics.outbox_backlog.set(g["outbox"]["pending"] + g["outbox"]["failed"])
+    metrics.outbox_dead_letters.set(g["outbox"]["dead"])
+
+
+async def scan_job(server: Server) -> None:
+    engine = server.engine
+    assert engine is not None
+    now = server.clock.now()
+    result = await asyncio.to_thread(alerts.run_scan, engine, server.settings, now)
+    if result is None:
+        log.info("stall scan skipped", extra={"outcome": "skipped"})
+    else:
+        log.info("stall scan", extra={"outcome": "done", "count": len(result.raised) + len(result.escalated)
+                                      + len(result.resolved), "messages": result.notifications})
+    await asyncio.to_thread(update_gauges, engine, server.metrics)
+
+
+async def dispatch_job(server: Server) -> None:
+    engine = server.engine
+    assert engine is not None
+    await asyncio.to_thread(dispatch_once, engine, server.settings, server.clock.now(),
+                            counter=server.metrics.notifications)
+
+
+async def digest_job(server: Server) -> None:
+    engine = server.engine
+    assert engine is not None
+
+    def run() -> int:
+        with engine.begin() as conn:
+            return alerts.digest(conn, server.settings, server.clock.now())
+
+    if n := await asyncio.to_thread(run):
+        log.info("digest enqueued", extra={"count": n})
