@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import cProfile
+import pstats
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -38,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=3000)
     ap.add_argument("--conns", type=int, default=16, help="interleaved message streams, like loadgen -c")
     ap.add_argument("--group", type=int, default=8, help="messages per transaction")
+    ap.add_argument("--sql", action="store_true", help="also print each path's statements (normalised)")
+    ap.add_argument("--profile", metavar="KIND", default="",
+                    help="cProfile the handler calls of one kind (SIU-ref, REF, SIU-unrel, ...) and print the top")
     a = ap.parse_args(argv)
 
     wd = Path(tempfile.mkdtemp(prefix="refloop-handlers-"))
@@ -53,13 +58,18 @@ def main(argv: list[str] | None = None) -> int:
         frames.append((kind, data[1:-2].decode("ascii")))
 
     stmts = [0]
+    seen: list[str] = []
 
-    def count(*_a: Any) -> None:
+    def count(_conn: Any, _cursor: Any, statement: str, *_a: Any) -> None:
         stmts[0] += 1
+        if a.sql:
+            seen.append(" ".join(statement.split())[:150])
 
     n_by: collections.Counter[str] = collections.Counter()
     cpu_by: collections.Counter[str] = collections.Counter()
     st_by: collections.Counter[str] = collections.Counter()
+    sql_by: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    prof = cProfile.Profile() if a.profile else None
     journal = insert(Journal.__table__).returning(Journal.__table__.c.id)
     with engine.connect() as conn:
         event.listen(conn, "before_cursor_execute", count)
@@ -75,12 +85,17 @@ def main(argv: list[str] | None = None) -> int:
                     profile = settings.profile_for(msg.sending_application, msg.sending_facility)
                     ctx = HandlerContext(settings=settings, conn=conn, clock=clock, profile=profile, message_ref=mid,
                                          control_id=msg.control_id, received_at=now)
-                    s0, t0 = stmts[0], time.process_time()
-                    res = route.handler(ctx, msg)
+                    s0, n0, t0 = stmts[0], len(seen), time.process_time()
+                    if prof is not None and kind.startswith(a.profile[:3]):
+                        res = prof.runcall(route.handler, ctx, msg)
+                    else:
+                        res = route.handler(ctx, msg)
                     spent = time.process_time() - t0
                     if kind == "SIU":  # the department feed: mostly unrelated, some match a referral heuristically
                         kind = "SIU-unrel" if res.detail == "unrelated" else "SIU-heur"
                     cpu_by[kind] += spent
+                    if a.sql:
+                        sql_by[kind].update(seen[n0:])
                     st_by[kind] += stmts[0] - s0
                     n_by[kind] += 1
     total = sum(n_by.values())
@@ -90,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {kind:<9} {n:5d} msgs  {st_by[kind] / n:5.2f} stmts/msg  {cpu_by[kind] / n * 1e6:7.0f} µs CPU/msg")
     print(f"  {'all':<9} {total:5d} msgs  {sum(st_by.values()) / total:5.2f} stmts/msg  "
           f"{sum(cpu_by.values()) / total * 1e6:7.0f} µs CPU/msg")
+    if a.sql:
+        for kind in sorted(sql_by, key=lambda k: -n_by[k]):
+            print(f"{kind}:")
+            for stmt, n in sql_by[kind].most_common():
+                print(f"  {n / n_by[kind]:5.2f}/msg  {stmt}")
+    if prof is not None:
+        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
     engine.dispose()
     return 0
 
