@@ -14,7 +14,6 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, select, text
@@ -26,20 +25,7 @@ from refloop.store.models import Message as Journal
 from tests import samples
 from tests.conftest import _pg_admin_url
 from tests.utils import MllpClient, err_code, frame, make_settings, msa, running_daemon
-
-
-def journal(url: str, control_id: str | None = None) -> list[Any]:
-    """Journal rows, oldest first, read with a fresh engine straight from the database."""
-    engine = make_engine(DatabaseSettings(url=url))
-    try:
-        stmt = select(Journal.__table__).order_by(Journal.id)
-        if control_id is not None:
-            stmt = stmt.where(Journal.control_id == control_id)
-        with engine.connect() as conn:
-            return list(conn.execute(stmt).all())
-    finally:
-        engine.dispose()
-
+from tests.utils import journal_rows as journal
 
 #: A message a handler accepted: its effects (or the decision to have none) are committed, AA.
 APPLIED = ("processed", "ignored")

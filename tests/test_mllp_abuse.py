@@ -15,30 +15,14 @@ import ssl
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-from sqlalchemy import select
 
-from refloop.config import DatabaseSettings
-from refloop.store.engine import make_engine
-from refloop.store.models import Message as Journal
 from tests import samples
 from tests.utils import CR, FS, VT, MllpClient, err_code, frame, make_settings, msa, running_daemon, wait_for
-
+from tests.utils import journal_rows as journal
 
 # -- helpers --------------------------------------------------------------------------------------
-def journal(url: str, control_id: str | None = None) -> list[Any]:
-    """Journal rows (oldest first), read with a fresh engine straight from the database."""
-    engine = make_engine(DatabaseSettings(url=url))
-    try:
-        stmt = select(Journal.__table__).order_by(Journal.id)
-        if control_id is not None:
-            stmt = stmt.where(Journal.control_id == control_id)
-        with engine.connect() as conn:
-            return list(conn.execute(stmt).all())
-    finally:
-        engine.dispose()
 
 
 #: A message a handler accepted: its effects (or the decision to have none) are committed, AA.

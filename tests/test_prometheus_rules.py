@@ -14,26 +14,8 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from refloop.daemon.metrics import Metrics
-
-try:
-    from tests.test_systemd import require_tool
-except ImportError:  # pragma: no cover - the systemd tests moved; keep the same skip/fail rule
-    import os
-    import shutil
-
-    def require_tool(name: str, debian_package: str) -> str:
-        """Return the path of ``name``; skip when it is missing, but fail when ``$CI`` is set."""
-        path = shutil.which(name)
-        if path is not None:
-            return path
-        message = f"{name} not found on PATH: install the Debian package '{debian_package}'"
-        if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
-            pytest.fail(f"{message} (CI is set, so a missing tool is a failure, not a skip)")
-        pytest.skip(message)
-
+from tests.utils import require_tool
 
 DIR = Path(__file__).resolve().parent.parent / "systemd" / "prometheus"
 RULES = DIR / "refloop-rules.yml"

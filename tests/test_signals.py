@@ -12,11 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
-from refloop.config import DatabaseSettings
-from refloop.store.engine import make_engine
-from refloop.store.models import Message as Journal
 from tests import samples
 from tests.utils import (
     VT,
@@ -28,21 +23,12 @@ from tests.utils import (
     start_daemon_process,
     wait_for,
 )
+from tests.utils import journal_rows as journal
 
 APPLIED = ("processed", "ignored")
 EXIT_BOUND = 30.0  # generous: the daemon must exit, not exit fast
 
 
-def journal(url: str, control_id: str | None = None) -> list[Any]:
-    engine = make_engine(DatabaseSettings(url=url))
-    try:
-        stmt = select(Journal.__table__).order_by(Journal.id)
-        if control_id is not None:
-            stmt = stmt.where(Journal.control_id == control_id)
-        with engine.connect() as conn:
-            return list(conn.execute(stmt).all())
-    finally:
-        engine.dispose()
 
 
 def metric(d: DaemonProcess, name: str) -> float:

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from refloop.daemon.systemd import Notifier, listen_fds, watchdog_interval, watchdog_loop
+from tests.utils import require_tool
 
 REPO = Path(__file__).resolve().parents[1]
 UNITS = REPO / "systemd"
@@ -34,21 +35,6 @@ SOCKET = UNITS / "refloop.socket"
 #: systemd-analyze prints exposure on a 0-10 scale but takes --threshold on 0-100 (OPS-REFERENCE §1.6).
 MAX_EXPOSURE = 1.2
 THRESHOLD = "--threshold=12"
-
-
-def require_tool(name: str, debian_package: str) -> str:
-    """Return the path of ``name``; skip when it is missing, but fail when ``$CI`` is set.
-
-    A developer laptop without systemd should still run the rest of the suite, while a CI image
-    without the tool would otherwise turn the unit-file checks into silent skips.
-    """
-    path = shutil.which(name)
-    if path is not None:
-        return path
-    message = f"{name} not found on PATH: install the Debian package '{debian_package}'"
-    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
-        pytest.fail(f"{message} (CI is set, so a missing tool is a failure, not a skip)")
-    pytest.skip(message)
 
 
 def unit_settings(path: Path) -> dict[str, list[str]]:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -94,9 +94,8 @@ def test_plaintext_to_tls_port_counted(sqlite_url: str, certs: dict[str, str]) -
 def test_mtls_requires_client_certificate(sqlite_url: str, certs: dict[str, str], ca: trustme.CA) -> None:
     """With a client CA configured, a peer without a certificate is refused and counted."""
     with running_daemon(tls_settings(sqlite_url, certs, mtls=True)) as d:
-        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-            with tls_client(d.port, ca) as s:
-                exchange(s, samples.siu())
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)), tls_client(d.port, ca) as s:
+            exchange(s, samples.siu())
         assert handshake_failure(d, "no_certificate") or handshake_failure(d, "bad_certificate")
 
 
@@ -141,10 +140,8 @@ def test_global_allow_list_closes_strangers(sqlite_url: str) -> None:
     with running_daemon(s) as d:
         with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
             sock.settimeout(10)
-            try:
+            with contextlib.suppress(ConnectionResetError):
                 assert sock.recv(10) == b""
-            except ConnectionResetError:
-                pass
         assert d.metric("refloop_connections_total", {"result": "rejected_not_allowed"}) == 1
 
 

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from refloop.clock import Clock
@@ -28,6 +30,39 @@ from refloop.config import DatabaseSettings, HttpSettings, MllpSettings, Setting
 from refloop.daemon.server import Server
 
 VT, FS, CR = b"\x0b", b"\x1c", b"\r"
+
+
+def journal_rows(url: str, control_id: str | None = None) -> list[Any]:
+    """Journal rows (oldest first), read with a fresh engine straight from the database."""
+    from sqlalchemy import select
+
+    from refloop.store.engine import make_engine
+    from refloop.store.models import Message as Journal
+
+    engine = make_engine(DatabaseSettings(url=url))
+    try:
+        stmt = select(Journal.__table__).order_by(Journal.id)
+        if control_id is not None:
+            stmt = stmt.where(Journal.control_id == control_id)
+        with engine.connect() as conn:
+            return list(conn.execute(stmt).all())
+    finally:
+        engine.dispose()
+
+
+def require_tool(name: str, debian_package: str) -> str:
+    """Return the path of ``name``; skip when it is missing, but fail when ``$CI`` is set.
+
+    A developer laptop without systemd should still run the rest of the suite, while a CI image
+    without the tool would otherwise turn the unit-file checks into silent skips.
+    """
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    message = f"{name} not found on PATH: install the Debian package '{debian_package}'"
+    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"{message} (CI is set, so a missing tool is a failure, not a skip)")
+    pytest.skip(message)
 
 
 def make_settings(db_url: str, **mllp: Any) -> Settings:
@@ -54,7 +89,7 @@ class DaemonThread:
 
         async def main() -> None:
             task = asyncio.ensure_future(self.server.serve())
-            while not self.server.listening and not task.done():
+            while not self.server.listening and not task.done():  # noqa: ASYNC110 - polling a flag set elsewhere
                 await asyncio.sleep(0.01)
             self._ready.set()
             await task
