@@ -454,15 +454,9 @@ class Ingestor:
 def peer_may_be(profile: SenderProfile, peer: str, subject: str) -> bool:
     """Is this peer (address, certificate CN) allowed to speak as this sender profile?"""
     if profile.allowed_peers:
-        import ipaddress
+        from refloop.daemon.access import in_networks, networks
 
-        try:
-            addr = ipaddress.ip_address(peer)
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        if not any(addr in ipaddress.ip_network(c, strict=False) for c in profile.allowed_peers):
+        if not in_networks(peer, networks(profile.allowed_peers)):
             return False
     return not (profile.allowed_subjects and subject not in profile.allowed_subjects)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import signal
@@ -26,6 +25,8 @@ from sqlalchemy import Engine, text
 
 from refloop.clock import Clock, SystemClock
 from refloop.config import Settings, load_settings
+from refloop.daemon.access import in_networks as _in_networks
+from refloop.daemon.access import networks as _networks
 from refloop.daemon.ingest import Ingestor, Job, Result
 from refloop.daemon.metrics import Metrics, type_label
 from refloop.daemon.protocol import MllpProtocol
@@ -281,8 +282,10 @@ class Server:
             proto.draining = True
         grace = self.settings.mllp.shutdown_grace
         deadline = self.loop.time() + grace
-        while any(p.pending or p.pump for p in self.connections) and self.loop.time() < deadline:
-            await asyncio.sleep(0.02)
+        # Frames already received are committed and ACKed (no new frame starts: protocols are draining).
+        in_flight = [p.pump for p in self.connections if p.pump is not None]
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=grace)
         cut = sum(len(p.pending) + (1 if p.framer.in_frame else 0) for p in self.connections)
         for proto in list(self.connections):
             # A frame half-received when we stop is journaled as broken, so nothing is lost silently.
@@ -319,19 +322,3 @@ class Server:
             return False
 
 
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def _networks(cidrs: tuple[str, ...]) -> tuple[Network, ...]:
-    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
-
-
-def _in_networks(peer: str, networks: tuple[Network, ...]) -> bool:
-    try:
-        addr = ipaddress.ip_address(peer)
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return any(addr in n for n in networks)
