@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group", type=int, default=8, help="messages per transaction")
     ap.add_argument("--sql", action="store_true", help="also print each path's statements (normalised)")
     ap.add_argument("--profile", metavar="KIND", default="",
-                    help="cProfile the handler calls of one kind (SIU-ref, REF, SIU-unrel, ...) and print the top")
+                    help="cProfile the handler calls of one generated kind (SIU-ref, REF, SIU = department feed, MDM)")
     a = ap.parse_args(argv)
 
     wd = Path(tempfile.mkdtemp(prefix="refloop-handlers-"))
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                     ctx = HandlerContext(settings=settings, conn=conn, clock=clock, profile=profile, message_ref=mid,
                                          control_id=msg.control_id, received_at=now)
                     s0, n0, t0 = stmts[0], len(seen), time.process_time()
-                    if prof is not None and kind.startswith(a.profile[:3]):
+                    if prof is not None and kind == a.profile:
                         res = prof.runcall(route.handler, ctx, msg)
                     else:
                         res = route.handler(ctx, msg)

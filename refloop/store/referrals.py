@@ -284,7 +284,7 @@ def _make_event(row: Any) -> rf.Event:
 
 def load_events(conn: Connection, referral_id: int) -> list[Any]:
     """The referral's event rows (``occurred_at`` aware on both dialects)."""
-    return sqlhot.events_of(conn, referral_id)  # type: ignore[return-value]
+    return sqlhot.events_of(conn, referral_id)
 
 
 def _wanted_aliases(rows: list[Any]) -> dict[str, tuple[str, int | None]]:

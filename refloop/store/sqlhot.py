@@ -159,9 +159,9 @@ def find(conn: Connection, values: Sequence[str]) -> list[Any]:
     """``(rid, value, src)`` rows: placer-ID hits first, then aliases, each by referral id."""
     sql = hot(conn)
     if len(values) == 1:
-        return conn.exec_driver_sql(sql.find_one, (values[0], values[0])).fetchall()
+        return list(conn.exec_driver_sql(sql.find_one, (values[0], values[0])))
     params = tuple(values)
-    return conn.exec_driver_sql(sql.find_many(len(params)), params + params).fetchall()
+    return list(conn.exec_driver_sql(sql.find_many(len(params)), params + params))
 
 
 def by_subject(conn: Connection, subject: str) -> Any | None:
@@ -169,7 +169,7 @@ def by_subject(conn: Connection, subject: str) -> Any | None:
 
 
 def open_for_patient(conn: Connection, patient_key: str) -> list[Any]:
-    return conn.exec_driver_sql(hot(conn).open_for_patient, (patient_key,)).fetchall()
+    return list(conn.exec_driver_sql(hot(conn).open_for_patient, (patient_key,)))
 
 
 def by_placer(conn: Connection, placer_id: str, authority: str) -> Any | None:
@@ -204,7 +204,7 @@ class ReferralRow:
             setattr(self, name, value)
 
 
-def referral_row(conn: Connection, rid: int) -> ReferralRow:
+def referral_row(conn: Connection, rid: int) -> Any:  # a ReferralRow
     """The projection row, locked FOR UPDATE on PostgreSQL; raises like ``Result.one()`` when missing."""
     sql = hot(conn)
     rows = conn.exec_driver_sql(sql.referral_row, (rid,)).fetchall()
