@@ -52,3 +52,4 @@ def setup_logging(level: str = "INFO", fmt: str = "json", stream: object = None)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # a line per job run every 10 s is noise
