@@ -47,7 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _run(coro: object) -> None:
     try:
-        import uvloop  # type: ignore[import-not-found]
+        import uvloop
 
         uvloop.run(coro)  # pragma: no cover - optional accelerator
     except ImportError:

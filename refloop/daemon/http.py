@@ -10,6 +10,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from refloop.store import queries
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 class HttpApi:
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.app = web.Application(middlewares=[self.auth])
+        self.app = web.Application(middlewares=[self.auth])  # type: ignore[list-item]  # bound method
         self.app.add_routes([
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),
@@ -47,7 +48,7 @@ class HttpApi:
                                 target=req.path[:255])
 
     @web.middleware
-    async def auth(self, req: web.Request, handler: Any) -> web.StreamResponse:
+    async def auth(self, req: web.Request, handler: Handler) -> web.StreamResponse:
         """Everything but health and metrics needs the bearer token when one is configured."""
         import hmac
 

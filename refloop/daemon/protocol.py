@@ -85,7 +85,7 @@ class MllpProtocol(asyncio.Protocol):
             return
         from refloop.daemon.tls import peer_subject_cn
 
-        self.transport = tls  # type: ignore[assignment]
+        self.transport = tls
         self.peer_subject = peer_subject_cn(tls.get_extra_info("peercert"))
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -40,11 +40,11 @@ def replay(engine: Engine, settings: Settings, router: Router, clock: Clock, *,
             row = conn.execute(select(Journal).where(Journal.id == mid)).one()
             d = _replay_one(conn, row, settings, router, clock)
             now = clock.now()
-            conn.execute(update(Journal.__table__).where(Journal.id == mid).values(
+            conn.execute(update(Journal).where(Journal.id == mid).values(
                 outcome=d.outcome, err_code=d.error.code if d.error else None, replayed_at=now,
                 detail=(d.detail or d.outcome)[:255],
             ))
-            conn.execute(update(MessageKey.__table__).where(MessageKey.message_id == mid).values(
+            conn.execute(update(MessageKey).where(MessageKey.message_id == mid).values(
                 ack_code=d.code, err_code=d.error.code if d.error else None,
                 err_text=d.error.text[:255] if d.error else "", err_location=d.error.location[:64] if d.error else "",
             ))

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("refloop.scheduler")
 
 JobFn = Callable[["Server"], Awaitable[object]]
+JobRun = Callable[[], Coroutine[Any, Any, None]]
 
 
 class Jobs:
@@ -44,7 +45,7 @@ class Jobs:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
 
-    def _wrap(self, name: str, fn: JobFn) -> Callable[[], Awaitable[None]]:
+    def _wrap(self, name: str, fn: JobFn) -> JobRun:
         async def run() -> None:
             try:
                 await fn(self.server)
@@ -78,7 +79,7 @@ async def status_job(server: Server) -> None:
     server.notifier.status(f"{len(server.connections)} connection(s), {int(total)} message(s) since start")
 
 
-def _samples(registry: object, name: str) -> list:  # type: ignore[type-arg]
+def _samples(registry: object, name: str) -> list[Any]:
     out = []
     for fam in registry.collect():  # type: ignore[attr-defined]
         for s in fam.samples:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ssl
 from datetime import UTC, datetime
+from typing import Any
 
 from refloop.config import MllpSettings
 
@@ -40,7 +41,7 @@ def server_context(m: MllpSettings) -> ssl.SSLContext | None:
 def certificate_expiry(path: str) -> float | None:
     """notAfter of the first certificate in a PEM file, as a Unix timestamp (for the expiry metric)."""
     try:
-        info = ssl._ssl._test_decode_cert(path)  # type: ignore[attr-defined]  # stdlib, no extra dependency
+        info = ssl._ssl._test_decode_cert(path)  # type: ignore[attr-defined]  # stdlib (private): no dependency
         return datetime.strptime(info["notAfter"], "%b %d %H:%M:%S %Y %Z").replace(tzinfo=UTC).timestamp()
     except Exception:
         return None
@@ -66,7 +67,7 @@ def failure_reason(exc: BaseException) -> str:
     return "other"
 
 
-def peer_subject_cn(peercert: dict | None) -> str:  # type: ignore[type-arg]
+def peer_subject_cn(peercert: dict[str, Any] | None) -> str:
     if not peercert:
         return ""
     for rdn in peercert.get("subject", ()):

@@ -15,7 +15,7 @@ from refloop.store.queries import iso
 
 
 def record(conn: Connection, *, now: datetime, actor: str, action: str, target: str = "", detail: str = "") -> None:
-    conn.execute(insert(AuditEntry.__table__).values(
+    conn.execute(insert(AuditEntry).values(
         at=now, actor=actor[:128], action=action[:32], target=target[:255], detail=detail[:255]))
 
 

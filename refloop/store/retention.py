@@ -27,9 +27,9 @@ def purge(engine: Engine, *, now: datetime, older_than_days: int, actor: str, dr
                 ReferralDocument.received_at < cutoff, ReferralDocument.content.is_not(None))
         ).scalar_one()
         if not dry_run and (msgs or docs):
-            conn.execute(update(Message.__table__).where(Message.received_at < cutoff, Message.raw.is_not(None))
+            conn.execute(update(Message).where(Message.received_at < cutoff, Message.raw.is_not(None))
                          .values(raw=None))
-            conn.execute(update(ReferralDocument.__table__).where(
+            conn.execute(update(ReferralDocument).where(
                 ReferralDocument.received_at < cutoff, ReferralDocument.content.is_not(None)).values(content=None))
             record(conn, now=now, actor=actor, action="purge", target=f"older_than_days={older_than_days}",
                    detail=f"messages={msgs} documents={docs}")
