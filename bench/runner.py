@@ -489,17 +489,20 @@ def render(cells: dict[str, Any], sides: list[str], cs: list[int], tg: list[dict
 # -- main ------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description="refloop benchmark (see bench/runner.py)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=3.0, help="measured phase per run")
     ap.add_argument("--quick", action="store_true", help="1 round, 1.5 s per run")
     ap.add_argument("--conns", default="1,4,16")
-    ap.add_argument("--sides", default="python-hl7,bare,refloop-sqlite,refloop-sqlite-info,refloop-pg")
+    ap.add_argument("--sides", default="python-hl7,bare,refloop-sqlite,refloop-pg",
+                    help="also: refloop-sqlite-info (default INFO logging)")
     ap.add_argument("--no-info", action="store_true", help="skip the INFO-logging refloop side")
     ap.add_argument("--no-pg", action="store_true")
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--ack-timeout", type=float, default=10.0)
     ap.add_argument("--idle", type=int, default=1000, help="idle connections for the RSS check (0: skip)")
     ap.add_argument("--time-limit", type=float, default=480.0, help="skip remaining runs after this many seconds")
+    ap.add_argument("--no-store", action="store_true", help="skip the store stage (bench/store.py)")
+    ap.add_argument("--store-sizes", default="100000,1000000", help="referrals per generated store")
     a = ap.parse_args(argv)
     if a.quick:
         a.rounds, a.seconds = 1, 1.5
@@ -565,12 +568,19 @@ def main(argv: list[str] | None = None) -> int:
     md = render(cells, sides, cs, tg, idle, meta)
     if notes:
         md += "\nNotes: " + "; ".join(notes) + "\n"
+    store_doc = None
+    if not a.no_store:
+        from bench import store
+
+        store_doc = store.run(tuple(int(x) for x in a.store_sizes.split(",") if x))
+        md += "\n" + store.render(store_doc)
+        meta["elapsed_s"] = round(time.monotonic() - t_begin, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = started.strftime("%Y%m%dT%H%M%S")
     ratios = {f"{s}|{c}": ratio(cells, s, c) for s in sides for c in cs if s != BASELINE}
     (RESULTS / f"{stamp}.json").write_text(json.dumps(
         {"meta": meta, "cells": cells, "ratios_vs_baseline": ratios, "targets": tg, "idle": idle,
-         "runs": records}, indent=2))
+         "runs": records, "store": store_doc}, indent=2))
     (RESULTS / "latest.md").write_text(md)
     print()
     print(md)

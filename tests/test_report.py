@@ -160,15 +160,21 @@ def test_cli_json_equals_api_json(sqlite_url: str, tmp_path: Any, monkeypatch: p
     fixture(sqlite_url)
     monkeypatch.setenv("REFLOOP_DATABASE_URL", sqlite_url)
     query = {"from": "2026-01-01", "to": "2026-06-01", "by": "specialty", "now": NOW.isoformat()}
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = cli_main(["report", "--from", query["from"], "--to", query["to"], "--by", "specialty",
-                         "--now", query["now"], "--format", "json"])
-    assert code == 0
-    cli_doc = json.loads(out.getvalue())
     with running_daemon(make_settings(sqlite_url)) as d:
         from urllib.parse import urlencode
 
+        from tests.utils import wait_for
+
+        # The daemon's start-up scan writes alerts (the report's "recovered" figure reads them): compare
+        # CLI and API on the same database state, after that scan.
+        assert wait_for(lambda: d.metric("refloop_scheduler_last_success_timestamp_seconds",
+                                         {"task": "stall_scan"}) > 0, timeout=30)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = cli_main(["report", "--from", query["from"], "--to", query["to"], "--by", "specialty",
+                             "--now", query["now"], "--format", "json"])
+        assert code == 0
+        cli_doc = json.loads(out.getvalue())
         status, api_doc = d.get("/api/report?" + urlencode(query))
     assert status == 200
     assert cli_doc == api_doc

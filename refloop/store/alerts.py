@@ -14,9 +14,10 @@ it. The unique index on ``alerts (referral_id, stage, open_key)`` is the last li
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from sqlalchemy import Connection, Engine, Table, func, insert, select, text, update
@@ -26,7 +27,7 @@ from refloop import stall
 from refloop.config import Settings
 from refloop.config.windows import windows_from_settings
 from refloop.notify import policy
-from refloop.store import audit, outbox
+from refloop.store import audit, outbox, sqlhot
 from refloop.store import referrals as repo
 from refloop.store.models import Alert
 
@@ -88,12 +89,31 @@ def run_scan(engine: Engine, settings: Settings, now: datetime) -> ScanResult | 
 
 
 def _events_by_referral(conn: Connection, ids: list[int]) -> dict[int, list[Any]]:
+    """Every event of many referrals, as the rows ``repo.load_events`` returns, in chunked IN queries."""
     out: dict[int, list[Any]] = defaultdict(list)
+    sqlite = conn.dialect.name == "sqlite"
+    ph = "?" if sqlite else "%s"
+    at = sqlhot.EVENT_COLUMNS.index("occurred_at")
+    rid_at = sqlhot.EVENT_COLUMNS.index("referral_id")
+    cols = ", ".join(sqlhot.EVENT_COLUMNS)
     for start in range(0, len(ids), _CHUNK):
         chunk = ids[start:start + _CHUNK]
-        for row in conn.execute(select(EVENTS).where(EVENTS.c.referral_id.in_(chunk))):
-            out[row.referral_id].append(row)
+        for raw in _raw(conn, f"SELECT {cols} FROM referral_events WHERE referral_id IN "
+                              f"({', '.join([ph] * len(chunk))})", chunk):
+            values = list(raw)
+            values[at] = _time(values[at])
+            out[values[rid_at]].append(sqlhot.EventRow(values))
     return out
+
+
+def _raw(conn: Connection, sql: str, params: Any = ()) -> list[Any]:
+    """Plain DB-API tuples: the scan reads hundreds of thousands of rows, and Row objects cost 3x more."""
+    cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cur.execute(sql, params)
+        return list(cur.fetchall())
+    finally:
+        cur.close()
 
 
 def _end_expired_holds(conn: Connection, rid: int, state: rf.ReferralState, now: datetime) -> bool:
@@ -110,30 +130,42 @@ def _end_expired_holds(conn: Connection, rid: int, state: rf.ReferralState, now:
 
 
 def scan(conn: Connection, settings: Settings, now: datetime) -> ScanResult:
-    """Fold every open referral (and every referral with an open alert), diff, persist, enqueue."""
+    """Fold every open referral (and every referral with an open alert), diff, persist, enqueue.
+
+    PERF (a million referrals): the result is that definition's, but most referrals are never loaded.
+    :func:`_plan` reads the open alerts and the projection columns of the open referrals whose clock could
+    have run past a window (SQL, indexed), and evaluates the plain ones (sent/scheduled/completed, no
+    holds, no presumed attendance) straight from the projection, which ``recompute`` keeps equal to the
+    fold of their events; a referral whose stalls match its open alerts exactly is skipped. Only the rest
+    (no-shows, holds, presumed attendance, alerts on referrals that moved on, changed stalls) are folded
+    from their events, loaded in batches. Stalls are per referral, so the diff of that subset is the diff
+    of the whole.
+    """
     windows = windows_from_settings(settings.stall)
     result = ScanResult()
-    open_rows = {(r.referral_id, r.stage): r for r in conn.execute(
-        select(ALERTS).where(ALERTS.c.open_key == 0))}
-    ids = sorted({r for (r,) in conn.execute(select(REFERRALS.c.id).where(REFERRALS.c.status.in_(repo.OPEN)))}
-                 | {rid for rid, _ in open_rows})
+    plan = _plan(conn, settings, windows, now)
+    stalls: dict[int, list[stall.Stall]] = dict(plan.stalls)
+    fold_ids = sorted(plan.fold)
+    alert_ids = sorted({aid for rid in (*fold_ids, *plan.stalls) for aid in plan.alerts_of.get(rid, ())})
+    open_rows = {(r.referral_id, r.stage): r for start in range(0, len(alert_ids), _CHUNK) for r in conn.execute(
+        select(ALERTS).where(ALERTS.c.id.in_(alert_ids[start:start + _CHUNK]), ALERTS.c.open_key == 0))}
+    ids = sorted(plan.fold | set(plan.stalls))
     refs = {r.id: r for start in range(0, len(ids), _CHUNK) for r in conn.execute(
         select(REFERRALS).where(REFERRALS.c.id.in_(ids[start:start + _CHUNK])))}
-    events = _events_by_referral(conn, ids)
-    stalls: dict[int, list[stall.Stall]] = {}
-    states: dict[int, rf.ReferralState] = {}
-    for rid in ids:
-        folded = [repo._event(e) for e in events.get(rid, [])]
-        state = rf.fold(folded, now=now, options=repo.fold_options(refs[rid].presume_hours))
-        if _end_expired_holds(conn, rid, state, now):
-            folded = [repo._event(e) for e in repo.load_events(conn, rid)]
+    for start in range(0, len(fold_ids), _BATCH):
+        batch = fold_ids[start:start + _BATCH]
+        events = _events_by_referral(conn, batch)
+        for rid in batch:
+            folded = [repo._event(e) for e in events.get(rid, [])]
             state = rf.fold(folded, now=now, options=repo.fold_options(refs[rid].presume_hours))
-        states[rid] = state
-        found = stall.evaluate(state, now, windows, rf.paused_intervals(folded)) \
-            if state.status in rf.OPEN_STATUSES else []
-        stalls[rid] = found
-        if state.status is rf.Status.NO_SHOW:
-            result.notifications += _no_show_reminder(conn, settings, refs[rid], state, now)
+            if _end_expired_holds(conn, rid, state, now):
+                folded = [repo._event(e) for e in repo.load_events(conn, rid)]
+                state = rf.fold(folded, now=now, options=repo.fold_options(refs[rid].presume_hours))
+            found = stall.evaluate(state, now, windows, rf.paused_intervals(folded)) \
+                if state.status in rf.OPEN_STATUSES else []
+            stalls[rid] = found
+            if state.status is rf.Status.NO_SHOW:
+                result.notifications += _no_show_reminder(conn, settings, refs[rid], state, now)
     diff = stall.diff_alerts({k: int(r.level) for k, r in open_rows.items()}, stalls)
     for rid, fresh in diff.raised:
         result.raised.append(_raise(conn, settings, refs[rid], fresh, now, result))
@@ -149,6 +181,120 @@ def scan(conn: Connection, settings: Settings, now: datetime) -> ScanResult:
     _refresh_unchanged(conn, open_rows, stalls, diff, now)
     result.notifications += _loop_closed(conn, settings, now)
     return result
+
+
+_BATCH: Final = 5000
+_HOLD_KINDS: Final = (rf.HOLD_STARTED, rf.HOLD_ENDED)
+_PLAIN_STAGES: Final = {rf.Status.SENT.value: (stall.SCHEDULING, stall.VISIT),
+                        rf.Status.SCHEDULED.value: (stall.VISIT,), rf.Status.COMPLETED.value: (stall.NOTE,)}
+
+
+@dataclass
+class _Plan:
+    """What the scan must look at: referrals to fold, stalls already evaluated from the projection (only
+    those that differ from their open alerts), and the open alert ids of each referral."""
+
+    fold: set[int] = field(default_factory=set)
+    stalls: dict[int, list[stall.Stall]] = field(default_factory=dict)
+    alerts_of: dict[int, list[int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Details:
+    """What :meth:`stall.Windows.window_days` reads of a state."""
+
+    referred_to: str
+    specialty: str
+    priority: str
+
+
+def _min_window(windows: stall.Windows, stages: tuple[str, ...]) -> float:
+    days = [windows.stage_days[s] for s in stages]
+    days += [d for (_, s), d in windows.priority_days.items() if s in stages]
+    days += [d for (_, s), d in windows.target_days.items() if s in stages]
+    return min(days)
+
+
+def _time(value: Any) -> datetime | None:
+    """A driver-level DateTime value as an aware UTC datetime (SQLite returns text, PostgreSQL datetimes)."""
+    if value is None or isinstance(value, datetime):
+        return repo.aware(value)
+    return datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
+def _plan(conn: Connection, settings: Settings, windows: stall.Windows, now: datetime) -> _Plan:
+    plan = _Plan()
+    sqlite = conn.dialect.name == "sqlite"
+    ph = "?" if sqlite else "%s"
+    # open alerts: (id, stage, level, status, overdue_days) per referral
+    alerts_by: dict[int, dict[str, tuple[int, int, str, float]]] = defaultdict(dict)
+    for aid, rid, stage, level, status, overdue in _raw(
+            conn, "SELECT id, referral_id, stage, level, status, overdue_days FROM alerts WHERE open_key = 0"):
+        alerts_by[rid][stage] = (aid, int(level), status, float(overdue))
+        plan.alerts_of.setdefault(rid, []).append(aid)
+    open_sql = ", ".join(f"'{s}'" for s in repo.OPEN)
+    held = {rid for (rid,) in _raw(
+        conn, f"SELECT id FROM referrals WHERE id IN (SELECT referral_id FROM referral_events WHERE kind IN "
+              f"({ph}, {ph})) AND status IN ({open_sql})", _HOLD_KINDS)}
+    plan.fold |= held
+    # open referrals the projection cannot speak for: every no-show (the rebooking clock and the reminder
+    # come from the timeline) and presumed attendance (the status depends on now)
+    plan.fold |= {rid for (rid,) in _raw(
+        conn, f"SELECT id FROM referrals WHERE status = {ph} OR (status IN ({open_sql}) AND presume_hours <> 0)",
+        (rf.Status.NO_SHOW.value,))}
+    margin = timedelta(seconds=1)
+
+    def bound(stages: tuple[str, ...]) -> Any:
+        t = now - timedelta(days=_min_window(windows, stages)) + margin
+        return sqlhot.sqlite_time(t) if sqlite else t
+
+    rows = _raw(
+        conn, "SELECT id, status, sent_at, completed_at, priority, referred_to, specialty FROM referrals "
+        f"WHERE (status = {ph} AND sent_at <= {ph}) OR (status = {ph} AND sent_at <= {ph}) "
+        f"OR (status = {ph} AND completed_at <= {ph})",
+        (rf.Status.SENT.value, bound((stall.SCHEDULING, stall.VISIT)),
+         rf.Status.SCHEDULED.value, bound((stall.VISIT,)),
+         rf.Status.COMPLETED.value, bound((stall.NOTE,))))
+    window_cache: dict[tuple[str, str, str, str], float] = {}
+    calendar = not windows.business_days
+    day = timedelta(days=1)
+    eps = stall._LEVEL_EPSILON
+    seen: set[int] = set()
+    for rid, status, sent_at, completed_at, priority, referred_to, specialty in rows:
+        if rid in plan.fold:
+            continue
+        # projection columns are truncated copies of the fold's values: a full-length one may have lost
+        # characters a window override matches on, so such a referral takes the fold path
+        if len(priority or "") >= 64 or len(referred_to or "") >= 255 or len(specialty or "") >= 64:
+            plan.fold.add(rid)
+            continue
+        seen.add(rid)
+        start = _time(completed_at if status == rf.Status.COMPLETED.value else sent_at)
+        assert start is not None
+        if calendar:
+            elapsed = max((now - start) / day, 0.0) if now > start else 0.0
+        else:
+            elapsed = stall.elapsed_days(start, now, business_days=True, holidays=windows.holidays)
+        found: list[tuple[str, int, float, float]] = []
+        for stage in _PLAIN_STAGES[status]:
+            key = (stage, referred_to, specialty, priority)
+            window = window_cache.get(key)
+            if window is None:
+                window = window_cache[key] = windows.window_days(
+                    stage, _Details(referred_to, specialty, priority))  # type: ignore[arg-type]
+            level = math.floor(elapsed / window + eps)
+            if level >= 1:
+                found.append((stage, level, max(elapsed - window, 0.0), window))
+        have = alerts_by.get(rid, {})
+        same = len(have) == len(found) and all(
+            (a := have.get(stage)) is not None and level <= a[1] and a[2] != SNOOZED and abs(a[3] - overdue) <= 1e-6
+            for stage, level, overdue, _ in found)
+        if not same:
+            plan.stalls[rid] = [stall.Stall(stage, level, overdue, window, start)
+                                for stage, level, overdue, window in found]
+    # every other referral with an open alert (its referral moved on, or its clock no longer qualifies)
+    plan.fold |= set(alerts_by) - seen
+    return plan
 
 
 def _refresh_unchanged(conn: Connection, open_rows: dict[tuple[int, str], Any],
@@ -254,6 +400,8 @@ def _no_show_reminder(conn: Connection, settings: Settings, ref: Any, state: rf.
 
 def _loop_closed(conn: Connection, settings: Settings, now: datetime) -> int:
     """Referrals closed by a consult note (not by hand) since the lookback and not yet announced."""
+    if not policy.referrer_channels(settings.notify):
+        return 0  # nothing to enqueue (and nothing marks them announced): skip the per-referral lookups
     announced = select(outbox.OUTBOX.c.referral_id).where(outbox.OUTBOX.c.event == "loop_closed",
                                                           outbox.OUTBOX.c.referral_id.is_not(None))
     rows = list(conn.execute(select(REFERRALS).where(
@@ -374,10 +522,11 @@ def _delivery_states(conn: Connection, alert_ids: list[int]) -> dict[int, str]:
     out: dict[int, str] = {}
     if not alert_ids:
         return out
-    for alert_id, status in conn.execute(select(outbox.OUTBOX.c.alert_id, outbox.OUTBOX.c.status).where(
-            outbox.OUTBOX.c.alert_id.in_(alert_ids))):
-        if _DELIVERY_RANK.get(status, 0) >= _DELIVERY_RANK.get(out.get(alert_id, "delivered"), 0):
-            out[alert_id] = status
+    for start in range(0, len(alert_ids), _CHUNK):  # chunked: SQLite caps bound parameters per statement
+        for alert_id, status in conn.execute(select(outbox.OUTBOX.c.alert_id, outbox.OUTBOX.c.status).where(
+                outbox.OUTBOX.c.alert_id.in_(alert_ids[start:start + _CHUNK]))):
+            if _DELIVERY_RANK.get(status, 0) >= _DELIVERY_RANK.get(out.get(alert_id, "delivered"), 0):
+                out[alert_id] = status
     return out
 
 

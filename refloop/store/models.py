@@ -336,3 +336,14 @@ class OutboxEntry(Base):
 Index("ix_referrals_sent_at", Referral.sent_at)
 Index("ix_referrals_patient_sent", Referral.patient_key, Referral.sent_at)
 Index("ix_referral_events_referral_kind", ReferralEvent.referral_id, ReferralEvent.kind)
+
+# -- stall scan indexes (migration 0006) -------------------------------------------------------------
+# The scan reads the open alerts (open_key = 0), the open referrals whose clock could have passed a window
+# (status + sent_at / completed_at ranges), the held referrals (events by kind) and the recently closed
+# ones (status + closed_at), so a steady-state scan on a million referrals never scans a whole table.
+Index("ix_alerts_open_key", Alert.open_key)
+Index("ix_referrals_status_sent", Referral.status, Referral.sent_at)
+Index("ix_referrals_status_completed", Referral.status, Referral.completed_at)
+Index("ix_referrals_status_closed", Referral.status, Referral.closed_at)
+Index("ix_referral_events_kind_referral", ReferralEvent.kind, ReferralEvent.referral_id)
+Index("ix_outbox_alert", OutboxEntry.alert_id)  # the worklist's delivery state per alert
