@@ -504,6 +504,13 @@ def _get(base: str, path: str, token: str = "") -> Any:
         return json.loads(resp.read())
 
 
+def _post(base: str, path: str, token: str = "") -> Any:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    req = urllib.request.Request(base + path, data=b"", headers=headers, method="POST")  # noqa: S310
+    with urllib.request.urlopen(req, timeout=300) as resp:  # noqa: S310 - always http://, built here
+        return json.loads(resp.read())
+
+
 def check(sim: Simulation, http: str, *, token: str = "") -> dict[str, Any]:
     """Read statuses and the report back and compare them with the ground truth."""
     base = f"http://{http}"
@@ -525,13 +532,22 @@ def check(sim: Simulation, http: str, *, token: str = "") -> dict[str, Any]:
     report = _get(base, "/api/report?" + query, token)
     want_closed = sum(1 for s in expected.values() if s == "closed")
     report_ok = report["totals"]["sent"] == len(expected) and report["totals"]["closed"] == want_closed
+    # Alerts: one scan as of the simulation's end instant, then the worklist against the expected stalls.
+    _post(base, "/api/scan?" + urllib.parse.urlencode({"as_of": sim.now.isoformat()}), token)
+    got = {(r["placer_id"], r["stage"]) for r in _get(base, "/api/worklist", token)
+           if r.get("placer_id") in expected and r.get("stage") in stall.STAGES}
+    want = {(p, stage) for p, t in sim.truth.items() for stage in t.stages}
+    alerts_ok = got == want
     return {
         "referrals": len(expected),
         "status_agreement": round(100 * agree / max(len(expected), 1), 3),
         "confusion": {f"{e}->{g}": n for (e, g), n in sorted(confusion.items())},
         "report": {"sent": report["totals"]["sent"], "expected_sent": len(expected),
                    "closed": report["totals"]["closed"], "expected_closed": want_closed, "agrees": report_ok},
-        "ok": agree == len(expected) and report_ok,
+        "alerts": {"expected": len(want), "found": len(got), "missing": len(want - got), "unexpected": len(got - want),
+                   "agrees": alerts_ok,
+                   "examples": sorted(want ^ got)[:5]},
+        "ok": agree == len(expected) and report_ok and alerts_ok,
     }
 
 

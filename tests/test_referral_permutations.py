@@ -200,13 +200,22 @@ def test_unrelated_siu_costs_two_indexed_queries(template: Path, tmp_path: Path)
     h.send(ref_msg("U1", mrn="MRN600"))
     statements: list[str] = []
 
-    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+    def count(statement: str) -> None:
         if "referral" in statement:
             statements.append(statement.split()[0])
 
-    event.listen(h.engine, "before_cursor_execute", count)
+    # SQLite's own trace hook sees every statement, including those the hot path runs on the raw cursor.
+    def trace(dbapi_conn: Any, *_args: Any) -> None:
+        dbapi_conn.set_trace_callback(count)
+
+    def untrace(dbapi_conn: Any, *_args: Any) -> None:
+        dbapi_conn.set_trace_callback(None)
+
+    event.listen(h.engine, "checkout", trace)
+    event.listen(h.engine, "checkin", untrace)
     assert h.send(siu_msg("AU", mrn="MRN601")) == "ignored"
-    event.remove(h.engine, "before_cursor_execute", count)
+    event.remove(h.engine, "checkout", trace)
+    event.remove(h.engine, "checkin", untrace)
     assert statements == ["SELECT", "SELECT"]
     assert h.counts()[0] == 1
     h.close()

@@ -28,6 +28,8 @@ def test_check_mode_agrees_with_ground_truth(sqlite_url: str) -> None:
         result = sim.check(run, f"127.0.0.1:{d.http_port}")
     assert result["status_agreement"] == 100.0, result["confusion"]
     assert result["report"]["agrees"], result["report"]
+    assert result["alerts"]["agrees"], result["alerts"]  # alerts equal the ground-truth stalls
+    assert result["alerts"]["expected"] > 0
     assert result["ok"]
 
 

@@ -114,7 +114,28 @@ def add_routes(app: web.Application, server: Server) -> None:
         status, doc = await asyncio.to_thread(_answer, key, body)
         return web.json_response(doc, status=status)
 
+    async def scan(req: web.Request) -> web.Response:
+        """Run one stall scan now, or as of ``?as_of=ISO8601`` (like `refloop scan --as-of`)."""
+        from refloop.notify.scan import update_gauges
+        from refloop.store import alerts
+
+        as_of = server.clock.now()
+        if req.query.get("as_of"):
+            try:
+                parsed = parse_until(req.query["as_of"])
+            except ValueError:
+                parsed = None
+            if parsed is None:
+                return web.json_response({"error": "as_of must be an ISO 8601 time"}, status=400)
+            as_of = parsed
+        result = await asyncio.to_thread(alerts.run_scan, engine(), server.settings, as_of)
+        await asyncio.to_thread(update_gauges, engine(), server.metrics)
+        if result is None:
+            return web.json_response({"skipped": True, "as_of": as_of.isoformat()})
+        return web.json_response({"as_of": as_of.isoformat(), **result.as_json()})
+
     app.add_routes([
+        web.post("/api/scan", scan),
         web.get("/api/worklist", worklist),
         web.post("/api/alerts/{id}/{action}", action),
         web.get("/api/outbox", outbox_list),

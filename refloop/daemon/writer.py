@@ -23,6 +23,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from refloop.daemon.ingest import HandlerFailed, Ingestor, Job, LostRace, Result, StorageError
 from refloop.daemon.metrics import Metrics
+from refloop.store import rawsql
 from refloop.store.engine import is_sqlite, sqlite_path
 
 log = logging.getLogger("refloop.writer")
@@ -156,7 +157,7 @@ class Writer:
         and this runs once per message."""
         forced = None
         for _attempt in range(4):
-            conn.exec_driver_sql("SAVEPOINT msg")
+            rawsql.execute(conn, "SAVEPOINT msg")
             try:
                 res = self.ingestor.process(conn, job, forced)
             except HandlerFailed as failed:
@@ -170,7 +171,7 @@ class Writer:
                 if not (exc.connection_invalidated or _is_operational(exc)):
                     log.error("message could not be stored", extra={"error_type": type(exc).__name__})
                 raise  # the whole group fails with AR; the transaction is rolled back
-            conn.exec_driver_sql("RELEASE SAVEPOINT msg")
+            rawsql.execute(conn, "RELEASE SAVEPOINT msg")
             return res
         raise StorageError("dedup race did not settle")
 
@@ -181,8 +182,8 @@ class Writer:
 
 
 def _rollback_to(conn: Connection) -> None:
-    conn.exec_driver_sql("ROLLBACK TO SAVEPOINT msg")
-    conn.exec_driver_sql("RELEASE SAVEPOINT msg")
+    rawsql.execute(conn, "ROLLBACK TO SAVEPOINT msg")
+    rawsql.execute(conn, "RELEASE SAVEPOINT msg")
 
 
 def _is_operational(exc: DBAPIError) -> bool:

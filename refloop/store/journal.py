@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from refloop.store import rawsql
 from refloop.store.models import Message, MessageKey
 
 JOURNAL_COLUMNS = tuple(c.name for c in Message.__table__.columns if c.name != "id")
@@ -69,22 +70,22 @@ def insert_message(conn: Connection, row: dict[str, Any]) -> int:
     if sql.sqlite:
         values["received_at"] = _sqlite_time(values["received_at"])
     params = tuple(values[c] for c in JOURNAL_COLUMNS)
-    res = conn.exec_driver_sql(sql.insert, params)
+    cur = rawsql.execute(conn, sql.insert, params)
     if sql.sqlite:
-        return int(res.lastrowid)
-    return int(res.scalar_one())
+        return int(cur.lastrowid)
+    return int(cur.fetchone()[0])
 
 
 def update_message(conn: Connection, message_id: int, values: dict[str, Any]) -> None:
     params = (*(values.get(c, _DEFAULTS[c]) for c in UPDATABLE), message_id)
-    conn.exec_driver_sql(hot(conn).update, params)
+    rawsql.execute(conn, hot(conn).update, params)
 
 
 def find_keys(conn: Connection, app: str, facility: str, control_id: str) -> list[Any]:
-    return list(conn.exec_driver_sql(hot(conn).find_keys, (app, facility, control_id)))
+    return rawsql.execute(conn, hot(conn).find_keys, (app, facility, control_id)).fetchall()
 
 
 def claim_key(conn: Connection, row: dict[str, Any]) -> bool:
     """True when this message now holds the key; False when another message (or daemon) has it."""
     params = tuple(row[c] for c in KEY_COLUMNS)
-    return conn.exec_driver_sql(hot(conn).claim, params).first() is not None
+    return rawsql.execute(conn, hot(conn).claim, params).fetchone() is not None

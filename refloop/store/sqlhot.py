@@ -24,6 +24,7 @@ from sqlalchemy import Connection, DateTime, Table
 from sqlalchemy.exc import MultipleResultsFound, NoResultFound
 
 from refloop import referral as rf
+from refloop.store import rawsql
 from refloop.store.models import Referral, ReferralEvent, ReferralLink
 
 _REFERRALS = cast(Table, Referral.__table__)
@@ -159,36 +160,36 @@ def find(conn: Connection, values: Sequence[str]) -> list[Any]:
     """``(rid, value, src)`` rows: placer-ID hits first, then aliases, each by referral id."""
     sql = hot(conn)
     if len(values) == 1:
-        return list(conn.exec_driver_sql(sql.find_one, (values[0], values[0])))
+        return rawsql.rows(conn, sql.find_one, (values[0], values[0]))
     params = tuple(values)
-    return list(conn.exec_driver_sql(sql.find_many(len(params)), params + params))
+    return rawsql.rows(conn, sql.find_many(len(params)), params + params)
 
 
 def by_subject(conn: Connection, subject: str) -> Any | None:
-    return conn.exec_driver_sql(hot(conn).by_subject, (subject,)).first()
+    return rawsql.first(conn, hot(conn).by_subject, (subject,))
 
 
 def open_for_patient(conn: Connection, patient_key: str) -> list[Any]:
-    return list(conn.exec_driver_sql(hot(conn).open_for_patient, (patient_key,)))
+    return rawsql.rows(conn, hot(conn).open_for_patient, (patient_key,))
 
 
 def by_placer(conn: Connection, placer_id: str, authority: str) -> Any | None:
-    return conn.exec_driver_sql(hot(conn).by_placer, (placer_id, authority)).first()
+    return rawsql.first(conn, hot(conn).by_placer, (placer_id, authority))
 
 
 def parked_messages(conn: Connection, keys: Sequence[str]) -> list[int]:
     sql = hot(conn)
     if len(keys) == 1:
-        found = conn.exec_driver_sql(sql.parked_one, (keys[0],))
+        found = rawsql.rows(conn, sql.parked_one, (keys[0],))
     else:
-        found = conn.exec_driver_sql(sql.parked_many(len(keys)), tuple(keys))
+        found = rawsql.rows(conn, sql.parked_many(len(keys)), tuple(keys))
     return [m for (m,) in found]
 
 
 def other_open_same_specialty(conn: Connection, patient_key: str, rid: int, specialty: str) -> list[tuple[int, Any]]:
     """``(id, sent_at)`` of the patient's other open referrals in a specialty; sent_at aware on both dialects."""
     sql = hot(conn)
-    rows = conn.exec_driver_sql(sql.other_open_same_specialty, (patient_key, rid, specialty)).fetchall()
+    rows = rawsql.rows(conn, sql.other_open_same_specialty, (patient_key, rid, specialty))
     if sql.sqlite:
         return [(i, sqlite_read_time(t)) for i, t in rows]
     return [(i, t) for i, t in rows]
@@ -207,7 +208,7 @@ class ReferralRow:
 def referral_row(conn: Connection, rid: int) -> Any:  # a ReferralRow
     """The projection row, locked FOR UPDATE on PostgreSQL; raises like ``Result.one()`` when missing."""
     sql = hot(conn)
-    rows = conn.exec_driver_sql(sql.referral_row, (rid,)).fetchall()
+    rows = rawsql.rows(conn, sql.referral_row, (rid,))
     if len(rows) != 1:  # the exceptions Result.one() raises
         if not rows:
             raise NoResultFound("No row was found when one was required")
@@ -246,7 +247,7 @@ def events_of(conn: Connection, rid: int) -> list[EventRow]:
     sql = hot(conn)
     out: list[EventRow] = []
     cache = _EVENT_ROWS
-    for raw in conn.exec_driver_sql(sql.events_of, (rid,)).fetchall():
+    for raw in rawsql.execute(conn, sql.events_of, (rid,)).fetchall():
         key = tuple(raw)
         row = cache.get(key)
         if row is None:
@@ -273,7 +274,7 @@ def create_referral(conn: Connection, values: dict[str, Any]) -> int | None:
         for k in _REFERRAL_TIMES:
             if row[k] is not None:
                 row[k] = sqlite_time(row[k])
-    created = conn.exec_driver_sql(sql.create, tuple(row[c] for c in _REFERRAL_INSERT_COLUMNS)).first()
+    created = rawsql.execute(conn, sql.create, tuple(row[c] for c in _REFERRAL_INSERT_COLUMNS)).fetchone()
     return int(created[0]) if created is not None else None
 
 
@@ -286,7 +287,7 @@ def update_referral(conn: Connection, rid: int, values: dict[str, Any]) -> None:
             if c in _REFERRAL_TIMES and params[i] is not None:
                 params[i] = sqlite_time(params[i])
     params.append(rid)
-    conn.exec_driver_sql(sql.update_referral(columns), tuple(params))
+    rawsql.execute(conn, sql.update_referral(columns), tuple(params))
 
 
 def insert_events(conn: Connection, rows: list[dict[str, Any]]) -> None:
@@ -298,8 +299,9 @@ def insert_events(conn: Connection, rows: list[dict[str, Any]]) -> None:
             at = r["occurred_at"]
             r = {**r, "occurred_at": sqlite_time(at) if at is not None else None}
         params.append(tuple(r[c] for c in _EVENT_INSERT_COLUMNS))
-    conn.exec_driver_sql(sql.insert_event, params[0] if len(params) == 1 else params)
+    (rawsql.execute(conn, sql.insert_event, params[0]) if len(params) == 1
+     else rawsql.executemany(conn, sql.insert_event, params))
 
 
 def insert_link(conn: Connection, row: dict[str, Any]) -> None:
-    conn.exec_driver_sql(hot(conn).insert_link, tuple(row[c] for c in _LINK_INSERT_COLUMNS))
+    rawsql.execute(conn, hot(conn).insert_link, tuple(row[c] for c in _LINK_INSERT_COLUMNS))
