@@ -416,6 +416,7 @@ class Message:
     """
 
     __slots__ = (
+        "_hdr_cache",
         "_index",
         "_segs",
         "component_sep",
@@ -436,6 +437,7 @@ class Message:
         self.escape_char, self.subcomponent_sep, self.truncation_char = delimiters[3:]
         self._segs: list[Segment | None] = [None] * len(segments)
         self._index: dict[str, list[int]] | None = None
+        self._hdr_cache: dict[tuple[int, int | None], str] = {}
 
     @classmethod
     def parse(cls, text: str, terminators: str = "auto") -> Message:
@@ -564,6 +566,14 @@ class Message:
         return seg.field(n)
 
     def _hdr(self, n: int, comp: int | None = None) -> str:
+        """Header values are read a dozen times per message (dedup key, profile, ACK): compute once."""
+        key = (n, comp)
+        cached = self._hdr_cache.get(key)
+        if cached is None:
+            cached = self._hdr_cache[key] = self._hdr_uncached(n, comp)
+        return cached
+
+    def _hdr_uncached(self, n: int, comp: int | None = None) -> str:
         seg = self._header()
         if seg is None and 1 <= n <= 8:
             seg = self._segment_at(0)
