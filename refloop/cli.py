@@ -8,22 +8,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import socket
 import sys
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from refloop import __version__
-from refloop.config import ConfigError, Settings, load_settings
-
-EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+from refloop.cli_common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, parse_time, print_table, settings_from, with_config
+from refloop.config import ConfigError, Settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    path = args.config or os.environ.get("REFLOOP_CONFIG") or None
-    return load_settings(path, os.environ)
+    return settings_from(args)
 
 
 # -- serve ----------------------------------------------------------------------------------------
@@ -159,12 +156,8 @@ def cmd_messages(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
-    cols = ("id", "received_at", "sender", "type", "control_id", "outcome", "ack_code", "duplicate_of")
-    table = [[str(r[c] if r[c] is not None else "") for c in cols] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in table]) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
-    for row in table:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    print_table(rows, ("id", "received_at", "sender", "type", "control_id", "outcome", "ack_code",
+                       "duplicate_of"))
     return EXIT_OK
 
 
@@ -197,11 +190,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _parse_time(value: str) -> datetime:
-    try:
-        t = datetime.fromisoformat(value)
-    except ValueError:
-        raise ConfigError("--since", f"not an ISO 8601 time: {value!r}") from None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
+    parsed = parse_time(value, "--since")
+    assert parsed is not None
+    return parsed
 
 
 # -- purge / audit --------------------------------------------------------------------------------
@@ -250,9 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"refloop {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument("--config", metavar="PATH", help="TOML configuration file (or $REFLOOP_CONFIG)")
-        return sp
 
     sp = with_config(sub.add_parser("serve", help="run the daemon in the foreground"))
     sp.add_argument("--migrate", action="store_true", help="apply database migrations before serving")

@@ -10,48 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, select
 
+from refloop.cli_common import EXIT_FAIL, EXIT_OK, with_config
+from refloop.cli_common import cell as _cell
+from refloop.cli_common import engine_from as _engine
+from refloop.cli_common import print_table as _table
 from refloop.clock import SystemClock
-from refloop.config import Settings, load_settings
-
-EXIT_OK, EXIT_FAIL = 0, 1
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    path = args.config or os.environ.get("REFLOOP_CONFIG") or None
-    return load_settings(path, os.environ)
-
-
-@contextmanager
-def _engine(args: argparse.Namespace) -> Iterator[Engine]:
-    from refloop.store.engine import make_engine
-
-    engine = make_engine(_settings(args).database)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
-
-
-def _table(rows: list[dict[str, Any]], cols: tuple[str, ...]) -> None:
-    table = [[_cell(r.get(c)) for c in cols] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in table]) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
-    for row in table:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, list):
-        return ",".join(str(v) for v in value)
-    return str(value)
 
 
 def cmd_referrals(args: argparse.Namespace) -> int:
@@ -156,9 +123,6 @@ def cmd_unlink(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the referral subcommands to `refloop` (called from cli.build_parser)."""
 
-    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument("--config", metavar="PATH", help="TOML configuration file (or $REFLOOP_CONFIG)")
-        return sp
 
     sp = with_config(sub.add_parser("referrals", help="list referrals (the worklist)"))
     sp.add_argument("--status", help="only this status (sent, scheduled, completed, no_show, closed, ...)")

@@ -11,25 +11,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from refloop.cli_referrals import EXIT_FAIL, EXIT_OK, _engine, _settings, _table
+from refloop.cli_common import EXIT_FAIL, EXIT_OK, parse_time, with_config
+from refloop.cli_common import engine_from as _engine
+from refloop.cli_common import print_table as _table
+from refloop.cli_common import settings_from as _settings
 from refloop.clock import SystemClock
-from refloop.config import ConfigError
 
 _COLUMNS = ("alert_id", "referral", "placer_id", "stage", "level", "overdue_days", "owner", "status", "mode",
             "last_action")
 
 
 def _time(value: str | None, flag: str) -> datetime | None:
-    if not value:
-        return None
-    try:
-        t = datetime.fromisoformat(value)
-    except ValueError:
-        raise ConfigError(flag, f"not an ISO 8601 time: {value!r}") from None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
+    return parse_time(value, flag)
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
@@ -108,9 +104,6 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the worklist subcommands to `refloop` (called from cli.build_parser)."""
 
-    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument("--config", metavar="PATH", help="TOML configuration file (or $REFLOOP_CONFIG)")
-        return sp
 
     sp = with_config(sub.add_parser("scan", help="run one stall scan now (or --as-of a given instant)"))
     sp.add_argument("--as-of", dest="as_of", metavar="ISO8601", help="scan as if it were this instant")
