@@ -110,9 +110,13 @@ def ratio(num: int, den: int) -> dict[str, Any]:
     return {"num": int(num), "den": int(den), "rate": round(num / den, 4) if den else None}
 
 
-def distribution(values: Iterable[float]) -> dict[str, Any]:
-    """Mean, median and nearest-rank p90 in days (2 decimals); None for all three when there is no value."""
-    data = sorted(values)
+def distribution(values: Iterable[float], *, presorted: bool = False) -> dict[str, Any]:
+    """Mean, median and nearest-rank p90 in days (2 decimals); None for all three when there is no value.
+
+    ``presorted``: *values* is already an ascending list (the SQL side sorts each series once), so it is
+    used as is; the mean is the same left-to-right sum over the sorted values either way.
+    """
+    data = values if presorted and isinstance(values, list) else sorted(values)
     n = len(data)
     if n == 0:
         return {"n": 0, "mean": None, "median": None, "p90": None}
