@@ -43,7 +43,7 @@ from refloop import referral as rf
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-GEN_VERSION = 1  # bump when the generated rows change (the cache key also has the schema revision)
+GEN_VERSION = 2  # bump when the generated rows change (the cache key also has the schema revision)
 AS_OF = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 YEAR = timedelta(days=365)
 SPECIALTIES = ("CARD", "DERM", "ENDO", "GAST", "NEUR", "ONC", "ORTH", "PULM", "RHEU", "URO")
@@ -96,6 +96,7 @@ class _Gen:
         self.docs: list[tuple[Any, ...]] = []
         assert self.ev_cols == ("referral_id", "message_id", "origin", "seq", "kind", "occurred_at", "control_id",
                                 "subject", "pending_key", "data"), self.ev_cols
+        assert self.ref_cols[-3:] == ("updated_at", "no_show_at", "no_show_count"), self.ref_cols
         assert self.link_cols == ("message_id", "referral_id", "state", "matched_by", "control_id", "message_type",
                                   "candidates"), self.link_cols
         base = dict(self.msg_defaults)
@@ -165,6 +166,8 @@ class _Gen:
         proj: dict[str, Any] = {name: None for name in ("accepted_at", "scheduled_at", "appointment_at",
                                                         "completed_at", "note_received_at", "closed_at")}
         status, last = "sent", sent
+        no_show_at: datetime | None = None
+        no_show_count = 0
         steps: list[tuple[datetime, Callable[[], None]]] = []
 
         def ev(at: datetime, app: str, mtype: str, trigger: str, kind: str, data: str, subject: str,
@@ -207,6 +210,8 @@ class _Gen:
                 status, proj["completed_at"] = "completed", start
             elif n >= 3 and story == "no_show":
                 status, proj["appointment_at"] = "no_show", None
+                # the rebooking clock (recompute: referrals.no_show_values): the one no-show, its first report
+                no_show_at, no_show_count = outcome_at, 1
             if n >= 4:
                 status, proj["note_received_at"], proj["closed_at"] = "closed", note_at, note_at
         last = applied[-1][0]
@@ -214,7 +219,8 @@ class _Gen:
                           spec, f"{(rid * 2654435761) % (1 << 64):064x}", None, _ts(sent),
                           *(None if proj[k] is None else _ts(proj[k]) for k in
                             ("accepted_at", "scheduled_at", "appointment_at", "completed_at", "note_received_at",
-                             "closed_at")), "", _ts(last)))
+                             "closed_at")), "", _ts(last), None if no_show_at is None else _ts(no_show_at),
+                          no_show_count))
         for _, fn in applied:
             fn()
         if status == "closed":
@@ -303,7 +309,8 @@ def verify_projection(path: Path, sample: int = 2000) -> int:
             state = rf.fold([repo._event(r) for r in rows], now=AS_OF, options=repo.fold_options(ref.presume_hours))
             values: dict[str, Any] = {name: repo.utc(getattr(state, name)) for name in repo._MILESTONES}
             values.update(status=state.status.value, priority=state.priority[:64], referred_to=state.referred_to[:255],
-                          referring_provider=state.referring_provider[:255], specialty=state.specialty[:64])
+                          referring_provider=state.referring_provider[:255], specialty=state.specialty[:64],
+                          **repo.no_show_values(state))
             if not all(repo._same(getattr(ref, k), v) for k, v in values.items()):
                 bad += 1
                 if bad <= 3:

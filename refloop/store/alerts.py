@@ -133,23 +133,24 @@ def scan(conn: Connection, settings: Settings, now: datetime) -> ScanResult:
     """Fold every open referral (and every referral with an open alert), diff, persist, enqueue.
 
     PERF (a million referrals): the result is that definition's, but most referrals are never loaded.
-    :func:`_plan` reads the open alerts and the projection columns of the open referrals whose clock could
-    have run past a window (SQL, indexed), and evaluates the plain ones (sent/scheduled/completed, no
-    holds, no presumed attendance) straight from the projection, which ``recompute`` keeps equal to the
-    fold of their events; a referral whose stalls match its open alerts exactly is skipped. Only the rest
-    (no-shows, holds, presumed attendance, alerts on referrals that moved on, changed stalls) are folded
-    from their events, loaded in batches. Stalls are per referral, so the diff of that subset is the diff
-    of the whole.
+    The projection carries everything :func:`stall.evaluate` reads of a referral without holds or presumed
+    attendance (the milestones, the details, and the rebooking clock ``no_show_at``/``no_show_count``, all
+    of which ``recompute`` keeps equal to the fold of its events), so :func:`_plan` evaluates those
+    "plain" referrals from columns, and only folds the rest (holds, presumed attendance, truncated
+    details, alerts on referrals that left the scan). With calendar-day windows the comparison with the
+    open alerts runs in SQL (:func:`_changed_sql`), so a scan that changes nothing reads ~no rows into
+    Python. Stalls are per referral, so the diff of that subset is the diff of the whole.
     """
     windows = windows_from_settings(settings.stall)
     result = ScanResult()
     plan = _plan(conn, settings, windows, now)
     stalls: dict[int, list[stall.Stall]] = dict(plan.stalls)
     fold_ids = sorted(plan.fold)
-    alert_ids = sorted({aid for rid in (*fold_ids, *plan.stalls) for aid in plan.alerts_of.get(rid, ())})
-    open_rows = {(r.referral_id, r.stage): r for start in range(0, len(alert_ids), _CHUNK) for r in conn.execute(
-        select(ALERTS).where(ALERTS.c.id.in_(alert_ids[start:start + _CHUNK]), ALERTS.c.open_key == 0))}
+    # the open alerts of exactly the referrals diffed below (diff_alerts resolves what it is not given stalls for)
     ids = sorted(plan.fold | set(plan.stalls))
+    open_rows = {(r.referral_id, r.stage): r for start in range(0, len(ids), _CHUNK) for r in conn.execute(
+        select(ALERTS).where(ALERTS.c.referral_id.in_(ids[start:start + _CHUNK]), ALERTS.c.open_key + 0 == 0))}
+    ids = sorted(set(ids) | set(plan.reminders))
     refs = {r.id: r for start in range(0, len(ids), _CHUNK) for r in conn.execute(
         select(REFERRALS).where(REFERRALS.c.id.in_(ids[start:start + _CHUNK])))}
     for start in range(0, len(fold_ids), _BATCH):
@@ -165,7 +166,9 @@ def scan(conn: Connection, settings: Settings, now: datetime) -> ScanResult:
                 if state.status in rf.OPEN_STATUSES else []
             stalls[rid] = found
             if state.status is rf.Status.NO_SHOW:
-                result.notifications += _no_show_reminder(conn, settings, refs[rid], state, now)
+                result.notifications += _no_show_reminder(conn, settings, refs[rid], state.no_show_count, now)
+    for rid, count in sorted(plan.reminders.items()):  # plain no-shows whose reminder is not enqueued yet
+        result.notifications += _no_show_reminder(conn, settings, refs[rid], count, now)
     diff = stall.diff_alerts({k: int(r.level) for k, r in open_rows.items()}, stalls)
     for rid, fresh in diff.raised:
         result.raised.append(_raise(conn, settings, refs[rid], fresh, now, result))
@@ -185,18 +188,33 @@ def scan(conn: Connection, settings: Settings, now: datetime) -> ScanResult:
 
 _BATCH: Final = 5000
 _HOLD_KINDS: Final = (rf.HOLD_STARTED, rf.HOLD_ENDED)
-_PLAIN_STAGES: Final = {rf.Status.SENT.value: (stall.SCHEDULING, stall.VISIT),
-                        rf.Status.SCHEDULED.value: (stall.VISIT,), rf.Status.COMPLETED.value: (stall.NOTE,)}
+_SENT, _SCHEDULED, _COMPLETED, _NO_SHOW = (rf.Status.SENT.value, rf.Status.SCHEDULED.value,
+                                           rf.Status.COMPLETED.value, rf.Status.NO_SHOW.value)
+#: The stages :func:`stall._clocks` runs per status, in :data:`stall.STAGES` order, and each one's start column.
+_PLAIN_STAGES: Final = {_SENT: (stall.SCHEDULING, stall.VISIT), _SCHEDULED: (stall.VISIT,),
+                        _COMPLETED: (stall.NOTE,), _NO_SHOW: (stall.REBOOKING, stall.VISIT)}
+_START: Final = {stall.SCHEDULING: "sent_at", stall.VISIT: "sent_at", stall.REBOOKING: "no_show_at",
+                 stall.NOTE: "completed_at"}
+#: The projection columns the plain evaluation reads, in this order.
+_COLUMNS: Final = "id, status, sent_at, completed_at, no_show_at, no_show_count, priority, referred_to, specialty"
+#: Bound on |SQL elapsed days - Python elapsed days|: SQLite's julianday() keeps milliseconds (up to 1 ms
+#: lost on each side) and a double near 2.46e6 has ~4e-10 day steps; PostgreSQL is exact to the µs. With
+#: margin (8.6 ms), so the SQL pre-filter can decide "unchanged" only where Python would decide the same.
+_SQL_SLACK: Final = 1e-7
+#: ``_plan``'s "unchanged" rule for overdue_days (Python), and the stricter one SQL applies.
+_OVERDUE_TOLERANCE: Final = 1e-6
+_SQL_OVERDUE_TOLERANCE: Final = _OVERDUE_TOLERANCE - 2 * _SQL_SLACK
 
 
 @dataclass
 class _Plan:
     """What the scan must look at: referrals to fold, stalls already evaluated from the projection (only
-    those that differ from their open alerts), and the open alert ids of each referral."""
+    those that differ from their open alerts), and plain no-shows whose patient reminder is still due
+    (referral id → no-show count)."""
 
     fold: set[int] = field(default_factory=set)
     stalls: dict[int, list[stall.Stall]] = field(default_factory=dict)
-    alerts_of: dict[int, list[int]] = field(default_factory=dict)
+    reminders: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -222,79 +240,351 @@ def _time(value: Any) -> datetime | None:
     return datetime.fromisoformat(value).replace(tzinfo=UTC)
 
 
+def _truncated(priority: str | None, referred_to: str | None, specialty: str | None) -> bool:
+    """Projection columns are truncated copies of the fold's values: a full-length one may have lost
+    characters a window override matches on, so such a referral takes the fold path."""
+    return len(priority or "") >= 64 or len(referred_to or "") >= 255 or len(specialty or "") >= 64
+
+
+def _open_sql() -> str:
+    return ", ".join(f"'{s}'" for s in repo.OPEN)
+
+
 def _plan(conn: Connection, settings: Settings, windows: stall.Windows, now: datetime) -> _Plan:
     plan = _Plan()
     sqlite = conn.dialect.name == "sqlite"
     ph = "?" if sqlite else "%s"
-    # open alerts: (id, stage, level, status, overdue_days) per referral
-    alerts_by: dict[int, dict[str, tuple[int, int, str, float]]] = defaultdict(dict)
-    for aid, rid, stage, level, status, overdue in _raw(
-            conn, "SELECT id, referral_id, stage, level, status, overdue_days FROM alerts WHERE open_key = 0"):
-        alerts_by[rid][stage] = (aid, int(level), status, float(overdue))
-        plan.alerts_of.setdefault(rid, []).append(aid)
-    open_sql = ", ".join(f"'{s}'" for s in repo.OPEN)
-    held = {rid for (rid,) in _raw(
-        conn, f"SELECT id FROM referrals WHERE id IN (SELECT referral_id FROM referral_events WHERE kind IN "
-              f"({ph}, {ph})) AND status IN ({open_sql})", _HOLD_KINDS)}
-    plan.fold |= held
-    # open referrals the projection cannot speak for: every no-show (the rebooking clock and the reminder
-    # come from the timeline) and presumed attendance (the status depends on now)
+    # open referrals the projection cannot speak for: holds (the pauses come from the timeline) and
+    # presumed attendance (the status depends on now; found below)
     plan.fold |= {rid for (rid,) in _raw(
-        conn, f"SELECT id FROM referrals WHERE status = {ph} OR (status IN ({open_sql}) AND presume_hours <> 0)",
-        (rf.Status.NO_SHOW.value,))}
+        conn, f"SELECT id FROM referrals WHERE id IN (SELECT referral_id FROM referral_events WHERE kind IN "
+              f"({ph}, {ph})) AND status IN ({_open_sql()})", _HOLD_KINDS)}
     margin = timedelta(seconds=1)
 
     def bound(stages: tuple[str, ...]) -> Any:
         t = now - timedelta(days=_min_window(windows, stages)) + margin
         return sqlhot.sqlite_time(t) if sqlite else t
 
-    rows = _raw(
-        conn, "SELECT id, status, sent_at, completed_at, priority, referred_to, specialty FROM referrals "
-        f"WHERE (status = {ph} AND sent_at <= {ph}) OR (status = {ph} AND sent_at <= {ph}) "
-        f"OR (status = {ph} AND completed_at <= {ph})",
-        (rf.Status.SENT.value, bound((stall.SCHEDULING, stall.VISIT)),
-         rf.Status.SCHEDULED.value, bound((stall.VISIT,)),
-         rf.Status.COMPLETED.value, bound((stall.NOTE,))))
+    # the plain referrals whose clock could have run past a window (no-shows: all of them, a second
+    # no-show is level 2 at once)
+    bounds = {"b_sent": bound((stall.SCHEDULING, stall.VISIT)), "b_scheduled": bound((stall.VISIT,)),
+              "b_completed": bound((stall.NOTE,))}
+    if windows.business_days:
+        # business time is not SQL arithmetic: read every candidate and evaluate it in Python (still no fold)
+        plan.fold |= {rid for (rid,) in _raw(
+            conn, f"SELECT id FROM referrals{' NOT INDEXED' if sqlite else ''} "
+                  f"WHERE presume_hours <> 0 AND status IN ({_open_sql()})")}
+        rows = _raw(conn, f"SELECT {_COLUMNS} FROM referrals r WHERE ({_candidate_sql(sqlite)}) "
+                          "AND coalesce(presume_hours, 0) = 0", bounds)
+        alerts_by = _open_alerts(conn, None)
+        plan.fold |= set(alerts_by) - {r[0] for r in rows}  # alerts on referrals that left the plain scan
+    else:
+        changed, presumed, covered = _changed(conn, windows, now, bounds, set(plan.fold))
+        plan.fold |= presumed
+        chunks = [changed[start:start + _CHUNK] for start in range(0, len(changed), _CHUNK)]
+        rows = [r for chunk in chunks for r in _raw(
+            conn, f"SELECT {_COLUMNS} FROM referrals WHERE id IN ({', '.join([ph] * len(chunk))})", chunk)]
+        alerts_by = _open_alerts(conn, changed)
+        covered += sum(len(have) for have in alerts_by.values())
+        plan.fold |= _orphans(conn, plan.fold, covered, bounds)
     window_cache: dict[tuple[str, str, str, str], float] = {}
-    calendar = not windows.business_days
-    day = timedelta(days=1)
-    eps = stall._LEVEL_EPSILON
-    seen: set[int] = set()
-    for rid, status, sent_at, completed_at, priority, referred_to, specialty in rows:
+    for row in rows:
+        rid, status, sent_at, completed_at, no_show_at, no_show_count, priority, referred_to, specialty = row
         if rid in plan.fold:
             continue
-        # projection columns are truncated copies of the fold's values: a full-length one may have lost
-        # characters a window override matches on, so such a referral takes the fold path
-        if len(priority or "") >= 64 or len(referred_to or "") >= 255 or len(specialty or "") >= 64:
+        if _truncated(priority, referred_to, specialty):
             plan.fold.add(rid)
             continue
-        seen.add(rid)
-        start = _time(completed_at if status == rf.Status.COMPLETED.value else sent_at)
-        assert start is not None
-        if calendar:
-            elapsed = max((now - start) / day, 0.0) if now > start else 0.0
-        else:
-            elapsed = stall.elapsed_days(start, now, business_days=True, holidays=windows.holidays)
-        found: list[tuple[str, int, float, float]] = []
-        for stage in _PLAIN_STAGES[status]:
-            key = (stage, referred_to, specialty, priority)
-            window = window_cache.get(key)
-            if window is None:
-                window = window_cache[key] = windows.window_days(
-                    stage, _Details(referred_to, specialty, priority))  # type: ignore[arg-type]
-            level = math.floor(elapsed / window + eps)
-            if level >= 1:
-                found.append((stage, level, max(elapsed - window, 0.0), window))
+        found = _column_stalls(windows, now, window_cache, status, _time(sent_at), _time(completed_at),
+                               _time(no_show_at), int(no_show_count), priority, referred_to, specialty)
         have = alerts_by.get(rid, {})
         same = len(have) == len(found) and all(
-            (a := have.get(stage)) is not None and level <= a[1] and a[2] != SNOOZED and abs(a[3] - overdue) <= 1e-6
-            for stage, level, overdue, _ in found)
+            (a := have.get(s.stage)) is not None and s.level <= a[1] and a[2] != SNOOZED
+            and abs(a[3] - s.overdue_days) <= _OVERDUE_TOLERANCE
+            for s in found)
         if not same:
-            plan.stalls[rid] = [stall.Stall(stage, level, overdue, window, start)
-                                for stage, level, overdue, window in found]
-    # every other referral with an open alert (its referral moved on, or its clock no longer qualifies)
-    plan.fold |= set(alerts_by) - seen
+            plan.stalls[rid] = found
+    if policy.patient_channels(settings.notify):
+        plan.reminders = {rid: count for rid, count in _due_reminders(conn, settings) if rid not in plan.fold}
     return plan
+
+
+def _column_stalls(windows: stall.Windows, now: datetime, cache: dict[tuple[str, str, str, str], float],
+                   status: str, sent_at: datetime | None, completed_at: datetime | None,
+                   no_show_at: datetime | None, no_show_count: int, priority: str, referred_to: str,
+                   specialty: str) -> list[stall.Stall]:
+    """:func:`stall.evaluate` of a plain referral (no holds, no presumed attendance) from its projection."""
+    if sent_at is None:
+        return []  # no clock without a start (stall._clocks)
+    starts = {"sent_at": sent_at, "completed_at": completed_at, "no_show_at": no_show_at}
+    found: list[stall.Stall] = []
+    for stage in _PLAIN_STAGES.get(status, ()):
+        start = starts[_START[stage]]
+        if start is None:
+            continue
+        if windows.business_days:
+            elapsed = stall.elapsed_days(start, now, business_days=True, holidays=windows.holidays)
+        else:
+            elapsed = max((now - start) / _DAY, 0.0) if now > start else 0.0
+        key = (stage, referred_to, specialty, priority)
+        window = cache.get(key)
+        if window is None:
+            window = cache[key] = windows.window_days(
+                stage, _Details(referred_to, specialty, priority))  # type: ignore[arg-type]
+        level = math.floor(elapsed / window + stall._LEVEL_EPSILON)
+        if stage == stall.REBOOKING and no_show_count >= 2:
+            level = max(level, 2)
+        if level >= 1:
+            found.append(stall.Stall(stage, level, max(elapsed - window, 0.0), window, start))
+    return found
+
+
+_DAY: Final = timedelta(days=1)
+
+
+def _candidate_sql(sqlite: bool) -> str:
+    """Open referrals whose clock could have run past a window (bounds from :func:`_plan`)."""
+    p = (lambda n: f":{n}") if sqlite else (lambda n: f"%({n})s")
+    return (f"(r.status = '{_SENT}' AND r.sent_at <= {p('b_sent')}) "
+            f"OR (r.status = '{_SCHEDULED}' AND r.sent_at <= {p('b_scheduled')}) "
+            f"OR (r.status = '{_COMPLETED}' AND r.completed_at <= {p('b_completed')}) "
+            f"OR r.status = '{_NO_SHOW}'")
+
+
+def _open_alerts(conn: Connection, ids: list[int] | None) -> dict[int, dict[str, tuple[int, int, str, float]]]:
+    """Open alerts ``{referral_id: {stage: (id, level, status, overdue_days)}}``, of *ids* or all."""
+    out: dict[int, dict[str, tuple[int, int, str, float]]] = defaultdict(dict)
+    if ids is None:
+        rows = _raw(conn, "SELECT id, referral_id, stage, level, status, overdue_days FROM alerts WHERE open_key = 0")
+    else:
+        sqlite = conn.dialect.name == "sqlite"
+        ph = "?" if sqlite else "%s"
+        rows = [r for start in range(0, len(ids), _CHUNK) for r in _raw(  # by referral (uq_alerts_open), see _Sql
+            conn, "SELECT id, referral_id, stage, level, status, overdue_days FROM alerts "
+                  f"WHERE referral_id IN ({', '.join([ph] * len(ids[start:start + _CHUNK]))}) "
+                  f"AND {'+' if sqlite else ''}open_key = 0", ids[start:start + _CHUNK])]
+    for aid, rid, stage, level, status, overdue in rows:
+        out[rid][stage] = (aid, int(level), status, float(overdue))
+    return out
+
+
+def _orphans(conn: Connection, fold: set[int], covered: int, bounds: dict[str, Any]) -> set[int]:
+    """Referrals with open alerts that are neither plain candidates nor folded anyway (they closed, or their
+    clock stopped qualifying). Usually none, which is proven by counting: ``covered`` open alerts are on
+    plain candidates (see :func:`_changed`), the rest must be on folded referrals. A mismatch costs a join."""
+    sqlite = conn.dialect.name == "sqlite"
+    ph = "?" if sqlite else "%s"
+    (total,), = _raw(conn, "SELECT count(*) FROM alerts WHERE open_key = 0")
+    ids = sorted(fold)
+    on_fold = sum(n for start in range(0, len(ids), _CHUNK) for (n,) in _raw(
+        conn, f"SELECT count(*) FROM alerts WHERE referral_id IN ({', '.join([ph] * len(ids[start:start + _CHUNK]))})"
+              f" AND {'+' if sqlite else ''}open_key = 0", ids[start:start + _CHUNK]))
+    if total == covered + on_fold:
+        return set()
+    return {rid for (rid,) in _raw(
+        conn, "SELECT DISTINCT a.referral_id FROM alerts a JOIN referrals r ON r.id = a.referral_id "
+              f"WHERE a.open_key = 0 AND (({_candidate_sql(sqlite)}) AND coalesce(r.presume_hours, 0) = 0) "
+              "IS NOT TRUE", bounds)} - fold
+
+
+def _due_reminders(conn: Connection, settings: Settings) -> list[tuple[int, int]]:
+    """Plain no-shows whose reminder (keyed by the count, see :func:`_no_show_reminder`) is missing on a
+    patient channel: one indexed outbox lookup per no-show instead of an INSERT attempt per scan."""
+    key = "'patient:no_show:' || CAST(r.id AS TEXT) || ':' || CAST(r.no_show_count AS TEXT) || ':'"
+    q = _Sql(conn.dialect.name == "sqlite")
+    missing = " OR ".join(f"NOT EXISTS (SELECT 1 FROM outbox o WHERE o.idempotency_key = {key} || {q.bind(channel)})"
+                          for channel, _ in policy.patient_channels(settings.notify))
+    return [(int(rid), int(n)) for rid, n in _raw(
+        conn, f"SELECT r.id, r.no_show_count FROM referrals r WHERE r.status = '{_NO_SHOW}' "
+              f"AND coalesce(r.presume_hours, 0) = 0 AND ({missing})", q.params)]
+
+
+class _Sql:
+    """Builds the pre-filter's SQL for one dialect, binding every value (windows, override keys, times)."""
+
+    def __init__(self, sqlite: bool) -> None:
+        self.sqlite = sqlite
+        self.params: dict[str, Any] = {}
+
+    def bind(self, value: Any, name: str | None = None) -> str:
+        name = name or f"v{len(self.params)}"
+        self.params[name] = value
+        return f":{name}" if self.sqlite else f"%({name})s"
+
+    def days(self, value: float) -> str:
+        mark = self.bind(float(value))
+        return mark if self.sqlite else f"CAST({mark} AS DOUBLE PRECISION)"
+
+    def max0(self, expr: str) -> str:
+        """``max(expr, 0)``, NULL when *expr* is (PostgreSQL's GREATEST skips NULLs; SQLite's max doesn't)."""
+        return f"max({expr}, 0.0)" if self.sqlite else f"CASE WHEN {expr} < 0 THEN 0.0 ELSE {expr} END"
+
+    def greatest(self, a: str, b: str) -> str:
+        """The larger of two values, NULL when *a* is (see :meth:`max0`)."""
+        return f"max({a}, {b})" if self.sqlite else f"CASE WHEN {a} < {b} THEN {b} ELSE {a} END"
+
+    def floor(self, expr: str) -> str:  # of a value >= 0 (SQLite: no math functions needed)
+        return f"CAST({expr} AS INTEGER)" if self.sqlite else f"floor({expr})"
+
+    def day_number(self, expr: str) -> str:
+        """A point in time as a number of days (differences are elapsed days; see _SQL_SLACK)."""
+        if self.sqlite:
+            return f"julianday({expr})"
+        return f"(CAST(EXTRACT(EPOCH FROM {expr}) AS DOUBLE PRECISION) / 86400.0)"
+
+    def key(self, column: str) -> str:
+        """``stall._key`` for printable-ASCII values without double spaces (others are ``unsafe``)."""
+        return f"lower(trim(r.{column}))" if self.sqlite else f"lower(trim(r.{column}) COLLATE \"C\")"
+
+    def code(self) -> str:
+        """The priority code ``stall.priority_class`` looks up, for printable-ASCII values."""
+        if self.sqlite:
+            return "lower(trim(substr(r.priority, 1, instr(r.priority || '^', '^') - 1)))"
+        return "lower(trim(split_part(r.priority, '^', 1)) COLLATE \"C\")"
+
+    def not_ascii(self, column: str) -> str:
+        return f"r.{column} GLOB '*[^ -~]*'" if self.sqlite else f"r.{column} ~ '[^ -~]'"
+
+    def double_space(self, column: str) -> str:
+        return f"instr(r.{column}, '  ') > 0" if self.sqlite else f"position('  ' in r.{column}) > 0"
+
+    def window(self, windows: stall.Windows, stage: str) -> str:
+        """:meth:`stall.Windows.window_days` as a CASE: referred_to > specialty > priority > stage default."""
+        default = windows.stage_days[stage]
+        prio = {cls: d for (cls, s), d in windows.priority_days.items() if s == stage}
+        expr = self.days(default)
+        if prio:
+            whens = " ".join(f"WHEN {self.bind(code)} THEN {self.days(prio.get(cls, default))}"
+                             for code, cls in stall.PRIORITY_CODES.items())
+            expr = f"CASE {self.code()} {whens} ELSE {self.days(prio.get(stall.ROUTINE, default))} END"
+        targets = {name: d for (name, s), d in windows.target_days.items() if s == stage}
+        for column in ("specialty", "referred_to"):  # built inside out: referred_to is looked at first
+            if targets:
+                whens = " ".join(f"WHEN {self.bind(name)} THEN {self.days(d)}" for name, d in targets.items())
+                expr = f"CASE {self.key(column)} {whens} ELSE {expr} END"
+        return expr
+
+    def unsafe(self, windows: stall.Windows, stage: str) -> str:
+        """When the window SQL of *stage* might not resolve exactly like Python: a value a window override is
+        looked up by is truncated (see :func:`_truncated`) or not printable ASCII (``casefold``/``strip``
+        differ from ``lower``/``trim`` there). Only the fields an override for that stage exists on count."""
+        terms = []
+        if any(s == stage for _, s in windows.priority_days):
+            terms += ["length(r.priority) >= 64", self.not_ascii("priority")]
+        if any(s == stage for _, s in windows.target_days):
+            terms += ["length(r.referred_to) >= 255", "length(r.specialty) >= 64"]
+            for column in ("referred_to", "specialty"):
+                terms += [self.not_ascii(column), self.double_space(column)]
+        return " OR ".join(terms)
+
+
+def _changed(conn: Connection, windows: stall.Windows, now: datetime, bounds: dict[str, Any],
+             held: set[int]) -> tuple[list[int], set[int], int]:
+    """One pass of SQL over the open referrals (calendar-day windows): the plain candidates whose stalls may
+    differ from their open alerts, the open referrals with presumed attendance (to fold), and how many open
+    alerts the other plain candidates have (for :func:`_orphans`).
+
+    Per candidate, SQL computes what :func:`_column_stalls` would for its (at most two) stages: elapsed
+    days, the window, overdue_days and the level as ``lo``/``hi``, the floors of ``elapsed / window +
+    epsilon`` -/+ ``_SQL_SLACK / smallest window`` (the level is certain when they agree). It leaves a
+    referral out only where Python would find it unchanged (``same`` in :func:`_plan`): every level is
+    certain, and the open alerts are exactly one per stalled stage, each at that level or higher, not
+    snoozed, with overdue_days within the stricter ``_SQL_OVERDUE_TOLERANCE``. Anything the SQL does not
+    mirror exactly (see :meth:`_Sql.unsafe`) is returned.
+
+    PERF: SQLite evaluates every expression each time it appears, so each value is computed once, in
+    nested subqueries kept from being inlined (``fence``). About 0.95 s per million referrals (bench/store.py,
+    ~415k candidates, 545k open alerts): ~0.2 s reading the rows, ~0.3 s arithmetic, ~0.45 s probing each
+    candidate's open alerts (uq_alerts_open, then the alert row).
+    """
+    sqlite = conn.dialect.name == "sqlite"
+    q = _Sql(sqlite)
+    p = q.bind
+    if sqlite:  # now as SQLite's own julianday() reads it, computed once (not per row)
+        (today_value,), = _raw(conn, "SELECT julianday(?)", (sqlhot.sqlite_time(now),))
+        today = p(float(today_value), "today")
+    else:
+        today = q.day_number(f"CAST({p(now, 'now')} AS TIMESTAMPTZ)")
+    fence = "LIMIT -1" if sqlite else "OFFSET 0"  # a subquery evaluated once per row, not inlined per use
+    # SQLite: read the table in rowid order (~0.1 s per million rows) rather than fetch ~40 % of it in index
+    # order (random access, 10x slower); probe alerts by referral (uq_alerts_open), never by open_key alone
+    scan_all, plus = (" NOT INDEXED", "+") if sqlite else ("", "")
+    # held referrals are folded (the caller has them): left out by id, or by subquery when there are many
+    if not held:
+        not_held = "1 = 1"
+    elif len(held) <= _CHUNK:
+        not_held = f"r.id NOT IN ({', '.join(p(rid) for rid in sorted(held))})"
+    else:
+        not_held = (f"r.id NOT IN (SELECT referral_id FROM referral_events WHERE kind IN "
+                    f"({', '.join(p(k) for k in _HOLD_KINDS)}) AND referral_id IS NOT NULL)")
+    # k: the stage of slot 1 (1 scheduling, 2 rebooking, 5 rebooking after a second no-show, which is level
+    # 2 at once, 3 visit, 4 note); 0 unsafe, 9 presumed attendance.
+    # Slot 2 is visit, for sent and no_show referrals (stall._clocks); no clock at all without sent_at.
+    codes = {_COMPLETED: 4, _SENT: 1, _SCHEDULED: 3, _NO_SHOW: 2}  # most frequent first
+    stage_of = {1: stall.SCHEDULING, 2: stall.REBOOKING, 3: stall.VISIT, 4: stall.NOTE, 5: stall.REBOOKING}
+    two = (_SENT, _NO_SHOW)
+    whens = []
+    for status, code in codes.items():
+        unsafe = [u for u in (q.unsafe(windows, stage_of[code]),
+                              q.unsafe(windows, stall.VISIT) if status in two else "") if u]
+        if status in (_COMPLETED, _NO_SHOW):  # (sent and scheduled candidates have a sent_at)
+            unsafe.append("r.sent_at IS NULL")  # no clock at all: rare, let Python say so
+        code_sql = "CASE WHEN r.no_show_count >= 2 THEN 5 ELSE 2 END" if status == _NO_SHOW else str(code)
+        whens.append(f"WHEN '{status}' THEN " + (f"CASE WHEN {' OR '.join(unsafe)} THEN 0 ELSE {code_sql} END"
+                                                  if unsafe else code_sql))
+    presumed = "r.presume_hours <> 0"
+    kind = f"CASE WHEN {presumed} THEN 9 ELSE CASE r.status {' '.join(whens)} END END"
+    # which rows: the candidates (_candidate_sql) and every open referral with presumed attendance; closed
+    # first, as it is the commonest status and the rest of the CASE is skipped for it
+    candidate = (f"CASE r.status WHEN '{rf.Status.CLOSED.value}' THEN 1 = 0 "
+                 f"WHEN '{_COMPLETED}' THEN r.completed_at <= {p(bounds['b_completed'])} OR {presumed} "
+                 f"WHEN '{_SENT}' THEN r.sent_at <= {p(bounds['b_sent'])} OR {presumed} "
+                 f"WHEN '{_SCHEDULED}' THEN r.sent_at <= {p(bounds['b_scheduled'])} OR {presumed} "
+                 f"WHEN '{_NO_SHOW}' THEN 1 = 1 ELSE 1 = 0 END")
+    e_sent = f"{today} - {q.day_number('r.sent_at')}"
+    e1 = (f"CASE r.status WHEN '{_COMPLETED}' THEN {today} - {q.day_number('r.completed_at')} "
+          f"WHEN '{_NO_SHOW}' THEN {today} - {q.day_number('r.no_show_at')} ELSE {e_sent} END")
+    e1 = q.max0(e1)  # elapsed days: 0 before the start (stall.elapsed_days); NULL without a clock
+    w1 = f"CASE r.status {' '.join(f'WHEN {p(s)} THEN {q.window(windows, stage_of[c])}' for s, c in codes.items())} END"
+    e2 = f"CASE r.status WHEN '{two[0]}' THEN {q.max0(e_sent)} WHEN '{two[1]}' THEN {q.max0(e_sent)} END"
+    inner = (
+        f"SELECT r.id AS id, {kind} AS k, {e1} AS e1, {w1} AS w1, {e2} AS e2, "
+        f"{q.window(windows, stall.VISIT)} AS w2 FROM referrals r{scan_all} "
+        f"WHERE {candidate} AND {not_held} {fence}")
+    # lo/hi: the level's floor at elapsed -/+ slack, -1 when the slot has no clock (CAST truncates toward 0,
+    # which is floor for the levels >= 0 that matter); a second no-show makes rebooking level 2 at once
+    near = _SQL_SLACK / _min_window(windows, stall.STAGES)
+    below, above = q.days(stall._LEVEL_EPSILON - near), q.days(stall._LEVEL_EPSILON + near)
+    stage1 = f"CASE c.k {' '.join(f'WHEN {c} THEN {p(st)}' for c, st in stage_of.items())} END"
+    cols = ["CASE WHEN c.k = 9 THEN -1 WHEN c.k = 0 THEN -2 ELSE 0 END AS flag", f"{stage1} AS st1"]
+    for n in ("1", "2"):
+        e, w = f"c.e{n}", f"c.w{n}"
+        lo, hi = (q.floor(f"{e} / {w} + {bound}") for bound in (below, above))
+        if n == "1":
+            lo, hi = (f"CASE WHEN c.k = 5 THEN {q.greatest(x, '2')} ELSE {x} END" for x in (lo, hi))
+        cols += [f"coalesce({lo}, -1) AS lo{n}", f"coalesce({hi}, -1) AS hi{n}", f"{q.max0(f'{e} - {w}')} AS ov{n}"]
+    levels = f"SELECT c.id AS id, {', '.join(cols)} FROM ({inner}) c {fence}"
+    tol = q.days(_SQL_OVERDUE_TOLERANCE)
+    # A stage is stalled for sure when lo >= 1 and certainly not when hi < 1; otherwise Python decides. An
+    # open alert at level >= hi is at least at the level Python computes (which lies in [lo, hi]). Each open
+    # alert scores 1 if it is one of the stalled stages and unchanged, else 1000: the sum equals the number
+    # of stalled stages exactly when the alerts are those stages (there is one open alert per stage).
+    alerts = (f"SELECT sum(CASE WHEN a.status <> '{SNOOZED}' AND ("
+              f"(m.lo1 >= 1 AND a.stage = m.st1 AND a.level >= m.hi1 "
+              f"AND a.overdue_days - m.ov1 BETWEEN -{tol} AND {tol}) "
+              f"OR (m.lo2 >= 1 AND a.stage = '{stall.VISIT}' AND a.level >= m.hi2 "
+              f"AND a.overdue_days - m.ov2 BETWEEN -{tol} AND {tol})) THEN 1 ELSE 1000 END) "
+              f"FROM alerts a WHERE a.referral_id = m.id AND {plus}a.open_key = 0")
+    stalled = "(CASE WHEN m.lo1 >= 1 THEN 1 ELSE 0 END + CASE WHEN m.lo2 >= 1 THEN 1 ELSE 0 END)"
+    outer = (f"SELECT m.id AS id, CASE WHEN m.flag < 0 THEN m.flag WHEN (m.lo1 < 1 AND m.hi1 >= 1) "
+             f"OR (m.lo2 < 1 AND m.hi2 >= 1) OR coalesce(({alerts}), 0) <> {stalled} THEN -2 ELSE {stalled} END AS s "
+             f"FROM ({levels}) m {fence}")
+    ids = ("group_concat(CASE o.s WHEN -2 THEN o.id WHEN -1 THEN -o.id END)" if sqlite
+           else "string_agg(CASE o.s WHEN -2 THEN CAST(o.id AS TEXT) WHEN -1 THEN CAST(-o.id AS TEXT) END, ',')")
+    (covered, found), = _raw(
+        conn, f"SELECT coalesce(sum(CASE WHEN o.s >= 0 THEN o.s END), 0), {ids} FROM ({outer}) o", q.params)
+    marked = [int(i) for i in found.split(",")] if found else []
+    return sorted(i for i in marked if i > 0), {-i for i in marked if i < 0}, int(covered)
 
 
 def _refresh_unchanged(conn: Connection, open_rows: dict[tuple[int, str], Any],
@@ -391,11 +681,10 @@ def _notify_patient(conn: Connection, settings: Settings, ref: Any, event: str, 
                     alert_id=alert_id)
 
 
-def _no_show_reminder(conn: Connection, settings: Settings, ref: Any, state: rf.ReferralState,
-                      now: datetime) -> int:
-    """One re-engagement reminder per no-show (keyed by the count, so a resent no-show is not re-sent)."""
-    return _notify_patient(conn, settings, ref, "no_show_reminder", f"patient:no_show:{ref.id}:{state.no_show_count}",
-                           now)
+def _no_show_reminder(conn: Connection, settings: Settings, ref: Any, no_show_count: int, now: datetime) -> int:
+    """One re-engagement reminder per no-show (keyed by the count, so a resent no-show is not re-sent;
+    :func:`_due_reminders` builds the same key in SQL)."""
+    return _notify_patient(conn, settings, ref, "no_show_reminder", f"patient:no_show:{ref.id}:{no_show_count}", now)
 
 
 def _loop_closed(conn: Connection, settings: Settings, now: datetime) -> int:

@@ -152,6 +152,10 @@ class Referral(Base):
     closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     flags: Mapped[str] = mapped_column(String(255), default="")
     updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The rebooking clock (migration 0007), so the stall scan evaluates no-shows without re-folding them:
+    # ``stall.latest_no_show`` of the fold (when the current no-show run began) and ``no_show_count``.
+    no_show_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    no_show_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         UniqueConstraint("placer_id", "authority", name="uq_referrals_placer"),

@@ -25,6 +25,7 @@ from typing import Any, cast
 from sqlalchemy import Connection, Table, bindparam, delete, select, update
 
 from refloop import referral as rf
+from refloop import stall
 from refloop.store import sqlhot
 from refloop.store.models import (
     Referral,
@@ -377,7 +378,7 @@ def recompute(conn: Connection, referral_id: int, now: datetime, *, rows: list[A
     values: dict[str, Any] = {name: utc(getattr(state, name)) for name in _MILESTONES}
     values.update(status=state.status.value, priority=state.priority[:64], referred_to=state.referred_to[:255],
                   referring_provider=state.referring_provider[:255], specialty=state.specialty[:64],
-                  flags=",".join(flags))
+                  flags=",".join(flags), **no_show_values(state))
     # updated_at is when the projection last changed: an event that changes nothing writes nothing.
     if not all(_same(getattr(ref, k), v) for k, v in values.items()):
         sqlhot.update_referral(conn, referral_id, {"updated_at": utc(now), **values})
@@ -393,6 +394,14 @@ def recompute(conn: Connection, referral_id: int, now: datetime, *, rows: list[A
         if params:
             conn.execute(_POINT_DOCUMENT, params)
     return state
+
+
+def no_show_values(state: rf.ReferralState) -> dict[str, Any]:
+    """The rebooking clock as the projection stores it, so the stall scan need not re-fold a no-show:
+    ``no_show_at`` is exactly :func:`refloop.stall.latest_no_show` (None without a no-show) and
+    ``no_show_count`` the fold's. Neither depends on ``now`` (presumed attendance only turns *booked*
+    appointments into attended ones), so the columns stay equal to the fold of the events at any instant."""
+    return {"no_show_at": utc(stall.latest_no_show(state)), "no_show_count": state.no_show_count}
 
 
 def _duplicate_flags(conn: Connection, ref: Any, state: rf.ReferralState, window_days: int) -> list[str]:
