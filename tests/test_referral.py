@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from dataclasses import fields
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -13,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refloop import referral as r
-from refloop.referral import ApptStatus, Event, FoldOptions, ReferralState, Status, fold
+from refloop.referral import ApptStatus, Event, FoldOptions, Status, fold
+from tests.events import EventJournal
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 CET = timezone(timedelta(hours=1))
@@ -29,20 +29,8 @@ def iso(moment: datetime) -> str:
     return moment.isoformat()
 
 
-class Journal:
-    """Builds a referral's events with fresh message ids, as the journal would assign them."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self._ids: Iterator[int] = itertools.count(1)
-
-    def add(self, kind: str, when: datetime, **data: Any) -> Journal:
-        msg = next(self._ids)
-        self.events.append(Event(kind, when, (msg, 0), f"CTRL{msg}", data))
-        return self
-
-    def fold(self, **kwargs: Any) -> ReferralState:
-        return fold(self.events, **kwargs)
+class Journal(EventJournal):
+    """Events of one referral (see tests/events.py)."""
 
 
 def booked_referral() -> Journal:

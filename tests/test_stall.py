@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
@@ -12,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refloop import referral as r
-from refloop.referral import Event, ReferralState, Status, fold, paused_intervals
+from refloop.referral import Status, paused_intervals
 from refloop.stall import (
     NOTE,
     REBOOKING,
@@ -26,6 +24,7 @@ from refloop.stall import (
     evaluate,
     priority_class,
 )
+from tests.events import EventJournal
 
 #: Monday 2 March 2026, 09:00 UTC: the referral is sent.
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
@@ -39,20 +38,8 @@ def at(days: float = 0, hours: float = 0) -> datetime:
     return T0 + timedelta(days=days, hours=hours)
 
 
-class Journal:
-    """Builds a referral's events with fresh message ids, as the journal would assign them."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self._ids: Iterator[int] = itertools.count(1)
-
-    def add(self, kind: str, when: datetime, **data: Any) -> Journal:
-        msg = next(self._ids)
-        self.events.append(Event(kind, when, (msg, 0), f"CTRL{msg}", data))
-        return self
-
-    def state(self) -> ReferralState:
-        return fold(self.events)
+class Journal(EventJournal):
+    """Events of one referral, evaluated against stall windows (see tests/events.py)."""
 
     def evaluate(self, now: datetime, windows: Windows = DEFAULT) -> list[Stall]:
         return evaluate(self.state(), now, windows, paused_intervals(self.events))
