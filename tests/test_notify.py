@@ -332,6 +332,9 @@ def test_no_show_reminds_the_patient_and_a_second_no_show_escalates(db_url: str)
             assert referrals[0]["status"] == "scheduled"
             assert msa(c.send(siu_msg("APT7000", placer="R7000", trigger="S26", at="20260116100000-0500")))[0] == "AA"
             assert wait_for(lambda: len(patient.received) == 2 and owner.received, 20)
+            # The receiver records the request before it answers; the outbox row turns "delivered" only
+            # after the dispatcher has the 2xx and commits, so wait for that commit, not for the request.
+            assert wait_for(lambda: [w["delivery"] for w in d.get("/api/worklist")[1]] == ["delivered"], 20)
             status, work = d.get("/api/worklist")
     assert status == 200
     assert [r["body"]["event"] for r in patient.received] == ["no_show_reminder", "no_show_reminder"]
