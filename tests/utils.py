@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +76,11 @@ def make_settings(db_url: str, **mllp: Any) -> Settings:
 
 
 class DaemonThread:
-    def __init__(self, settings: Settings, clock: Clock | None = None, **kw: Any) -> None:
+    def __init__(self, settings: Settings, clock: Clock | None = None,
+                 loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop, **kw: Any) -> None:
         self.registry = CollectorRegistry()
         self.server = Server(settings, clock=clock, registry=self.registry, environ={}, **kw)
-        self.loop = asyncio.new_event_loop()
+        self.loop = loop_factory()
         self.error: BaseException | None = None
         self._ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)

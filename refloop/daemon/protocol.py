@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from refloop.daemon.framing import Frame, Framer, Junk, Oversize, Truncated
 from refloop.daemon.ingest import BROKEN, FRAME, OVERSIZE, Job, Result
@@ -43,8 +43,8 @@ class MllpProtocol(asyncio.Protocol):
 
     # -- lifecycle -----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without inheriting from it, so no isinstance here.
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
         reason = self.server.admit(self)
@@ -52,14 +52,14 @@ class MllpProtocol(asyncio.Protocol):
         if reason is not None:
             m.connections.labels(f"rejected_{reason}").inc()
             log.warning("connection refused", extra={"reason": reason})
-            transport.abort()
+            self.transport.abort()
             return
         self._counted = True
         m.connections.labels("accepted").inc()
         m.connections_open.inc()
         self._arm_idle()
         if self.server.tls_context is not None:
-            transport.pause_reading()  # no plaintext byte may reach the framer before the handshake
+            self.transport.pause_reading()  # no plaintext byte may reach the framer before the handshake
             self.server.spawn(self._upgrade())
 
     async def _upgrade(self) -> None:
