@@ -10,9 +10,10 @@ import asyncio
 import json
 import socket
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from refloop import __version__
 from refloop.cli_common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, parse_time, print_table, settings_from, with_config
@@ -32,7 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(settings.log.level, settings.log.format)
     server = Server(settings, migrate_schema=args.migrate)
     try:
-        _run(server.serve())
+        _run(server.serve(), settings)
     except StartupError as exc:
         print(f"refloop: {exc}", file=sys.stderr)
         return EXIT_FAIL
@@ -42,13 +43,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run(coro: object) -> None:
-    try:
-        import uvloop
-
-        uvloop.run(coro)  # pragma: no cover - optional accelerator
-    except ImportError:
-        asyncio.run(coro)  # type: ignore[arg-type]
+def _run(coro: Coroutine[Any, Any, None], settings: Settings) -> None:
+    """uvloop when installed, except with MLLP TLS: uvloop resumes reading right after connection_made,
+    so the pause that holds the client's first bytes for start_tls does not hold there."""
+    if not settings.mllp.tls_cert:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            uvloop.run(coro)
+            return
+    asyncio.run(coro)
 
 
 # -- db -------------------------------------------------------------------------------------------

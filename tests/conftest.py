@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -89,3 +90,21 @@ def sqlite_url(tmp_path: Path) -> str:
 @pytest.fixture
 def pg_url(pg_template: str | None) -> str:
     return new_pg_database(_require_pg(pg_template))
+
+
+# -- TLS material (trustme): a throwaway CA and a server certificate for 127.0.0.1 ------------------
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def certs(ca: trustme.CA, tmp_path: Path) -> dict[str, str]:
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    paths = {"cert": tmp_path / "server.pem", "key": tmp_path / "server.key", "ca": tmp_path / "ca.pem"}
+    server.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+    for pem in server.cert_chain_pems[1:]:
+        pem.write_to_path(str(paths["cert"]), append=True)
+    server.private_key_pem.write_to_path(str(paths["key"]))
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    return {k: str(v) for k, v in paths.items()}

@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import socket
 import ssl
-from pathlib import Path
 
 import pytest
 import trustme
@@ -16,23 +15,6 @@ from tests import samples
 from tests.utils import DaemonThread, err_code, frame, make_settings, msa, running_daemon
 
 VT, FS = b"\x0b", b"\x1c"
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-def certs(ca: trustme.CA, tmp_path: Path) -> dict[str, str]:
-    server = ca.issue_cert("127.0.0.1", "localhost")
-    paths = {"cert": tmp_path / "server.pem", "key": tmp_path / "server.key", "ca": tmp_path / "ca.pem"}
-    server.cert_chain_pems[0].write_to_path(str(paths["cert"]))
-    for pem in server.cert_chain_pems[1:]:
-        pem.write_to_path(str(paths["cert"]), append=True)
-    server.private_key_pem.write_to_path(str(paths["key"]))
-    ca.cert_pem.write_to_path(str(paths["ca"]))
-    return {k: str(v) for k, v in paths.items()}
 
 
 def tls_settings(url: str, certs: dict[str, str], *, mtls: bool = False, **profiles: SenderProfile) -> Settings:

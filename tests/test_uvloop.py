@@ -7,13 +7,13 @@ the same wire behaviour on a uvloop event loop: framing across junk, AA after co
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
-import trustme
 import uvloop
 
 from tests import samples
-from tests.test_tls import ca, certs, exchange, tls_client, tls_settings  # noqa: F401 - ca, certs: fixtures
+from tests.test_tls import tls_settings
 from tests.utils import DaemonThread, MllpClient, frame, journal_rows, make_settings, msa, wait_for
 
 
@@ -41,15 +41,36 @@ def test_messages_after_junk_are_acknowledged_on_uvloop(sqlite_url: str) -> None
         d.stop()
 
 
-def test_tls_on_uvloop(sqlite_url: str, certs: dict[str, str], ca: trustme.CA) -> None:  # noqa: F811
-    """start_tls on a uvloop transport: the handshake completes and the message gets AA."""
+def test_plaintext_on_a_tls_port_is_never_framed_on_uvloop(sqlite_url: str, certs: dict[str, str]) -> None:
+    """uvloop starts reading right after connection_made, so the pause before start_tls does not hold; the
+    protocol still never frames bytes that came straight off the TCP transport of a TLS port."""
     d = uv_daemon(tls_settings(sqlite_url, certs))
     try:
-        with tls_client(d.port, ca) as s:
-            cid = samples.control_id()
-            assert msa(exchange(s, samples.ref(cid, referral=f"V{cid}"))) == ("AA", cid)
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+            s.sendall(frame(samples.siu()))
+            try:
+                data = s.recv(100)
+            except ConnectionResetError:
+                data = b""
+            assert b"\x0b" not in data  # no ACK in clear text
+        assert wait_for(lambda: d.metric("refloop_tls_handshake_failures_total", {"reason": "plaintext"}) >= 1)
+        assert journal_rows(sqlite_url) == []
     finally:
         d.stop()
+
+
+def test_serve_uses_uvloop_only_without_tls(sqlite_url: str, certs: dict[str, str]) -> None:
+    """`refloop serve` picks uvloop when installed, and asyncio's own loop when MLLP TLS is configured."""
+    from refloop.cli import _run
+
+    seen: list[str] = []
+
+    async def which() -> None:
+        seen.append(type(asyncio.get_running_loop()).__module__.split(".")[0])
+
+    _run(which(), make_settings(sqlite_url))
+    _run(which(), tls_settings(sqlite_url, certs))
+    assert seen == ["uvloop", "asyncio"]
 
 
 def test_idle_connection_closed_on_uvloop(sqlite_url: str) -> None:

@@ -40,6 +40,7 @@ class MllpProtocol(asyncio.Protocol):
         self._deadline_handle: asyncio.TimerHandle | None = None
         self._counted = False
         self.peer_subject = ""  # client-certificate CN after an mTLS handshake
+        self._plain: asyncio.Transport | None = None  # the TCP transport under TLS, until start_tls takes it
 
     # -- lifecycle -----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -59,6 +60,7 @@ class MllpProtocol(asyncio.Protocol):
         m.connections_open.inc()
         self._arm_idle()
         if self.server.tls_context is not None:
+            self._plain = self.transport
             self.transport.pause_reading()  # no plaintext byte may reach the framer before the handshake
             self.server.spawn(self._upgrade())
 
@@ -147,6 +149,13 @@ class MllpProtocol(asyncio.Protocol):
         self.last_activity = time.monotonic()
         m = self.server.metrics
         m.received_bytes.inc(len(data))
+        if self._plain is not None and self._plain.get_protocol() is self:
+            # Bytes straight off the TCP transport of a TLS port: the pause in connection_made did not hold
+            # (uvloop starts reading after connection_made returns). Never frame them; refuse the peer.
+            m.tls_failures.labels("plaintext").inc()
+            log.warning("TLS port got bytes before the handshake", extra={"reason": "plaintext"})
+            self._plain.abort()
+            return
         if self.draining:
             return  # shutting down: frames not yet complete are not started now
         ended = False  # did a frame end (complete or truncated) in this read?
