@@ -141,7 +141,11 @@ class MessageFactory:
                 del self.referrals[0]
             tmpl, mtype = REF, "REF^I12^REF_I12"
         elif m in (3, 7) and self.referrals:
-            kind, p = "SIU-ref", self.referrals[-1 - (i // 10) % len(self.referrals)]
+            # Each referral gets two bookings over its life: one right after the REF, one three REFs later
+            # (a follow-up or a second clinic). Picking by a rotating offset instead sent ~128 bookings to
+            # one referral at a time, which no feed does and which made every fold replay 100+ events.
+            back = 1 if m == 3 else min(4, len(self.referrals))
+            kind, p = "SIU-ref", self.referrals[-back]
             p = dict(p, ref_sch=p["ref"])
             tmpl, mtype = SIU, "SIU^S12^SIU_S12"
         elif i % 200 == 199:

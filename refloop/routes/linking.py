@@ -14,7 +14,7 @@ two indexed queries and writes nothing but the journal row.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,9 +49,12 @@ def _provider_match(candidate: Any, providers: Iterable[Provider]) -> list[str]:
     return matched
 
 
-def place(ctx: HandlerContext, msg: Message, *, explicit_paths: tuple[str, ...], providers: list[Provider],
-          subject: str) -> Placement:
-    """Decide where a message's events go (see the module docstring for the order of evidence)."""
+def place(ctx: HandlerContext, msg: Message, *, explicit_paths: tuple[str, ...],
+          providers: list[Provider] | Callable[[], list[Provider]], subject: str) -> Placement:
+    """Decide where a message's events go (see the module docstring for the order of evidence).
+
+    ``providers`` may be a callable: it is only needed when the patient has open referrals, which most
+    department-feed traffic does not, so the handler need not extract them up front."""
     conn = ctx.conn
     if ctx.replay:
         prior = repo.link_row(conn, ctx.message_id)
@@ -79,8 +82,10 @@ def place(ctx: HandlerContext, msg: Message, *, explicit_paths: tuple[str, ...],
         return Placement(None, repo.PARKED, kind, pending_key=earlier[1])
 
     candidates: list[dict[str, Any]] = []
-    for cand in repo.open_referrals_for_patient(conn, patient_key(msg)):
-        matched = _provider_match(cand, providers)
+    open_refs = repo.open_referrals_for_patient(conn, patient_key(msg))
+    wanted = (providers() if callable(providers) else providers) if open_refs else []
+    for cand in open_refs:
+        matched = _provider_match(cand, wanted)
         if matched:
             candidates.append({"id": int(cand.id), "matched": ["patient", *matched]})
     if len(candidates) == 1:
@@ -88,6 +93,11 @@ def place(ctx: HandlerContext, msg: Message, *, explicit_paths: tuple[str, ...],
     if candidates:
         return Placement(None, repo.REVIEW, "heuristic:ambiguous", candidates=candidates)
     return Placement(None, UNRELATED)
+
+
+def unrelated() -> HandlerResult:
+    """What :func:`record` answers for an unrelated first delivery, for handlers that skip building events."""
+    return HandlerResult(Outcome.IGNORED, detail=UNRELATED)
 
 
 def record(ctx: HandlerContext, msg: Message, placement: Placement, events: list[repo.NewEvent],
@@ -99,7 +109,7 @@ def record(ctx: HandlerContext, msg: Message, placement: Placement, events: list
         if ctx.replay:
             repo.drop_link(conn, ctx.message_id)
             _refresh_all(ctx, touched)
-        return HandlerResult(Outcome.IGNORED, detail=UNRELATED)
+        return unrelated()
     linked = placement.state == repo.LINKED
     rid = placement.referral_id if linked else None
     repo.add_events(conn, referral_id=rid, message_id=ctx.message_id, control_id=ctx.control_id, events=events,

@@ -58,12 +58,15 @@ def handle_siu(ctx: HandlerContext, msg: Message) -> HandlerResult:
     filler = _FILLER_STATUS.get(msg.get("SCH-25.1").strip().casefold())
     if filler is not None and kind in _OVERRIDABLE:
         kind = filler
+    subject = f"appt:{msg.sending_application}^{msg.sending_facility}|{appt}"
+    placement = linking.place(ctx, msg, explicit_paths=EXPLICIT_PATHS, providers=lambda: _providers(msg),
+                              subject=subject)
+    if placement.state == linking.UNRELATED and not ctx.replay:
+        # Most scheduling traffic is about appointments that are not referrals: no event to build.
+        return linking.unrelated()
     data: dict[str, str] = {"appointment_id": appt[:64]}
     start = appointment_start(msg, ctx.profile.timezone)
     if start is not None:
         data["start"] = start.isoformat()
-    event = repo.NewEvent(kind, occurred_at(msg, ctx.profile.timezone, "EVN-2"), data,
-                          subject=f"appt:{msg.sending_application}^{msg.sending_facility}|{appt}")
-    placement = linking.place(ctx, msg, explicit_paths=EXPLICIT_PATHS, providers=_providers(msg),
-                              subject=event.subject)
+    event = repo.NewEvent(kind, occurred_at(msg, ctx.profile.timezone, "EVN-2"), data, subject=subject)
     return linking.record(ctx, msg, placement, [event], presume_hours=ctx.profile.presume_attendance_hours)
