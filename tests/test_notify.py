@@ -367,3 +367,34 @@ def test_daily_digest_one_mail_per_owner_per_day(db_url: str) -> None:
     assert msg["Subject"] == f"[refloop] 2 open referral alert(s) for {day.date().isoformat()}"
     assert msg.get_payload().count("NEW alert") == 2
     engine.dispose()
+
+
+def test_notices_are_enqueued_with_the_state_change_not_by_the_scan(db_url: str) -> None:
+    """The loop-closed notice and the no-show reminder are outbox rows committed with the message that caused
+    them: they exist the moment its AA arrives, although the scan and the dispatcher are an hour away."""
+    slow = replace(make_settings(db_url), stall=WindowSettings(scan_minutes=60),
+                   notify=NotifySettings(dispatch_seconds=3600, webhook_secret=SECRET,
+                                         webhook_url="http://127.0.0.1:9/hook",
+                                         patient_webhook_url="http://127.0.0.1:9/patient"),
+                   worklist=WorklistSettings(mode="active"))
+    clock = FixedClock(datetime(2026, 1, 20, 9, 0, tzinfo=UTC))
+    engine = engine_for(db_url)
+    with running_daemon(slow, clock=clock) as d, MllpClient(d.port) as c:
+        assert wait_for(lambda: d.metric("refloop_scheduler_last_success_timestamp_seconds",
+                                         {"task": "stall_scan"}) > 0)  # the start-up scan is behind us
+        assert msa(c.send(ref_msg("R8000")))[0] == "AA"
+        assert msa(c.send(siu_msg("APT8000", placer="R8000", at="20260107090000-0500")))[0] == "AA"
+        assert statuses(engine) == []
+        assert msa(c.send(siu_msg("APT8000", placer="R8000", trigger="S26", at="20260112100000-0500")))[0] == "AA"
+        assert statuses(engine) == [("no_show_reminder", "patient", "pending", 0)]
+        assert msa(c.send(siu_msg("APT8000", placer="R8000", trigger="S26", at="20260112100000-0500")))[0] == "AA"
+        assert len(statuses(engine)) == 1  # the same no-show again (a resend under a new control ID): no new row
+        assert msa(c.send(siu_msg("APT8001", placer="R8000", at="20260113090000-0500")))[0] == "AA"
+        assert msa(c.send(mdm_msg("DOC8000", placer="R8000")))[0] == "AA"
+        assert statuses(engine) == [("no_show_reminder", "patient", "pending", 0),
+                                    ("loop_closed", "webhook", "pending", 0)]
+    with engine.connect() as conn:
+        payload = json.loads(conn.execute(select(outbox.OUTBOX.c.payload).where(
+            outbox.OUTBOX.c.event == "loop_closed")).scalar_one())
+    assert (payload["placer_id"], payload["status"], payload["document_id"]) == ("R8000", "closed", "DOC8000")
+    engine.dispose()

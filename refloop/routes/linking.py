@@ -13,6 +13,7 @@ two indexed queries and writes nothing but the journal row.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any
 from refloop.message import Message
 from refloop.routes.context import HandlerContext, HandlerResult
 from refloop.routes.extract import Provider, patient_key, values_at
+from refloop.store import alerts
 from refloop.store import referrals as repo
 from refloop.store.models import Outcome
 
@@ -133,9 +135,10 @@ def record(ctx: HandlerContext, msg: Message, placement: Placement, events: list
 
 def _refresh_all(ctx: HandlerContext, referral_ids: Iterable[int]) -> None:
     now = ctx.clock.now()
+    on_change = functools.partial(alerts.on_projection_change, ctx.conn, ctx.settings, now)
     for rid in sorted(referral_ids):
         # A first delivery only appends events; a replay also removed some (see repo.refresh).
-        repo.refresh(ctx.conn, rid, now, duplicate_window_days=ctx.profile.duplicate_window_days,
+        repo.refresh(ctx.conn, rid, now, duplicate_window_days=ctx.profile.duplicate_window_days, on_change=on_change,
                      appended=not ctx.replay)
 
 

@@ -52,8 +52,8 @@ def _store(ctx: HandlerContext, msg: Message, note: _Note, at_paths: tuple[str, 
     event = repo.NewEvent(note.kind, occurred_at(msg, ctx.profile.timezone, *at_paths), data,
                           subject=f"doc:{sender}|{note.document_id}")
     placement = linking.place(ctx, msg, explicit_paths=explicit, providers=providers, subject=event.subject)
-    result = linking.record(ctx, msg, placement, [event])
     if placement.state != linking.UNRELATED:
+        # The document first: the refold in record() may close the loop, and its notice cites the note.
         repo.upsert_document(
             ctx.conn, sender=sender, document_id=note.document_id, message_id=ctx.message_id,
             referral_id=placement.referral_id if placement.state == repo.LINKED else None,
@@ -61,7 +61,7 @@ def _store(ctx: HandlerContext, msg: Message, note: _Note, at_paths: tuple[str, 
             doc_type=note.doc_type, content=note.body.content, content_type=note.body.content_type,
             received_at=ctx.received_at,
         )
-    return result
+    return linking.record(ctx, msg, placement, [event])
 
 
 def handle_mdm(ctx: HandlerContext, msg: Message) -> HandlerResult:

@@ -688,7 +688,8 @@ def _no_show_reminder(conn: Connection, settings: Settings, ref: Any, no_show_co
 
 
 def _loop_closed(conn: Connection, settings: Settings, now: datetime) -> int:
-    """Referrals closed by a consult note (not by hand) since the lookback and not yet announced."""
+    """Catch-up for :func:`on_projection_change`: referrals closed by a consult note (not by hand) since the
+    lookback and not yet announced (e.g. a status reached through a replay or an older version)."""
     if not policy.referrer_channels(settings.notify):
         return 0  # nothing to enqueue (and nothing marks them announced): skip the per-referral lookups
     announced = select(outbox.OUTBOX.c.referral_id).where(outbox.OUTBOX.c.event == "loop_closed",
@@ -697,18 +698,42 @@ def _loop_closed(conn: Connection, settings: Settings, now: datetime) -> int:
         REFERRALS.c.status == rf.Status.CLOSED.value, REFERRALS.c.note_received_at.is_not(None),
         REFERRALS.c.closed_at <= repo.utc(now), REFERRALS.c.closed_at >= repo.utc(now - LOOP_CLOSED_LOOKBACK),
         REFERRALS.c.id.not_in(announced))))
-    n = 0
-    for ref in rows:
-        payload = _base_payload(settings, ref, "loop_closed", now)
-        payload["closed_at"] = repo.iso(repo.aware(ref.closed_at))
-        doc = conn.execute(select(DOCUMENTS.c.id, DOCUMENTS.c.document_id).where(
-            DOCUMENTS.c.referral_id == ref.id, DOCUMENTS.c.final.is_(True), DOCUMENTS.c.status != "retracted")
-            .order_by(DOCUMENTS.c.id.desc()).limit(1)).first()
-        if doc is not None:
-            payload.update(document_row=doc.id, document_id=doc.document_id)
-        n += _fan_out(conn, settings, ref, policy.referrer_channels(settings.notify), "loop_closed",
-                      f"loop_closed:{ref.id}", payload, now)
-    return n
+    return sum(_announce_loop_closed(conn, settings, ref, now) for ref in rows)
+
+
+def _announce_loop_closed(conn: Connection, settings: Settings, ref: Any, now: datetime) -> int:
+    """Tell the referrer (webhook, e-mail, and the note forwarded over MLLP); keyed per referral, once."""
+    payload = _base_payload(settings, ref, "loop_closed", now)
+    payload["closed_at"] = repo.iso(repo.aware(ref.closed_at))
+    doc = conn.execute(select(DOCUMENTS.c.id, DOCUMENTS.c.document_id).where(
+        DOCUMENTS.c.referral_id == ref.id, DOCUMENTS.c.final.is_(True), DOCUMENTS.c.status != "retracted")
+        .order_by(DOCUMENTS.c.id.desc()).limit(1)).first()
+    if doc is not None:
+        payload.update(document_row=doc.id, document_id=doc.document_id)
+    return _fan_out(conn, settings, ref, policy.referrer_channels(settings.notify), "loop_closed",
+                    f"loop_closed:{ref.id}", payload, now)
+
+
+class _Projected:
+    """The referral row as just written: the old row's columns with the recomputed values over them."""
+
+    def __init__(self, before: Any, values: dict[str, Any]) -> None:
+        names = before._mapping.keys() if hasattr(before, "_mapping") else REFERRALS.columns.keys()
+        self.__dict__.update({n: getattr(before, n) for n in names})
+        self.__dict__.update(values)
+
+
+def on_projection_change(conn: Connection, settings: Settings, now: datetime, before: Any, values: dict[str, Any],
+                         state: rf.ReferralState) -> None:
+    """Notifications that a message's state change causes, enqueued in the message's own transaction:
+    the loop closed by a consult note (referrer), and a new no-show (patient re-engagement reminder).
+    Stall alerts are the scan's (their cause is time passing, not a message). Same idempotency keys as the
+    scan's catch-up, so whichever runs first enqueues and the other finds the key taken."""
+    closed_now = state.status is rf.Status.CLOSED and before.status != rf.Status.CLOSED.value
+    if closed_now and state.note_received_at is not None and policy.referrer_channels(settings.notify):
+        _announce_loop_closed(conn, settings, _Projected(before, values), now)
+    if state.status is rf.Status.NO_SHOW and state.no_show_count > int(before.no_show_count or 0):
+        _no_show_reminder(conn, settings, _Projected(before, values), state.no_show_count, now)
 
 
 def dead_letter_notice(conn: Connection, settings: Settings, dead: dict[str, Any], now: datetime) -> int:

@@ -17,7 +17,7 @@ placeholders. Building a ``select().where()`` per call cost 4x the execution its
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -325,8 +325,13 @@ def _attach_parked(conn: Connection, referral_id: int, keys: list[str]) -> bool:
     return True
 
 
+#: Called by :func:`recompute` with the projection row as it was, the values written and the new fold, in
+#: the same transaction: notifications caused by a state change are enqueued there (transactional outbox).
+OnChange = Callable[[Any, dict[str, Any], rf.ReferralState], None]
+
+
 def refresh(conn: Connection, referral_id: int, now: datetime, *, duplicate_window_days: int = 30,
-            appended: bool = False) -> rf.ReferralState:
+            appended: bool = False, on_change: OnChange | None = None) -> rf.ReferralState:
     """Attach parked events, sync aliases and recompute the projection: call after every change.
 
     ``appended``: since the referral's last refresh, the only change is events the caller just appended
@@ -350,7 +355,7 @@ def refresh(conn: Connection, referral_id: int, now: datetime, *, duplicate_wind
         rows = load_events(conn, referral_id)
         _sync_aliases(conn, referral_id, _wanted_aliases(rows))
     return recompute(conn, referral_id, now, rows=rows, duplicate_window_days=duplicate_window_days, ref=ref,
-                     documents=moved or not appended)
+                     documents=moved or not appended, on_change=on_change)
 
 
 def fold_options(presume_hours: float | None) -> rf.FoldOptions:
@@ -364,7 +369,8 @@ def _same(stored: Any, value: Any) -> bool:
 
 
 def recompute(conn: Connection, referral_id: int, now: datetime, *, rows: list[Any] | None = None,
-              duplicate_window_days: int = 30, ref: Any | None = None, documents: bool = True) -> rf.ReferralState:
+              duplicate_window_days: int = 30, ref: Any | None = None, documents: bool = True,
+              on_change: OnChange | None = None) -> rf.ReferralState:
     """Fold every event of the referral and write the projection row (only if a value changed).
 
     ``ref``: the referral row if the caller has just read it; ``documents``: re-point the referral's
@@ -380,7 +386,8 @@ def recompute(conn: Connection, referral_id: int, now: datetime, *, rows: list[A
                   referring_provider=state.referring_provider[:255], specialty=state.specialty[:64],
                   flags=",".join(flags), **no_show_values(state))
     # updated_at is when the projection last changed: an event that changes nothing writes nothing.
-    if not all(_same(getattr(ref, k), v) for k, v in values.items()):
+    changed = not all(_same(getattr(ref, k), v) for k, v in values.items())
+    if changed:
         sqlhot.update_referral(conn, referral_id, {"updated_at": utc(now), **values})
     if documents:
         seen: set[tuple[str, str]] = set()
@@ -393,6 +400,8 @@ def recompute(conn: Connection, referral_id: int, now: datetime, *, rows: list[A
                     params.append({"b_sender": sender, "b_document_id": doc_id, "b_rid": referral_id})
         if params:
             conn.execute(_POINT_DOCUMENT, params)
+    if changed and on_change is not None:  # after the documents point here: a loop-closed notice cites the note
+        on_change(ref, values, state)
     return state
 
 
