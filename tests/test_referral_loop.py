@@ -145,6 +145,52 @@ def test_heuristic_link_by_patient_and_provider(daemon: DaemonThread) -> None:
     assert body["links"][-1]["matched_by"] == "heuristic:patient+provider_id+provider_name"
 
 
+def test_booking_before_its_referral_is_adopted(daemon: DaemonThread) -> None:
+    """The specialist booked from a faxed referral before the REF crossed the interface: the SIU carries no
+    referral ID and is unrelated when it arrives; the REF adopts it by the linking rules (same patient and
+    referred-to provider), so the referral is scheduled, not a false stall."""
+    send(daemon, siu_msg("A9", mrn="MRN900", cid="SIU-A9"), siu_msg("A9x", mrn="MRN900", provider_id="9999",
+                                                                    provider="Otherdoc^Olga", cid="SIU-A9x"))
+    assert journal(daemon, "SIU-A9") == ("ignored", "unrelated")
+    send(daemon, ref_msg("L9", mrn="MRN900", cid="REF-L9"))
+    body = referral(daemon, "L9")
+    assert body["status"] == "scheduled"
+    assert [(lk["control_id"], lk["matched_by"]) for lk in body["links"]] == [
+        ("SIU-A9", "heuristic:patient+provider_id+provider_name"), ("REF-L9", "referral_id")]
+    outcome, detail = journal(daemon, "SIU-A9")
+    assert outcome == "processed" and detail.startswith("adopted: referral ")
+    assert journal(daemon, "SIU-A9x") == ("ignored", "unrelated")  # another provider's appointment: not ours
+    assert journal(daemon, "REF-L9")[1].endswith("adopted 1 earlier")
+    # In the other order the same messages give the same referral.
+    send(daemon, ref_msg("L9b", mrn="MRN901"), siu_msg("A9b", mrn="MRN901"))
+    other = referral(daemon, "L9b")
+    assert (other["status"], other["appointment_at"]) == (body["status"], body["appointment_at"])
+
+
+def test_adoption_looks_back_only_as_far_as_the_profile_says(db_url: str) -> None:
+    """``adopt_earlier_days``: a booking older than the window, or any booking with the window at 0, stays
+    unrelated; a second REF for the same referral does not adopt twice."""
+    from datetime import UTC, datetime
+
+    from refloop.clock import FixedClock
+
+    clock = FixedClock(datetime(2026, 1, 1, 9, 0, tzinfo=UTC))
+    settings = make_settings(db_url)
+    off = SenderProfile(name="ehr", sending_application="EHR", adopt_earlier_days=0)
+    with running_daemon(settings, clock=clock) as d:
+        send(d, siu_msg("A10", mrn="MRN910", cid="SIU-A10"))
+        clock.advance(days=31)
+        send(d, siu_msg("A11", mrn="MRN910", cid="SIU-A11", start="20260210090000-0500"))
+        send(d, ref_msg("L10", mrn="MRN910"), ref_msg("L10", mrn="MRN910", trigger="I13"))
+        assert journal(d, "SIU-A10") == ("ignored", "unrelated")  # 31 days before the REF
+        assert journal(d, "SIU-A11")[1].startswith("adopted: ")
+        assert [lk["control_id"] for lk in referral(d, "L10")["links"]].count("SIU-A11") == 1
+    with running_daemon(dataclasses.replace(settings, profiles=(off, *settings.profiles)), clock=clock) as d:
+        send(d, siu_msg("A12", mrn="MRN912", cid="SIU-A12"), ref_msg("L12", mrn="MRN912"))
+        assert journal(d, "SIU-A12") == ("ignored", "unrelated")
+        assert referral(d, "L12")["status"] == "sent"
+
+
 def test_ambiguous_link_goes_to_review_then_manual_link(
     daemon: DaemonThread, db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

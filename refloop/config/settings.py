@@ -245,6 +245,12 @@ class SenderProfile:
         30, "A second open referral for the same patient and specialty within this many days is flagged.",
         _at_least(0),
     )
+    adopt_earlier_days: int = setting(
+        30,
+        "A new referral from this sender looks back this many days for its patient's appointments and notes "
+        "that arrived before it without a referral ID, and links them like later ones (0 = off).",
+        _at_least(0),
+    )
 
     allowed_peers: tuple[str, ...] = setting(
         (),

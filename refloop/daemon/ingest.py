@@ -105,6 +105,7 @@ class Decision:
     duplicate_of: int | None = None
     flags: list[str] = field(default_factory=list)
     claim: bool = False  # accepted: claim the dedup key so resends are answered, not re-applied
+    unlinked_patient: str = ""  # see HandlerResult.unlinked_patient
 
 
 class _LazyRow:
@@ -350,7 +351,7 @@ class Ingestor:
         mid = row.finish({
             "outcome": d.outcome, "ack_code": sent_code, "err_code": d.error.code if d.error else None,
             "ack": ack_text, "detail": _clip(result_detail(d.outcome, d.error, d.detail), 255),
-            "flags": ",".join(d.flags), "duplicate_of": d.duplicate_of,
+            "flags": ",".join(d.flags), "duplicate_of": d.duplicate_of, "patient_key": d.unlinked_patient or None,
         })
         result.message_id = mid
         if d.claim:
@@ -435,7 +436,7 @@ class Ingestor:
                                          f"handler raised {type(exc).__name__}")) from None
         if res.outcome == Outcome.ERROR:
             return Decision(Outcome.ERROR, "AE", res.error, res.detail)
-        return Decision(res.outcome, "AA", None, res.detail)
+        return Decision(res.outcome, "AA", None, res.detail, unlinked_patient=res.unlinked_patient)
 
     @staticmethod
     def _claim(conn: Connection, key: tuple[str, str, str], digest: str, mid: int, code: str,

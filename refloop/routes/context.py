@@ -46,6 +46,7 @@ class HandlerResult:
     outcome: str = Outcome.PROCESSED
     error: AckError | None = None  # with outcome ERROR: the ACK is AE with this ERR
     detail: str = ""  # IDs and codes only; stored in the journal and logged
+    unlinked_patient: str = ""  # unrelated to any referral yet: the patient key a later referral adopts by
 
 
 class ContentError(Exception):

@@ -36,6 +36,7 @@ class Placement:
     matched_by: str = ""
     pending_key: str = ""
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    patient_key: str = ""  # UNRELATED: whose message it is, so a later referral can adopt it
 
 
 def _provider_match(candidate: Any, providers: Iterable[Provider]) -> list[str]:
@@ -84,7 +85,8 @@ def place(ctx: HandlerContext, msg: Message, *, explicit_paths: tuple[str, ...],
         return Placement(None, repo.PARKED, kind, pending_key=earlier[1])
 
     candidates: list[dict[str, Any]] = []
-    open_refs = repo.open_referrals_for_patient(conn, patient_key(msg))
+    pkey = patient_key(msg)
+    open_refs = repo.open_referrals_for_patient(conn, pkey)
     wanted = (providers() if callable(providers) else providers) if open_refs else []
     for cand in open_refs:
         matched = _provider_match(cand, wanted)
@@ -94,12 +96,12 @@ def place(ctx: HandlerContext, msg: Message, *, explicit_paths: tuple[str, ...],
         return Placement(candidates[0]["id"], repo.LINKED, "heuristic:" + "+".join(candidates[0]["matched"]))
     if candidates:
         return Placement(None, repo.REVIEW, "heuristic:ambiguous", candidates=candidates)
-    return Placement(None, UNRELATED)
+    return Placement(None, UNRELATED, patient_key=pkey)
 
 
-def unrelated() -> HandlerResult:
-    """What :func:`record` answers for an unrelated first delivery, for handlers that skip building events."""
-    return HandlerResult(Outcome.IGNORED, detail=UNRELATED)
+def unrelated(placement: Placement) -> HandlerResult:
+    """What :func:`record` answers for an unrelated message, for handlers that skip building events."""
+    return HandlerResult(Outcome.IGNORED, detail=UNRELATED, unlinked_patient=placement.patient_key)
 
 
 def record(ctx: HandlerContext, msg: Message, placement: Placement, events: list[repo.NewEvent],
@@ -111,7 +113,7 @@ def record(ctx: HandlerContext, msg: Message, placement: Placement, events: list
         if ctx.replay:
             repo.drop_link(conn, ctx.message_id)
             _refresh_all(ctx, touched)
-        return unrelated()
+        return unrelated(placement)
     linked = placement.state == repo.LINKED
     rid = placement.referral_id if linked else None
     repo.add_events(conn, referral_id=rid, message_id=ctx.message_id, control_id=ctx.control_id, events=events,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from refloop import referral as rf
 from refloop.daemon.ack import AckError
 from refloop.message import Message
-from refloop.routes import linking
+from refloop.routes import adopt, linking
 from refloop.routes.context import ContentError, HandlerContext, HandlerResult
 from refloop.routes.extract import occurred_at, patient_key, prd, values_at
 from refloop.store import referrals as repo
@@ -41,8 +41,9 @@ def apply_referral(ctx: HandlerContext, msg: Message, *, placer_id: str, authori
     conn = ctx.conn
     touched = repo.forget_message(conn, ctx.message_id) if ctx.replay else set()
     # Identity goes into the INSERT of a new referral, or an UPDATE only when a value differs.
+    pkey = patient_key(msg)
     rid = repo.get_or_create(conn, placer_id[:199], authority[:180], ctx.clock.now(),
-                             patient_key=patient_key(msg), referred_to_id=referred_to_id[:64])
+                             patient_key=pkey, referred_to_id=referred_to_id[:64])
     repo.add_events(conn, referral_id=rid, message_id=ctx.message_id, control_id=ctx.control_id, events=events)
     repo.set_link(conn, ctx.message_id, referral_id=rid, state=repo.LINKED, matched_by="referral_id",
                   control_id=ctx.control_id, message_type=f"{msg.message_type}^{msg.trigger_event}".upper(),
@@ -52,7 +53,9 @@ def apply_referral(ctx: HandlerContext, msg: Message, *, placer_id: str, authori
         repo.refresh(conn, other, now, duplicate_window_days=ctx.profile.duplicate_window_days)
     state = repo.refresh(conn, rid, now, duplicate_window_days=ctx.profile.duplicate_window_days,
                          appended=not ctx.replay)
-    return HandlerResult(Outcome.PROCESSED, detail=f"referral {rid} {state.status.value}")
+    adopted = adopt.adopt_earlier(ctx, pkey) if state.status in rf.OPEN_STATUSES else 0
+    detail = f"referral {rid} {state.status.value}" + (f", adopted {adopted} earlier" if adopted else "")
+    return HandlerResult(Outcome.PROCESSED, detail=detail)
 
 
 def handle_ref(ctx: HandlerContext, msg: Message) -> HandlerResult:

@@ -63,7 +63,7 @@ def handle_siu(ctx: HandlerContext, msg: Message) -> HandlerResult:
                               subject=subject)
     if placement.state == linking.UNRELATED and not ctx.replay:
         # Most scheduling traffic is about appointments that are not referrals: no event to build.
-        return linking.unrelated()
+        return linking.unrelated(placement)
     data: dict[str, str] = {"appointment_id": appt[:64]}
     start = appointment_start(msg, ctx.profile.timezone)
     if start is not None:

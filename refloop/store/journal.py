@@ -23,9 +23,9 @@ _DEFAULTS: dict[str, Any] = {
     "peer": "", "raw": None, "size": 0, "content_hash": "", "encoding": "", "sending_application": "",
     "sending_facility": "", "message_type": "", "trigger_event": "", "control_id": "", "version": "",
     "processing_id": "", "profile": "", "outcome": "", "ack_code": "", "err_code": None, "ack": "",
-    "detail": "", "flags": "", "duplicate_of": None, "replayed_at": None,
+    "detail": "", "flags": "", "duplicate_of": None, "replayed_at": None, "patient_key": None,
 }
-UPDATABLE = ("outcome", "ack_code", "err_code", "ack", "detail", "flags", "duplicate_of")
+UPDATABLE = ("outcome", "ack_code", "err_code", "ack", "detail", "flags", "duplicate_of", "patient_key")
 
 
 def _sqlite_time(value: datetime) -> str:

@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -85,11 +86,16 @@ class Message(Base):
     flags: Mapped[str] = mapped_column(String(255), default="")
     duplicate_of: Mapped[int | None] = mapped_column(ForeignKey("messages.id"), nullable=True)
     replayed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Set only while a scheduling/document message is unrelated to any referral: a referral for this
+    # patient that arrives later adopts it (``SenderProfile.adopt_earlier_days``). SHA-256, never the MRN.
+    patient_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     __table_args__ = (
         Index("ix_messages_sender_control", "sending_application", "sending_facility", "control_id"),
         Index("ix_messages_received_at", "received_at"),
         Index("ix_messages_control_id", "control_id"),
+        Index("ix_messages_unlinked_patient", "patient_key", "received_at",
+              sqlite_where=text("patient_key IS NOT NULL"), postgresql_where=text("patient_key IS NOT NULL")),
     )
 
 

@@ -28,7 +28,7 @@ def purge(engine: Engine, *, now: datetime, older_than_days: int, actor: str, dr
         ).scalar_one()
         if not dry_run and (msgs or docs):
             conn.execute(update(Message).where(Message.received_at < cutoff, Message.raw.is_not(None))
-                         .values(raw=None))
+                         .values(raw=None, patient_key=None))  # nothing left to adopt, nothing to keep
             conn.execute(update(ReferralDocument).where(
                 ReferralDocument.received_at < cutoff, ReferralDocument.content.is_not(None)).values(content=None))
             record(conn, now=now, actor=actor, action="purge", target=f"older_than_days={older_than_days}",

@@ -1,0 +1,90 @@
+"""A referral that arrives after its patient's booking or consult note adopts them.
+
+Feeds do not arrive in order: the specialist's scheduler often books from a faxed or phoned referral
+before the referrer's REF has crossed its interface engine, and such a booking rarely carries the
+referral ID. Without a referral to match, :mod:`refloop.routes.linking` calls it unrelated, and the new
+referral would sit at ``sent`` and stall although the patient is booked. So an unrelated scheduling or
+document message keeps its patient key on its journal row (hashed, never the MRN), and when a REF (or a
+360X order) creates or updates a referral for that patient, the messages of the last
+``SenderProfile.adopt_earlier_days`` are routed again, exactly as ``refloop replay`` would: the same
+linking rules decide (same patient *and* a matching referred-to provider; several candidates go to the
+review queue), so adopting is never looser than linking a message that arrives after the REF.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError
+
+from refloop.message import Message, MessageError, decode_payload
+from refloop.routes.context import ContentError, HandlerContext, HandlerResult
+from refloop.store import rawsql
+from refloop.store import referrals as repo
+from refloop.store.models import Message as Journal
+from refloop.store.models import Outcome
+
+log = logging.getLogger("refloop.routes")
+
+J = Journal.__table__
+
+
+def _handlers() -> dict[str, Callable[[HandlerContext, Message], HandlerResult]]:
+    from refloop.routes import notes, siu
+
+    return {"SIU": siu.handle_siu, "MDM": notes.handle_mdm, "ORU": notes.handle_oru}
+
+
+def adopt_earlier(ctx: HandlerContext, patient_key: str) -> int:
+    """Route this patient's recent unrelated messages again; returns how many now belong somewhere."""
+    days = ctx.profile.adopt_earlier_days
+    if days <= 0 or not patient_key:
+        return 0
+    since = ctx.received_at - timedelta(days=days)
+    rows = ctx.conn.execute(
+        select(J.c.id, J.c.raw, J.c.sending_application, J.c.sending_facility, J.c.control_id, J.c.received_at,
+               J.c.message_type)
+        .where(J.c.patient_key == patient_key, J.c.received_at >= repo.utc(since), J.c.raw.is_not(None))
+        .order_by(J.c.id)).all()
+    if not rows:
+        return 0
+    handlers = _handlers()
+    adopted = 0
+    for row in rows:
+        handler = handlers.get(row.message_type)
+        if handler is None:
+            continue
+        profile = ctx.settings.profile_for(row.sending_application, row.sending_facility)
+        try:
+            msg = Message.parse(decode_payload(row.raw, profile.encoding)[0], profile.segment_terminators)
+        except MessageError:  # pragma: no cover - it was parsed when it arrived
+            continue
+        sub = HandlerContext(settings=ctx.settings, conn=ctx.conn, clock=ctx.clock, profile=profile,
+                             message_ref=int(row.id), control_id=row.control_id,
+                             received_at=repo.aware(row.received_at) or ctx.received_at, replay=True)
+        # Its own savepoint: whatever goes wrong with an old message must not cost the referral its REF.
+        rawsql.execute(ctx.conn, "SAVEPOINT adopt")
+        try:
+            res = handler(sub, msg)
+        except ContentError:
+            rawsql.execute(ctx.conn, "ROLLBACK TO SAVEPOINT adopt")
+            rawsql.execute(ctx.conn, "RELEASE SAVEPOINT adopt")
+            continue
+        except DBAPIError:
+            raise  # storage trouble: the writer fails the whole group with AR
+        except Exception as exc:  # a bug: logged with IDs only, the message stays unrelated
+            rawsql.execute(ctx.conn, "ROLLBACK TO SAVEPOINT adopt")
+            rawsql.execute(ctx.conn, "RELEASE SAVEPOINT adopt")
+            log.error("adopting an earlier message failed",
+                      extra={"message_id": int(row.id), "error_type": type(exc).__name__})
+            continue
+        if res.outcome == Outcome.PROCESSED:
+            ctx.conn.execute(update(Journal).where(Journal.id == row.id).values(
+                outcome=Outcome.PROCESSED, detail=f"adopted: {res.detail}"[:255], patient_key=None,
+                replayed_at=ctx.clock.now()))
+            adopted += 1
+        rawsql.execute(ctx.conn, "RELEASE SAVEPOINT adopt")
+    return adopted
