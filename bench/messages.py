@@ -153,7 +153,10 @@ class MessageFactory:
             p = dict(p, obx=self.note)
             tmpl, mtype = MDM, "MDM^T02^MDM_T02"
         else:
-            kind, p = "SIU", self.pool[(i * 104729) % 256]
+            # The department feed's patients are not the referred ones: their own MRN per appointment (the
+            # pool only supplies names and addresses). Sharing the referred patients' MRNs made every REF's
+            # patient a department regular with the referred-to doctor, which no clinic's feed looks like.
+            kind, p = "SIU", dict(self.pool[(i * 104729) % 256], mrn=f"MD{cid}")
             tmpl, mtype = SIU, "SIU^S12^SIU_S12"
         fields = {**base, **p}
         head = _MSH % (self.sender[0], self.sender[1], f"202611270900{i % 60:02d}", mtype, cid)

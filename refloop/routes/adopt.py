@@ -21,46 +21,68 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
 
 from refloop.message import Message, MessageError, decode_payload
+from refloop.routes import linking
 from refloop.routes.context import ContentError, HandlerContext, HandlerResult
-from refloop.store import rawsql
+from refloop.routes.extract import Provider
+from refloop.store import journal, rawsql
 from refloop.store import referrals as repo
 from refloop.store.models import Message as Journal
-from refloop.store.models import Outcome
+from refloop.store.models import Outcome, Referral
 
 log = logging.getLogger("refloop.routes")
 
 J = Journal.__table__
+_CANDIDATES = "SELECT id FROM messages WHERE patient_key = {ph} AND received_at >= {ph}"
+_CANDIDATES_SQLITE = _CANDIDATES.format(ph="?")
+_CANDIDATES_PG = _CANDIDATES.format(ph="%s")
+REFERRALS = Referral.__table__
 
 
-def _handlers() -> dict[str, Callable[[HandlerContext, Message], HandlerResult]]:
+Handler = Callable[[HandlerContext, Message], HandlerResult]
+Providers = Callable[[Message], list[Provider]]
+
+
+def _handlers() -> dict[str, tuple[Handler, Providers]]:
     from refloop.routes import notes, siu
 
-    return {"SIU": siu.handle_siu, "MDM": notes.handle_mdm, "ORU": notes.handle_oru}
+    return {"SIU": (siu.handle_siu, siu.providers), "MDM": (notes.handle_mdm, notes.mdm_providers),
+            "ORU": (notes.handle_oru, notes.oru_providers)}
 
 
-def adopt_earlier(ctx: HandlerContext, patient_key: str) -> int:
-    """Route this patient's recent unrelated messages again; returns how many now belong somewhere."""
+def adopt_earlier(ctx: HandlerContext, referral_id: int, patient_key: str) -> int:
+    """Route this patient's recent unrelated messages again; returns how many now belong somewhere.
+
+    Only messages whose providers match this referral's referred-to provider are routed again (nothing
+    else can have changed for them), so a patient with many unrelated appointments costs a parse each."""
     days = ctx.profile.adopt_earlier_days
     if days <= 0 or not patient_key:
         return 0
     since = ctx.received_at - timedelta(days=days)
+    # Driver SQL: this runs for every REF, and almost always finds nothing.
+    sqlite = ctx.conn.dialect.name == "sqlite"
+    ids = [r[0] for r in rawsql.execute(ctx.conn, _CANDIDATES_SQLITE if sqlite else _CANDIDATES_PG, (
+        patient_key, journal.sqlite_time(since) if sqlite else since)).fetchall()]
+    if not ids:
+        return 0
     rows = ctx.conn.execute(
         select(J.c.id, J.c.raw, J.c.sending_application, J.c.sending_facility, J.c.control_id, J.c.received_at,
                J.c.message_type)
-        .where(J.c.patient_key == patient_key, J.c.received_at >= repo.utc(since), J.c.raw.is_not(None))
-        .order_by(J.c.id)).all()
-    if not rows:
-        return 0
+        .where(J.c.id.in_(ids), J.c.raw.is_not(None)).order_by(J.c.id)).all()
     handlers = _handlers()
+    referral = ctx.conn.execute(select(REFERRALS.c.referred_to, REFERRALS.c.referred_to_id)
+                                .where(REFERRALS.c.id == referral_id)).one()
     adopted = 0
     for row in rows:
-        handler = handlers.get(row.message_type)
-        if handler is None:
+        found = handlers.get(row.message_type)
+        if found is None:
             continue
+        handler, providers_of = found
         profile = ctx.settings.profile_for(row.sending_application, row.sending_facility)
         try:
             msg = Message.parse(decode_payload(row.raw, profile.encoding)[0], profile.segment_terminators)
         except MessageError:  # pragma: no cover - it was parsed when it arrived
+            continue
+        if not linking.provider_match(referral, providers_of(msg)):
             continue
         sub = HandlerContext(settings=ctx.settings, conn=ctx.conn, clock=ctx.clock, profile=profile,
                              message_ref=int(row.id), control_id=row.control_id,

@@ -39,7 +39,7 @@ class Placement:
     patient_key: str = ""  # UNRELATED: whose message it is, so a later referral can adopt it
 
 
-def _provider_match(candidate: Any, providers: Iterable[Provider]) -> list[str]:
+def provider_match(candidate: Any, providers: Iterable[Provider]) -> list[str]:
     """Which referred-to fields a candidate shares with the message's providers (ids beat names)."""
     ref_id = (candidate.referred_to_id or "").strip().casefold()
     ref_family = (candidate.referred_to or "").split(",")[0].strip().casefold()
@@ -89,7 +89,7 @@ def place(ctx: HandlerContext, msg: Message, *, explicit_paths: tuple[str, ...],
     open_refs = repo.open_referrals_for_patient(conn, pkey)
     wanted = (providers() if callable(providers) else providers) if open_refs else []
     for cand in open_refs:
-        matched = _provider_match(cand, wanted)
+        matched = provider_match(cand, wanted)
         if matched:
             candidates.append({"id": int(cand.id), "matched": ["patient", *matched]})
     if len(candidates) == 1:

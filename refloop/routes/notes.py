@@ -77,8 +77,21 @@ def handle_mdm(ctx: HandlerContext, msg: Message) -> HandlerResult:
     available = msg.get("TXA-19.1").upper() in ("", "AV")
     body = note_body(msg) if trigger in _WITH_CONTENT else NoteBody(None, "")
     note = _Note(doc_id, kind, status, status in ("AU", "LA") and available, msg.get("TXA-2.1"), body)
-    providers = [xcn(msg.segment("TXA"), 5), xcn(msg.segment("TXA"), 22), xcn(msg.segment("TXA"), 9)]
-    return _store(ctx, msg, note, ("EVN-2", "TXA-4"), MDM_EXPLICIT, [p for p in providers if p.ident or p.name])
+    return _store(ctx, msg, note, ("EVN-2", "TXA-4"), MDM_EXPLICIT, mdm_providers(msg))
+
+
+def mdm_providers(msg: Message) -> list[Provider]:
+    """Who wrote the note: TXA-5 (primary activity provider), TXA-22 (authenticator), TXA-9 (originator)."""
+    txa = msg.segment("TXA")
+    return [p for p in (xcn(txa, 5), xcn(txa, 22), xcn(txa, 9)) if p.ident or p.name]
+
+
+def oru_providers(msg: Message) -> list[Provider]:
+    """OBR-32 (principal result interpreter) and OBX-16 (responsible observer)."""
+    obr = msg.segment("OBR")
+    providers = [Provider(obr.get("32.1.1"), obr.get("32.1.2")) if obr is not None else Provider()]
+    providers += [xcn(o, 16) for o in msg.segments_named("OBX")]
+    return [p for p in providers if p.ident or p.name]
 
 
 def handle_oru(ctx: HandlerContext, msg: Message) -> HandlerResult:
@@ -91,7 +104,4 @@ def handle_oru(ctx: HandlerContext, msg: Message) -> HandlerResult:
     withdrawn = status == "X" or any(o.get("11.1").upper() == "W" for o in msg.segments_named("OBX"))
     kind = rf.NOTE_RETRACTED if withdrawn else rf.NOTE_REPLACED if status == "C" else rf.NOTE_RECEIVED
     note = _Note(doc_id, kind, status, status in ("F", "C"), msg.get("OBR-4.1"), note_body(msg))
-    obr = msg.segment("OBR")
-    providers = [Provider(obr.get("32.1.1"), obr.get("32.1.2")) if obr is not None else Provider()]
-    providers += [xcn(o, 16) for o in msg.segments_named("OBX")]
-    return _store(ctx, msg, note, ("OBR-22", "OBR-7"), ORU_EXPLICIT, [p for p in providers if p.ident or p.name])
+    return _store(ctx, msg, note, ("OBR-22", "OBR-7"), ORU_EXPLICIT, oru_providers(msg))

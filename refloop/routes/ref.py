@@ -53,7 +53,7 @@ def apply_referral(ctx: HandlerContext, msg: Message, *, placer_id: str, authori
         repo.refresh(conn, other, now, duplicate_window_days=ctx.profile.duplicate_window_days)
     state = repo.refresh(conn, rid, now, duplicate_window_days=ctx.profile.duplicate_window_days,
                          appended=not ctx.replay)
-    adopted = adopt.adopt_earlier(ctx, pkey) if state.status in rf.OPEN_STATUSES else 0
+    adopted = adopt.adopt_earlier(ctx, rid, pkey) if state.status in rf.OPEN_STATUSES else 0
     detail = f"referral {rid} {state.status.value}" + (f", adopted {adopted} earlier" if adopted else "")
     return HandlerResult(Outcome.PROCESSED, detail=detail)
 

@@ -39,7 +39,7 @@ _OVERRIDABLE = frozenset({rf.APPOINTMENT_BOOKED, rf.APPOINTMENT_RESCHEDULED, rf.
 EXPLICIT_PATHS = ("SCH-26.1", "SCH-27.1", "ARQ-24.1", "ARQ-25.1")
 
 
-def _providers(msg: Message) -> list[Provider]:
+def providers(msg: Message) -> list[Provider]:
     """Who the appointment is with: AIP-3 people, AIL-3 locations (point of care, facility), AIG-3 resources."""
     out = [xcn(seg, 3) for seg in msg.segments_named("AIP")]
     for seg in msg.segments_named("AIL"):
@@ -59,7 +59,7 @@ def handle_siu(ctx: HandlerContext, msg: Message) -> HandlerResult:
     if filler is not None and kind in _OVERRIDABLE:
         kind = filler
     subject = f"appt:{msg.sending_application}^{msg.sending_facility}|{appt}"
-    placement = linking.place(ctx, msg, explicit_paths=EXPLICIT_PATHS, providers=lambda: _providers(msg),
+    placement = linking.place(ctx, msg, explicit_paths=EXPLICIT_PATHS, providers=lambda: providers(msg),
                               subject=subject)
     if placement.state == linking.UNRELATED and not ctx.replay:
         # Most scheduling traffic is about appointments that are not referrals: no event to build.

@@ -28,7 +28,7 @@ _DEFAULTS: dict[str, Any] = {
 UPDATABLE = ("outcome", "ack_code", "err_code", "ack", "detail", "flags", "duplicate_of", "patient_key")
 
 
-def _sqlite_time(value: datetime) -> str:
+def sqlite_time(value: datetime) -> str:
     """SQLAlchemy's own SQLite storage format (UTC, no offset), so ORM reads and SQL comparisons agree."""
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
@@ -68,7 +68,7 @@ def insert_message(conn: Connection, row: dict[str, Any]) -> int:
     sql = hot(conn)
     values = {**_DEFAULTS, **row}
     if sql.sqlite:
-        values["received_at"] = _sqlite_time(values["received_at"])
+        values["received_at"] = sqlite_time(values["received_at"])
     params = tuple(values[c] for c in JOURNAL_COLUMNS)
     cur = rawsql.execute(conn, sql.insert, params)
     if sql.sqlite:
