@@ -50,6 +50,7 @@ def test_env_overrides_file(tmp_path: Path) -> None:
         ("[mllp]\nidle_timeout = -1\n", {}, "mllp.idle_timeout"),
         ("[mllp]\nunsupported = 'maybe'\n", {}, "mllp.unsupported"),
         ("[database]\nurl = 'mysql://x'\n", {}, "database.url"),
+        ("[database]\nurl = 'sqlite:///x.db'\nwriters = 2\n", {}, "database.writers"),
         ("[profiles.epic]\nencoding = 'nope'\nsending_application='E'\n", {}, "profiles.epic.encoding"),
         ("[profiles.epic]\nencoding = 'utf-8'\n", {}, "profiles.epic"),
         ("[mllp\n", {}, "--config"),

@@ -182,5 +182,7 @@ def _cross_checks(s: Settings) -> None:
         raise ConfigError("mllp.tls_key", "required with mllp.tls_cert")
     if (s.mllp.tls_key or s.mllp.tls_client_ca) and not s.mllp.tls_cert:
         raise ConfigError("mllp.tls_cert", "required with mllp.tls_key / mllp.tls_client_ca")
+    if s.database.writers > 1 and s.database.url.startswith("sqlite"):
+        raise ConfigError("database.writers", "SQLite allows one writer; use 0 or 1 (more need PostgreSQL)")
     if any(p.allowed_subjects for p in s.profiles) and not s.mllp.tls_client_ca:
         raise ConfigError("mllp.tls_client_ca", "required when a profile sets allowed_subjects (mTLS)")

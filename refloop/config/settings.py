@@ -170,6 +170,19 @@ class DatabaseSettings:
     auto_migrate: bool = setting(
         False, "Apply migrations at start-up (always on for the embedded SQLite default)."
     )
+    writers: int = setting(
+        0,
+        "Writer threads, each with one connection and its own group commit; one MLLP connection's messages "
+        "always go to the same writer, in order. 0 = automatic: 1 on SQLite (it allows one writer), 4 on "
+        "PostgreSQL (hides each statement's round trip behind the others').",
+        _at_least(0),
+    )
+
+    def writer_count(self) -> int:
+        """How many writer threads the daemon runs (see ``writers``)."""
+        if self.url.startswith("sqlite"):
+            return 1
+        return self.writers or 4
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from refloop.daemon.metrics import type_label
 
 if TYPE_CHECKING:
     from refloop.daemon.server import Server
+    from refloop.daemon.writer import Writer
 
 log = logging.getLogger("refloop.mllp")
 
@@ -40,6 +41,7 @@ class MllpProtocol(asyncio.Protocol):
         self._deadline_handle: asyncio.TimerHandle | None = None
         self._counted = False
         self.peer_subject = ""  # client-certificate CN after an mTLS handshake
+        self.writer: Writer | None = None  # chosen on the first frame, then fixed: messages stay in order
         self._plain: asyncio.Transport | None = None  # the TCP transport under TLS, until start_tls takes it
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -213,7 +215,9 @@ class MllpProtocol(asyncio.Protocol):
         try:
             while self.pending:
                 job = self.pending.popleft()
-                result = await self.server.writer.submit(job)
+                if self.writer is None:
+                    self.writer = self.server.writer_for_connection()
+                result = await self.writer.submit(job)
                 self._after(job, result)
                 if (self.paused and not result.close and not self.draining and self.transport is not None
                         and len(self.pending) < self.server.settings.mllp.max_pending_frames // 2 + 1):

@@ -64,7 +64,8 @@ class Server:
         self.notifier = Notifier.from_environ(self.environ)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in startup
         self.engine: Engine | None = None
-        self.writer: Writer = None  # type: ignore[assignment]  # set in startup
+        self.writers: list[Writer] = []  # set in startup; one per database.writers
+        self._next_writer = 0
         self.ingestor = Ingestor(settings, self.router, self.clock)
         self.connections: set[MllpProtocol] = set()
         self.per_ip: Tally[str] = Tally()
@@ -95,6 +96,12 @@ class Server:
         if self._stop is not None:
             self._stop.set()
 
+    def writer_for_connection(self) -> Writer:
+        """Round robin over the writers, fixed for a connection's life so its messages stay in order."""
+        writer = self.writers[self._next_writer % len(self.writers)]
+        self._next_writer += 1
+        return writer
+
     @property
     def listening(self) -> bool:
         return self._listening
@@ -107,8 +114,10 @@ class Server:
         self.engine = make_engine(s.database)
         await asyncio.to_thread(self._check_schema, self.engine)
         self.metrics.database_up.set(1)
-        self.writer = Writer(self.engine, self.ingestor, self.metrics, self.loop)
-        self.writer.start()
+        self.writers = [Writer(self.engine, self.ingestor, self.metrics, self.loop, name=f"refloop-writer-{i}")
+                        for i in range(s.database.writer_count())]
+        for writer in self.writers:
+            writer.start()
         from refloop.daemon.http import HttpApi  # aiohttp import kept off the CLI's fast paths
 
         self.http = HttpApi(self)
@@ -297,8 +306,8 @@ class Server:
         pumps += [t for t in self.tasks if t.get_coro().__qualname__.endswith("_pump")]  # type: ignore[union-attr]
         if pumps:
             await asyncio.wait(pumps, timeout=max(deadline - self.loop.time(), 1.0))
-        if self.writer is not None:
-            await self.writer.stop()
+        for writer in self.writers:
+            await writer.stop()
         if self.http is not None:
             await self.http.stop()
         if self.mllp_server is not None:

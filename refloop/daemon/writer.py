@@ -35,13 +35,13 @@ Item = tuple[Job, asyncio.Future[Result]]
 
 class Writer:
     def __init__(self, engine: Engine, ingestor: Ingestor, metrics: Metrics,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, name: str = "refloop-writer") -> None:
         self.engine = engine
         self.ingestor = ingestor
         self.metrics = metrics
         self.loop = loop
         self._q: queue.SimpleQueue[Item | object] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="refloop-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._db_file: Path | None = sqlite_path(engine.url.render_as_string()) if is_sqlite(
             str(engine.url)) else None
         self._db_identity: tuple[int, int] | None = None

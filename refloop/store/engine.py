@@ -60,4 +60,7 @@ def make_engine(db: DatabaseSettings, **kw: Any) -> Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    # The writers hold their connections for the daemon's life; HTTP reads, the scan and the dispatcher
+    # need theirs besides, without opening and closing overflow connections all day.
+    kw.setdefault("pool_size", db.writer_count() + 5)
     return create_engine(url, hide_parameters=True, pool_pre_ping=True, **kw)
