@@ -417,3 +417,46 @@ def test_writers_keep_each_connections_order(pg_url: str) -> None:
         assert acks == [[("AA", cid) for cid in cids] for cids in sent]
         for n in range(6):
             assert d.get(f"/api/referrals/ORD{n}")[1]["status"] == "scheduled"
+
+
+def _writes_then_raises(ctx, msg):  # type: ignore[no-untyped-def]
+    """A buggy handler that gets as far as writing (its journal row, a referral event) before it raises."""
+    from refloop.routes import ref
+
+    ref.handle_ref(ctx, msg)
+    raise RuntimeError("bug after the writes")
+
+
+def test_failing_handler_is_undone_alone_and_in_a_group(db_url: str) -> None:
+    """A handler that raises after writing: its writes are rolled back and the message is journaled once,
+    as failed, with AE. Alone on a connection (a group of one runs without a savepoint, so the whole
+    transaction is redone) and beside good messages in one group (only its savepoint is rolled back)."""
+    from refloop.routes.router import Route
+    from refloop.routes.table import DEFAULT_ROUTES
+    from refloop.store.models import Referral
+
+    routes = (Route("REF", "I14", _writes_then_raises, "buggy"), *DEFAULT_ROUTES)
+    lone = samples.control_id("F")
+    group = [samples.control_id("F") for _ in range(6)]
+    with running_daemon(make_settings(db_url), routes=routes) as d:
+        with MllpClient(d.port) as c:
+            assert msa(c.send(samples.ref(lone, referral="BUG1", trigger="I14")))[0] == "AE"
+        clients = [MllpClient(d.port) for _ in group]
+        try:
+            for n, (c, cid) in enumerate(zip(clients, group, strict=True)):
+                trigger = "I14" if n % 2 else "I12"
+                c.send_raw(frame(samples.ref(cid, referral=f"BUG{cid}", trigger=trigger)))
+            codes = [msa(c.read_frame().decode("latin-1"))[0] for c in clients]
+        finally:
+            for c in clients:
+                c.close()
+    assert codes == ["AA", "AE"] * 3
+    for cid, expect in [(lone, "failed"), *zip(group, ["applied", "failed"] * 3, strict=True)]:
+        assert [norm(r.outcome) for r in journal(db_url, cid)] == [expect]
+    engine = make_engine(DatabaseSettings(url=db_url))
+    try:
+        with engine.connect() as conn:
+            keys = set(conn.execute(select(Referral.placer_id)).scalars())
+    finally:
+        engine.dispose()
+    assert keys == {f"BUG{cid}" for cid in group[0::2]}  # the failing messages' referrals are gone

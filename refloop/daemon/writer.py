@@ -112,9 +112,14 @@ class Writer:
         try:
             self._check_file()
             conn = self._connection()
-            with conn.begin():
-                for job, _ in items:
-                    results.append(self._one(conn, job))
+            try:
+                # A group of one (every message at one connection) needs no savepoint: if its handler
+                # fails, or another daemon wins its dedup key, the whole transaction is the savepoint.
+                with conn.begin():
+                    results = [self._one(conn, job, savepoint=len(items) > 1) for job, _ in items]
+            except _Redo:
+                with conn.begin():
+                    results = [self._one(conn, job) for job, _ in items]
             ok = True
         except (SQLAlchemyError, StorageError, OSError) as exc:
             ok = False
@@ -150,28 +155,35 @@ class Writer:
             except Exception as exc:  # already broken: nothing more to release
                 log.debug("closing a broken connection failed", extra={"error_type": type(exc).__name__})
 
-    def _one(self, conn: Connection, job: Job) -> Result:
+    def _one(self, conn: Connection, job: Job, savepoint: bool = True) -> Result:
         """One message in its own SAVEPOINT, so a failing message never undoes its neighbours.
 
         Plain SQL savepoints rather than ``begin_nested()``: the same statements for a sixth of the CPU,
-        and this runs once per message."""
+        and this runs once per message. ``savepoint=False`` (a group of one): no savepoint; anything that
+        would roll back to it raises :class:`_Redo` and the group runs again with savepoints."""
         forced = None
         for _attempt in range(4):
-            rawsql.execute(conn, "SAVEPOINT msg")
+            if savepoint:
+                rawsql.execute(conn, "SAVEPOINT msg")
             try:
                 res = self.ingestor.process(conn, job, forced)
             except HandlerFailed as failed:
+                if not savepoint:
+                    raise _Redo from None
                 _rollback_to(conn)  # undo the handler's partial writes with the journal row, journal again
                 forced = failed.decision
                 continue
             except LostRace:
+                if not savepoint:
+                    raise _Redo from None
                 _rollback_to(conn)  # another daemon committed it meanwhile: the retry sees its key
                 continue
             except DBAPIError as exc:
                 if not (exc.connection_invalidated or _is_operational(exc)):
                     log.error("message could not be stored", extra={"error_type": type(exc).__name__})
                 raise  # the whole group fails with AR; the transaction is rolled back
-            rawsql.execute(conn, "RELEASE SAVEPOINT msg")
+            if savepoint:
+                rawsql.execute(conn, "RELEASE SAVEPOINT msg")
             return res
         raise StorageError("dedup race did not settle")
 
@@ -179,6 +191,10 @@ class Writer:
     def run_sync(self, fn: Callable[[Connection], object]) -> object:  # pragma: no cover - helper
         with self.engine.begin() as conn:
             return fn(conn)
+
+
+class _Redo(Exception):
+    """A group run without savepoints needs one: roll the transaction back and run the group with them."""
 
 
 def _rollback_to(conn: Connection) -> None:
