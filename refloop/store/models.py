@@ -344,7 +344,6 @@ class OutboxEntry(Base):
 # the no-show figures join appointment events by referral and kind; these keep a one-year report on a
 # million referrals an index range scan instead of full-table sorts.
 Index("ix_referrals_sent_at", Referral.sent_at)
-Index("ix_referrals_patient_sent", Referral.patient_key, Referral.sent_at)
 Index("ix_referral_events_referral_kind", ReferralEvent.referral_id, ReferralEvent.kind)
 
 # -- stall scan indexes (migration 0006) -------------------------------------------------------------
@@ -355,5 +354,13 @@ Index("ix_alerts_open_key", Alert.open_key)
 Index("ix_referrals_status_sent", Referral.status, Referral.sent_at)
 Index("ix_referrals_status_completed", Referral.status, Referral.completed_at)
 Index("ix_referrals_status_closed", Referral.status, Referral.closed_at)
-Index("ix_referral_events_kind_referral", ReferralEvent.kind, ReferralEvent.referral_id)
 Index("ix_outbox_alert", OutboxEntry.alert_id)  # the worklist's delivery state per alert
+
+# -- report covering indexes (migration 0009) ------------------------------------------------------
+# Two indexes of 0005/0006 widened so that the report's queries read no table rows: the CMS50 figure groups
+# each patient's candidates in (patient, sent date) order and needs their status and note time; the no-show
+# figures read the no-show events with their appointment subject. Their prefixes serve what the narrower
+# ones served (the stall scan's held referrals by event kind).
+Index("ix_referrals_patient_first", Referral.patient_key, Referral.sent_at, Referral.status,
+      Referral.note_received_at)
+Index("ix_referral_events_kind_subject", ReferralEvent.kind, ReferralEvent.referral_id, ReferralEvent.subject)
