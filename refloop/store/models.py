@@ -340,16 +340,17 @@ class OutboxEntry(Base):
 
 
 # -- cohort report indexes (migration 0005) --------------------------------------------------------
-# The report selects a sent-date range, the CMS50 view ranks each patient's referrals by sent date, and
-# the no-show figures join appointment events by referral and kind; these keep a one-year report on a
-# million referrals an index range scan instead of full-table sorts.
+# The report selects a sent-date range, the CMS50 view ranks each patient's referrals by sent date (that
+# index is widened in 0009), and the no-show figures join appointment events by referral and kind; these
+# keep a one-year report on a million referrals an index range scan instead of full-table sorts.
 Index("ix_referrals_sent_at", Referral.sent_at)
 Index("ix_referral_events_referral_kind", ReferralEvent.referral_id, ReferralEvent.kind)
 
 # -- stall scan indexes (migration 0006) -------------------------------------------------------------
 # The scan reads the open alerts (open_key = 0), the open referrals whose clock could have passed a window
-# (status + sent_at / completed_at ranges), the held referrals (events by kind) and the recently closed
-# ones (status + closed_at), so a steady-state scan on a million referrals never scans a whole table.
+# (status + sent_at / completed_at ranges), the held referrals (events by kind: that index is widened in
+# 0009) and the recently closed ones (status + closed_at), so a steady-state scan on a million referrals
+# never scans a whole table.
 Index("ix_alerts_open_key", Alert.open_key)
 Index("ix_referrals_status_sent", Referral.status, Referral.sent_at)
 Index("ix_referrals_status_completed", Referral.status, Referral.completed_at)
