@@ -90,6 +90,7 @@ class MllpProtocol(asyncio.Protocol):
         from refloop.daemon.tls import peer_subject_cn
 
         self.transport = tls
+        self._plain = None  # start_tls owns the TCP transport now: nothing can bypass it any more
         self.peer_subject = peer_subject_cn(tls.get_extra_info("peercert"))
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -170,13 +170,13 @@ class Writer:
             except HandlerFailed as failed:
                 if not savepoint:
                     raise _Redo from None
-                _rollback_to(conn)  # undo the handler's partial writes with the journal row, journal again
+                rawsql.rollback_to(conn, "msg")  # undo the handler's partial writes with the journal row, journal again
                 forced = failed.decision
                 continue
             except LostRace:
                 if not savepoint:
                     raise _Redo from None
-                _rollback_to(conn)  # another daemon committed it meanwhile: the retry sees its key
+                rawsql.rollback_to(conn, "msg")  # another daemon committed it meanwhile: the retry sees its key
                 continue
             except DBAPIError as exc:
                 if not (exc.connection_invalidated or _is_operational(exc)):
@@ -195,11 +195,6 @@ class Writer:
 
 class _Redo(Exception):
     """A group run without savepoints needs one: roll the transaction back and run the group with them."""
-
-
-def _rollback_to(conn: Connection) -> None:
-    rawsql.execute(conn, "ROLLBACK TO SAVEPOINT msg")
-    rawsql.execute(conn, "RELEASE SAVEPOINT msg")
 
 
 def _is_operational(exc: DBAPIError) -> bool:

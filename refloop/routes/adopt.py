@@ -91,17 +91,13 @@ def adopt_earlier(ctx: HandlerContext, referral_id: int, patient_key: str) -> in
         rawsql.execute(ctx.conn, "SAVEPOINT adopt")
         try:
             res = handler(sub, msg)
-        except ContentError:
-            rawsql.execute(ctx.conn, "ROLLBACK TO SAVEPOINT adopt")
-            rawsql.execute(ctx.conn, "RELEASE SAVEPOINT adopt")
-            continue
         except DBAPIError:
             raise  # storage trouble: the writer fails the whole group with AR
-        except Exception as exc:  # a bug: logged with IDs only, the message stays unrelated
-            rawsql.execute(ctx.conn, "ROLLBACK TO SAVEPOINT adopt")
-            rawsql.execute(ctx.conn, "RELEASE SAVEPOINT adopt")
-            log.error("adopting an earlier message failed",
-                      extra={"message_id": int(row.id), "error_type": type(exc).__name__})
+        except Exception as exc:  # a content error or a bug: the message stays unrelated
+            rawsql.rollback_to(ctx.conn, "adopt")
+            if not isinstance(exc, ContentError):
+                log.error("adopting an earlier message failed",
+                          extra={"message_id": int(row.id), "error_type": type(exc).__name__})
             continue
         if res.outcome == Outcome.PROCESSED:
             ctx.conn.execute(update(Journal).where(Journal.id == row.id).values(

@@ -46,6 +46,12 @@ def execute(conn: Connection, sql: str, params: Sequence[Any] = ()) -> Any:
     return cur
 
 
+def rollback_to(conn: Connection, name: str) -> None:
+    """Undo everything since ``SAVEPOINT name`` and drop the savepoint (the transaction goes on)."""
+    execute(conn, f"ROLLBACK TO SAVEPOINT {name}")
+    execute(conn, f"RELEASE SAVEPOINT {name}")
+
+
 def executemany(conn: Connection, sql: str, seq: Iterable[Sequence[Any]]) -> None:
     cur = _cursor(conn)
     try:
