@@ -1,6 +1,7 @@
 """The `refloop` command. The only module that sets up logging, prints, or calls sys.exit.
 
-Exit codes: 0 ok, 1 the operation failed (e.g. a NAK from `send`), 2 bad configuration or usage.
+Exit codes: 0 ok, 1 the operation failed (e.g. a NAK from `send`), 2 bad configuration or usage
+(listed in the top-level help, which is written for an operator).
 """
 
 from __future__ import annotations
@@ -8,16 +9,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import sys
 from collections.abc import Coroutine, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import argcomplete
+
 from refloop import __version__
 from refloop.cli_common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, parse_time, print_table, settings_from, with_config
+from refloop.cli_config import register as register_config
+from refloop.cli_referrals import register as register_referrals
+from refloop.cli_simulate import register as register_simulate
+from refloop.cli_worklist import register as register_worklist
 from refloop.config import ConfigError, Settings
+from refloop.hl7.mllp import MllpClient, msa
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -106,40 +113,14 @@ def split_messages(data: bytes) -> Iterator[bytes]:
         yield b"\r".join(current) + b"\r"
 
 
-def read_ack(sock: socket.socket, timeout: float) -> bytes:
-    from refloop.daemon.framing import Frame, Framer
-
-    sock.settimeout(timeout)
-    framer = Framer()
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("connection closed before the ACK arrived")
-        for ev in framer.feed(chunk):
-            if isinstance(ev, Frame):
-                return ev.payload
-
-
-def ack_fields(ack: bytes) -> tuple[str, str]:
-    """(MSA-1, MSA-2) of an ACK."""
-    text = ack.decode("latin-1")
-    sep = text[3:4] or "|"
-    for seg in text.replace("\n", "\r").split("\r"):
-        if seg.startswith("MSA"):
-            parts = seg.split(sep)
-            return (parts[1] if len(parts) > 1 else "", parts[2] if len(parts) > 2 else "")
-    return "", ""
-
-
 def cmd_send(args: argparse.Namespace) -> int:
     failures = 0
-    with socket.create_connection((args.host, args.port), timeout=args.timeout) as sock:
+    with MllpClient(args.host, args.port, timeout=args.timeout) as client:
         for name in args.files:
             data = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
             for msg in split_messages(data):
-                sock.sendall(b"\x0b" + msg + b"\x1c\r")
-                ack = read_ack(sock, args.timeout)
-                code, _ = ack_fields(ack)
+                ack = client.send(msg)
+                code, _ = msa(ack)
                 print(ack.decode("latin-1").replace("\r", "\n").rstrip("\n"))
                 print()
                 if code not in ("AA", "CA"):
@@ -242,59 +223,94 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 # -- parser ---------------------------------------------------------------------------------------
+DESCRIPTION = """\
+refloop listens for HL7 v2 messages over MLLP, journals every frame before it acknowledges it, and
+follows each specialist referral from the order (REF/ORM/OMG) through scheduling (SIU) to the consult
+note (MDM/ORU). It flags referrals that stall, tells their owners, forwards the note to the referrer,
+and reports how many loops close. Start with `refloop serve`; `refloop config example` prints every
+setting with its default.
+"""
+
+EPILOG = """\
+exit codes:
+  0  success
+  1  the operation failed (a NAK or no ACK from `send`, a port in use, an upgrade still needed)
+  2  configuration or usage error (the message names the setting or option to fix)
+
+configuration: --config PATH or $REFLOOP_CONFIG (TOML); every setting can be overridden by
+REFLOOP_<SECTION>_<KEY>; secrets can also come from systemd credentials ($CREDENTIALS_DIRECTORY).
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="refloop", description=__doc__.splitlines()[0] if __doc__ else None)
+    p = argparse.ArgumentParser(prog="refloop", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"refloop {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-
-    sp = with_config(sub.add_parser("serve", help="run the daemon in the foreground"))
+    sp = with_config(sub.add_parser("serve", help="run the daemon in the foreground (MLLP, HTTP, scheduler)"))
     sp.add_argument("--migrate", action="store_true", help="apply database migrations before serving")
     sp.set_defaults(func=cmd_serve)
 
-    sp = with_config(sub.add_parser("db", help="database schema"))
-    sp.add_argument("db_command", choices=["upgrade", "current"])
+    sp = with_config(sub.add_parser("db", help="database schema: upgrade to the latest or show the current"))
+    sp.add_argument("db_command", choices=["upgrade", "current"],
+                    help="upgrade: apply pending migrations; current: show the revision (exit 1 if behind)")
     sp.set_defaults(func=cmd_db)
 
     sp = with_config(sub.add_parser("check-config", help="validate the configuration and exit"))
     sp.set_defaults(func=cmd_check_config)
 
     sp = sub.add_parser("send", help="send HL7 messages from files over MLLP and print each ACK")
-    sp.add_argument("--host", default="127.0.0.1")
-    sp.add_argument("--port", type=int, default=2575)
-    sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each ACK")
+    sp.add_argument("--host", default="127.0.0.1", help="MLLP listener to send to (default: %(default)s)")
+    sp.add_argument("--port", type=int, default=2575, help="its port (default: %(default)s)")
+    sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each ACK (default: %(default)s)")
     sp.add_argument("files", nargs="+", metavar="FILE", help="files with one or more messages ('-' = stdin)")
     sp.set_defaults(func=cmd_send)
 
-    sp = with_config(sub.add_parser("messages", help="list the journal"))
-    sp.add_argument("--json", action="store_true")
-    sp.add_argument("--limit", type=int, default=50)
-    sp.add_argument("--control-id", dest="control_id")
+    sp = with_config(sub.add_parser("messages", help="list the journal, newest first"))
+    sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sp.add_argument("--limit", type=int, default=50, help="at most this many rows (default: %(default)s)")
+    sp.add_argument("--control-id", dest="control_id", help="only messages with this control ID (MSH-10)")
     sp.set_defaults(func=cmd_messages)
 
     sp = with_config(sub.add_parser("replay", help="re-run stored messages through the current routes"))
     sp.add_argument("--since", help="only messages received at or after this ISO 8601 time")
     sp.add_argument("--id", type=int, help="only this journal id")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print the summary as JSON")
     sp.set_defaults(func=cmd_replay)
 
     sp = with_config(sub.add_parser("purge", help="purge raw message bodies and documents older than N days"))
     sp.add_argument("--older-than", type=int, metavar="DAYS", help="default: retention.days")
-    sp.add_argument("--dry-run", action="store_true")
+    sp.add_argument("--dry-run", action="store_true", help="count what would be purged, change nothing")
     sp.set_defaults(func=cmd_purge)
 
     sp = with_config(sub.add_parser("audit", help="show the audit log (PHI reads, manual actions, purges)"))
-    sp.add_argument("--json", action="store_true")
-    sp.add_argument("--limit", type=int, default=100)
+    sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sp.add_argument("--limit", type=int, default=100, help="at most this many entries (default: %(default)s)")
     sp.set_defaults(func=cmd_audit)
-    from refloop.cli_referrals import register; register(sub)  # noqa: E702, I001
-    from refloop.cli_worklist import register as register_worklist; register_worklist(sub)  # noqa: E702, I001
-    from refloop.cli_simulate import register as register_simulate; register_simulate(sub)  # noqa: E702, I001
+
+    register_referrals(sub)
+    register_worklist(sub)
+    register_simulate(sub)
+    register_config(sub)
+
+    sp = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
+                        description="Print the completion script; e.g. add `eval \"$(refloop completion bash)\"` "
+                        "to ~/.bashrc.")
+    sp.add_argument("shell", choices=["bash", "zsh"], help="the shell to complete in")
+    sp.set_defaults(func=cmd_completion)
     return p
 
 
+def cmd_completion(args: argparse.Namespace) -> int:
+    print(argcomplete.shellcode(["refloop"], shell=args.shell))
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argcomplete.autocomplete(parser)  # returns at once unless the shell's completion hook called us
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args))
     except ConfigError as exc:

@@ -126,23 +126,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     sp = with_config(sub.add_parser("referrals", help="list referrals (the worklist)"))
     sp.add_argument("--status", help="only this status (sent, scheduled, completed, no_show, closed, ...)")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sp.set_defaults(func=cmd_referrals)
 
     sp = with_config(sub.add_parser("show", help="one referral: milestones, appointments, documents, timeline"))
     sp.add_argument("key", metavar="KEY", help="numeric id, placer referral ID (RF1-6/ORC-2) or an alias")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sp.set_defaults(func=cmd_show)
 
     sp = with_config(sub.add_parser("unmatched", help="messages waiting for review or for their referral"))
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sp.set_defaults(func=cmd_unmatched)
 
     sp = with_config(sub.add_parser("link", help="link a message (by MSH-10) to a referral"))
-    sp.add_argument("control_id", metavar="CONTROL_ID")
-    sp.add_argument("key", metavar="KEY")
+    sp.add_argument("control_id", metavar="CONTROL_ID", help="the message's control ID (MSH-10)")
+    sp.add_argument("key", metavar="KEY", help="the referral: numeric id, placer referral ID or an alias")
     sp.set_defaults(func=cmd_link)
 
     sp = with_config(sub.add_parser("unlink", help="detach a message (by MSH-10) from its referral"))
-    sp.add_argument("control_id", metavar="CONTROL_ID")
+    sp.add_argument("control_id", metavar="CONTROL_ID", help="the message's control ID (MSH-10)")
     sp.set_defaults(func=cmd_unlink)

@@ -99,7 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--from", dest="start", metavar="DATE", help="first sent date (default: 365 days before --to)")
     sp.add_argument("--to", dest="end", metavar="DATE", help="end of the cohort, exclusive (default: tomorrow UTC)")
     sp.add_argument("--by", choices=GROUP_FIELDS, help="group the figures by this field")
-    sp.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    sp.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format")
     sp.add_argument("--now", metavar="TIME", help="evaluate censoring and ages at this ISO time (default: now)")
     sp.add_argument("--year", type=int, help="CMS50 measurement year (default: the year --to falls in)")
     for name in ("referred_to", "specialty", "referring_provider", "priority"):
@@ -107,9 +107,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("simulate", help="generate referral traffic with ground truth (files or MLLP)")
-    sp.add_argument("--referrals", type=int, default=1000)
-    sp.add_argument("--days", type=int, default=365)
-    sp.add_argument("--seed", type=int, default=1)
+    sp.add_argument("--referrals", type=int, default=1000, help="how many referrals to simulate")
+    sp.add_argument("--days", type=int, default=365, help="length of the simulated period in days")
+    sp.add_argument("--seed", type=int, default=1, help="random seed (same seed, same traffic)")
     sp.add_argument("--now", metavar="TIME", help="end of the simulated period (default 2026-10-01T00:00Z)")
     sp.add_argument("--styles", default="epic", help="sender styles: epic, 360x or both (360x needs a profile "
                     "with sending_application = \"EHR360\" and order_mode = \"referral\")")

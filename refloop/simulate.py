@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import sys
 import threading
 import time
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from refloop import stall
+from refloop.hl7.mllp import MllpClient, msa
 
 FEEDS: Final = ("ref", "siu", "notes")
 X360_APP: Final = "EHR360"
@@ -421,20 +421,6 @@ class _Progress:
                 self.stream.flush()
 
 
-def _read_ack(sock: socket.socket, buf: bytearray) -> bytes:
-    while True:
-        start = buf.find(b"\x0b")
-        end = buf.find(b"\x1c\r", start + 1) if start >= 0 else -1
-        if start >= 0 and end >= 0:
-            payload = bytes(buf[start + 1:end])
-            del buf[:end + 2]
-            return payload
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("connection closed before the ACK arrived")
-        buf += chunk
-
-
 def send(sim: Simulation, host: str, port: int, *, window: int = 300, timeout: float = 60.0,
          progress: Any = None) -> dict[str, int]:
     """Deliver over one MLLP connection per feed, interleaved by delivery time within ``window`` messages.
@@ -463,16 +449,13 @@ def send(sim: Simulation, host: str, port: int, *, window: int = 300, timeout: f
 
     def run(feed: str) -> None:
         try:
-            with socket.create_connection((host, port), timeout=timeout) as sock:
-                buf = bytearray()
+            with MllpClient(host, port, timeout=timeout) as client:
                 for msg in sim.feed(feed):
                     k = order[id(msg)]
                     wait(lambda k=k: state["low"] >= k - window)  # type: ignore[misc]
                     if msg.after:
                         wait(lambda a=msg.after: a in acked)  # type: ignore[misc]
-                    sock.sendall(b"\x0b" + msg.text.encode("latin-1") + b"\x1c\r")
-                    ack = _read_ack(sock, buf).decode("latin-1")
-                    code = next((s.split("|")[1] for s in ack.split("\r") if s.startswith("MSA")), "")
+                    code = msa(client.send(msg.text.encode("latin-1")))[0]
                     with cond:
                         codes[code] += 1
                         done[k] = True

@@ -8,12 +8,14 @@ The environment is injected (``environ=``) so tests never touch ``os.environ``. 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import tomllib
 import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from refloop.config.credentials import read_credentials
 from refloop.config.settings import (
     SECTIONS,
     DatabaseSettings,
@@ -131,7 +133,7 @@ def _profiles(raw: Any) -> tuple[SenderProfile, ...]:
 
 def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Read, validate and freeze. ``path=None`` means defaults plus environment."""
-    env: Mapping[str, str] = {} if environ is None else environ
+    env: Mapping[str, str] = _with_credentials({} if environ is None else environ)
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -158,9 +160,21 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
         sections["database"] = dataclasses.replace(db, url=default_database_url(dict(env)))
     elif not db.url.startswith(("sqlite", "postgresql")):
         raise ConfigError("database.url", "must be a sqlite:/// or postgresql+psycopg:// URL")
+    elif db.url.startswith("postgresql") and importlib.util.find_spec("psycopg") is None:
+        raise ConfigError("database.url", "PostgreSQL needs its driver: pip install 'refloop[postgres]'")
     settings = Settings(**sections, profiles=_profiles(data.get("profiles")), config_path=str(path or ""))
     _cross_checks(settings)
     return settings
+
+
+def _with_credentials(environ: Mapping[str, str]) -> Mapping[str, str]:
+    """The environment plus ``REFLOOP_*`` entries for secrets found as systemd credentials; a variable
+    already set wins (see :mod:`refloop.config.credentials`)."""
+    found = read_credentials(environ.get("CREDENTIALS_DIRECTORY"))
+    if not found:
+        return environ
+    extra = {env_name(section, key): value for (section, key), value in found.items()}
+    return {**extra, **environ}
 
 
 def is_loopback(host: str) -> bool:
@@ -184,5 +198,9 @@ def _cross_checks(s: Settings) -> None:
         raise ConfigError("mllp.tls_cert", "required with mllp.tls_key / mllp.tls_client_ca")
     if s.database.writers > 1 and s.database.url.startswith("sqlite"):
         raise ConfigError("database.writers", "SQLite allows one writer; use 0 or 1 (more need PostgreSQL)")
+    if s.notify.smtp_tls and s.notify.smtp_starttls:
+        raise ConfigError("notify.smtp_tls", "choose implicit TLS (smtp_tls) or smtp_starttls, not both")
+    if s.notify.smtp_username and not (s.notify.smtp_tls or s.notify.smtp_starttls):
+        raise ConfigError("notify.smtp_username", "SMTP AUTH sends the password: set smtp_tls or smtp_starttls")
     if any(p.allowed_subjects for p in s.profiles) and not s.mllp.tls_client_ca:
         raise ConfigError("mllp.tls_client_ca", "required when a profile sets allowed_subjects (mTLS)")

@@ -129,8 +129,8 @@ class NotifySettings:
 
     webhook_url: str = setting("", "URL that receives JSON events (empty: no webhook).")
     webhook_secret: str = setting(
-        "", "HMAC-SHA256 key for the X-Refloop-Signature header (and for answer callbacks); prefer "
-        "REFLOOP_NOTIFY_WEBHOOK_SECRET over the file."
+        "", "HMAC-SHA256 key for the X-Refloop-Signature header (and for answer callbacks); prefer the "
+        "systemd credential notify_webhook_secret or REFLOOP_NOTIFY_WEBHOOK_SECRET over the file."
     )
     webhook_timeout: float = setting(10.0, "Seconds a webhook delivery may take.", _positive)
     webhook_phi: bool = setting(
@@ -142,6 +142,18 @@ class NotifySettings:
     smtp_host: str = setting("", "SMTP relay for owner and referrer e-mail (empty: no e-mail).")
     smtp_port: int = setting(25, "SMTP port.", _port)
     smtp_starttls: bool = setting(False, "Upgrade the SMTP connection with STARTTLS before sending.")
+    smtp_tls: bool = setting(
+        False, "Implicit TLS from the first byte (SMTPS, usually port 465) instead of STARTTLS."
+    )
+    smtp_username: str = setting("", "SMTP AUTH user name (empty: no AUTH); AUTH needs TLS (starttls or tls).")
+    smtp_password: str = setting(
+        "", "SMTP AUTH password; prefer the systemd credential notify_smtp_password or "
+        "REFLOOP_NOTIFY_SMTP_PASSWORD over the file."
+    )
+    ca_file: str = setting(
+        "", "PEM CA bundle that verifies the webhook's HTTPS and the SMTP server's TLS certificate "
+        "(empty: the system's trust store)."
+    )
     smtp_from: str = setting("refloop@localhost", "Envelope and header sender of refloop's e-mail.")
     smtp_to_default: str = setting(
         "", "Recipient for owners without an address and for loop-closed notices to the referrer."
@@ -151,8 +163,10 @@ class NotifySettings:
     mllp_timeout: float = setting(30.0, "Seconds to wait for the referrer's ACK.", _positive)
     max_attempts: int = setting(8, "Delivery attempts before a notification is dead-lettered.", _attempts)
     backoff_seconds: float = setting(
-        30.0, "First retry delay; doubles with every failed attempt.", _positive
+        30.0, "First retry delay; doubles with every failed attempt up to backoff_max_seconds, each delay "
+        "drawn between half and all of that so retries after an outage spread out.", _positive
     )
+    backoff_max_seconds: float = setting(3600.0, "Longest delay between two delivery attempts.", _positive)
     dispatch_seconds: float = setting(10.0, "Seconds between outbox dispatch runs.", _positive)
 
     def __post_init__(self) -> None:

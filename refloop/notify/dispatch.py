@@ -33,11 +33,11 @@ def deliver(engine: Engine, settings: Settings, row: dict[str, Any], now: dateti
     if channel == policy.WEBHOOK:
         if not ns.webhook_url:
             raise DeliveryError("webhook not configured")
-        webhook.post(ns.webhook_url, ns.webhook_secret, row, ns.webhook_timeout)
+        webhook.post(ns.webhook_url, ns.webhook_secret, row, ns.webhook_timeout, ca_file=ns.ca_file)
     elif channel == policy.PATIENT:
         if not ns.patient_webhook_url:
             raise DeliveryError("patient webhook not configured")
-        webhook.post(ns.patient_webhook_url, ns.webhook_secret, row, ns.webhook_timeout)
+        webhook.post(ns.patient_webhook_url, ns.webhook_secret, row, ns.webhook_timeout, ca_file=ns.ca_file)
     elif channel == policy.EMAIL:
         if not ns.smtp_host:
             raise DeliveryError("smtp not configured")
@@ -65,8 +65,9 @@ def dispatch_once(engine: Engine, settings: Settings, now: datetime, *, counter:
         except Exception as exc:  # any failure is retried; only its class or code is kept (never the text)
             error = str(exc) if isinstance(exc, DeliveryError) else type(exc).__name__
             with engine.begin() as conn:
+                delay = policy.retry_delay(settings.notify, int(row["attempts"]), row["idempotency_key"])
                 status = outbox.mark_failed(conn, row, now, error, max_attempts=settings.notify.max_attempts,
-                                            backoff_seconds=settings.notify.backoff_seconds)
+                                            retry_in=delay)
                 if status == outbox.DEAD:
                     alerts.dead_letter_notice(conn, settings, row, now)
             outcome = "dead" if status == outbox.DEAD else "failed"

@@ -1,4 +1,4 @@
-"""E-mail delivery over SMTP (optionally STARTTLS), blocking, run in a worker thread.
+"""E-mail delivery over SMTP (plain, STARTTLS or implicit TLS; optional AUTH), blocking, in a worker thread.
 
 Subjects and bodies carry referral IDs, stages and levels only: mail crosses systems refloop does not
 control, so no names, MRNs or note text ever go into it. The note itself travels by MLLP.
@@ -48,13 +48,36 @@ def compose(ns: NotifySettings, row: dict[str, Any]) -> EmailMessage:
     return msg
 
 
+def tls_context(ns: NotifySettings) -> ssl.SSLContext:
+    """Verifies the server's certificate and name against ``notify.ca_file`` (else the system store)."""
+    return ssl.create_default_context(cafile=ns.ca_file or None)
+
+
+def connect(ns: NotifySettings, timeout: float = 30.0) -> smtplib.SMTP:
+    """An SMTP session ready for MAIL FROM: implicit TLS (465) or STARTTLS when configured, then AUTH."""
+    smtp: smtplib.SMTP
+    if ns.smtp_tls:
+        smtp = smtplib.SMTP_SSL(ns.smtp_host, ns.smtp_port, timeout=timeout, context=tls_context(ns))
+    else:
+        smtp = smtplib.SMTP(ns.smtp_host, ns.smtp_port, timeout=timeout)
+    try:
+        if ns.smtp_starttls:
+            smtp.starttls(context=tls_context(ns))
+        if ns.smtp_username:
+            smtp.login(ns.smtp_username, ns.smtp_password)
+    except BaseException:
+        smtp.close()
+        raise
+    return smtp
+
+
 def send(ns: NotifySettings, row: dict[str, Any]) -> None:
     msg = compose(ns, row)
     try:
-        with smtplib.SMTP(ns.smtp_host, ns.smtp_port, timeout=30) as smtp:
-            if ns.smtp_starttls:
-                smtp.starttls(context=ssl.create_default_context())
+        with connect(ns) as smtp:
             smtp.send_message(msg)
+    except smtplib.SMTPAuthenticationError as exc:
+        raise DeliveryError(f"smtp auth {exc.smtp_code}") from None
     except smtplib.SMTPResponseException as exc:
         raise DeliveryError(f"smtp {exc.smtp_code}") from None
     except (smtplib.SMTPException, OSError) as exc:

@@ -11,7 +11,6 @@ purged, PID-3 falls back to the placer ID. ACK: AA/CA delivered; AE/AR/CE/CR or 
 from __future__ import annotations
 
 import base64
-import socket
 from datetime import datetime
 from typing import Any
 
@@ -19,11 +18,13 @@ from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
 from sqlalchemy import Connection, select
 
+from refloop.hl7.mllp import MllpClient, MllpError, msa
 from refloop.notify.webhook import DeliveryError
 from refloop.store.models import Message, ReferralDocument
 from refloop.store.referrals import REFERRALS
 
-VT, FS, CR = b"\x0b", b"\x1c", b"\r"
+#: MSH-18 character set (HL7 table 0211) of every forwarded message.
+CHARSET = "UNICODE UTF-8"
 _ESCAPES = (("\\", "\\E\\"), ("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\"))
 
 
@@ -65,8 +66,9 @@ def build_mdm(conn: Connection, row: dict[str, Any], now: datetime, *, applicati
     pid = _original_pid(conn, doc.message_id) or f"PID|1||{placer}^^^RI||UNKNOWN"
     control = f"RL{row['id']}"[:20]
     segs = [
+        # MSH-18: the text below is encoded as UTF-8 on the wire (send() does), so say so.
         "|".join(["MSH", "^~\\&", application, facility, "", "", _ts(now), "", "MDM^T02^MDM_T02", control, "P",
-                  "2.5.1"]),
+                  "2.5.1", "", "", "", "", "", CHARSET]),
         f"EVN|T02|{_ts(now)}",
         pid,
         "PV1|1|O",
@@ -78,35 +80,26 @@ def build_mdm(conn: Connection, row: dict[str, Any], now: datetime, *, applicati
         segs += [f"OBX|{i}|TX|11488-4^Consult note^LN||{escape(line)}||||||F" for i, line in enumerate(lines, 1)]
     else:
         data = base64.b64encode(doc.content).decode()
-        segs.append(f"OBX|1|ED|11488-4^Consult note^LN||^application^pdf^Base64^{data}||||||F")
+        major, _, minor = (doc.content_type or "application/octet-stream").partition("/")
+        ed = f"^{escape(major)}^{escape(minor or 'octet-stream')}^Base64^{data}"
+        segs.append(f"OBX|1|ED|11488-4^Consult note^LN||{ed}||||||F")
     er7 = "\r".join(segs)
     msg = parse_message(er7, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
     msg.validate()  # raises on a structural error: better here than in the referrer's engine
     return er7 + "\r"
 
 
-def ack_code(ack: bytes) -> str:
-    for seg in ack.replace(b"\n", b"\r").split(b"\r"):
-        if seg.startswith(b"MSA|"):
-            return seg.split(b"|")[1].decode("ascii", errors="replace")[:2]
-    return ""
-
-
 def send(host: str, port: int, er7: str, timeout: float) -> None:
     """Blocking: one connection per message, wait for the ACK frame, accept AA/CA only."""
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(VT + er7.encode("utf-8") + FS + CR)
-            buf = b""
-            while FS not in buf:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    raise DeliveryError("mllp closed without ack")
-                buf += chunk
+        with MllpClient(host, port, timeout=timeout) as client:
+            ack = client.send(er7.encode("utf-8"))
     except TimeoutError:
         raise DeliveryError("mllp ack timeout") from None
+    except MllpError:
+        raise DeliveryError("mllp closed without ack") from None
     except OSError as exc:
         raise DeliveryError(f"mllp {type(exc).__name__}") from None
-    code = ack_code(buf[buf.find(VT) + 1:buf.find(FS)])
+    code = msa(ack)[0][:2]
     if code not in ("AA", "CA"):
         raise DeliveryError(f"ack {code or 'missing'}")

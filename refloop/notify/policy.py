@@ -6,6 +6,7 @@ the dispatcher's dead-letter notice and the digest all decide the same way, and 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Final
 
@@ -96,6 +97,20 @@ def referrer_channels(ns: NotifySettings) -> list[tuple[str, str]]:
     if ns.mllp_port:
         out.append((MLLP, f"{ns.mllp_host}:{ns.mllp_port}"))
     return out
+
+
+def retry_delay(ns: NotifySettings, attempts: int, key: str) -> float:
+    """Seconds until the next attempt after ``attempts`` failed ones: exponential from ``backoff_seconds``,
+    capped at ``backoff_max_seconds``, then "equal jitter" (between half and all of it).
+
+    The jitter is drawn from a hash of the idempotency key and the attempt, not from a random generator:
+    notifications that failed together (a receiver outage) still spread out, while one row's schedule is
+    reproducible, so a test or an operator can say exactly when the next attempt is due.
+    """
+    ceiling = min(ns.backoff_max_seconds, ns.backoff_seconds * 2 ** max(attempts - 1, 0))
+    digest = hashlib.sha256(f"{key}:{attempts}".encode()).digest()
+    fraction = int.from_bytes(digest[:8], "big") / 2**64
+    return ceiling / 2 + ceiling / 2 * fraction
 
 
 def patient_channels(ns: NotifySettings) -> list[tuple[str, str]]:

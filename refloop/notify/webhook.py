@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import ssl
 import urllib.error
 import urllib.request
 from typing import Any
@@ -36,8 +37,23 @@ def body_of(row: dict[str, Any]) -> bytes:
                       separators=(",", ":")).encode()
 
 
-def post(url: str, secret: str, row: dict[str, Any], timeout: float) -> None:
-    """Blocking POST (run in a worker thread); any non-2xx answer is a failure to retry."""
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Refuse every redirect: urllib would follow a 302/303 by turning the signed POST into a body-less GET
+    and report success, so the event would be lost while the outbox row said ``delivered``."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> None:
+        return None
+
+
+def opener(ca_file: str = "") -> urllib.request.OpenerDirector:
+    """An opener that never follows redirects and verifies HTTPS with ``ca_file`` (else the system store)."""
+    context = ssl.create_default_context(cafile=ca_file or None)
+    return urllib.request.build_opener(_NoRedirect(), urllib.request.HTTPSHandler(context=context))
+
+
+def post(url: str, secret: str, row: dict[str, Any], timeout: float, *, ca_file: str = "") -> None:
+    """Blocking POST (run in a worker thread); any non-2xx answer, a redirect included, is a failure to retry."""
     if not url.lower().startswith(("http://", "https://")):
         raise DeliveryError("webhook url is not http(s)")
     body = body_of(row)
@@ -47,10 +63,12 @@ def post(url: str, secret: str, row: dict[str, Any], timeout: float) -> None:
         headers[SIGNATURE_HEADER] = sign(secret, body)
     req = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310 - scheme checked above
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - scheme checked above
+        with opener(ca_file).open(req, timeout=timeout) as resp:
             if not 200 <= resp.status < 300:
                 raise DeliveryError(f"http {resp.status}")
     except urllib.error.HTTPError as exc:
+        if 300 <= exc.code < 400:
+            raise DeliveryError(f"http {exc.code} redirect not followed") from None
         raise DeliveryError(f"http {exc.code}") from None
     except (urllib.error.URLError, OSError) as exc:
         raise DeliveryError(f"webhook {type(getattr(exc, 'reason', exc)).__name__}") from None

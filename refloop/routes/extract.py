@@ -133,6 +133,21 @@ def appointment_id(msg: Message) -> str:
     return msg.get("SCH-2.1") or msg.get("SCH-1.1")
 
 
+#: HL7 table 0191 "type of referenced data" codes, as MIME top-level types (senders use either form).
+_ED_TYPES = {"AP": "application", "IM": "image", "AU": "audio", "TEXT": "text", "TX": "text"}
+
+
+def ed_media_type(type_of_data: str, subtype: str, data: bytes) -> str:
+    """The MIME type an ED component declares (OBX-5.2 / 5.3, e.g. ``image^jpeg``), so a forwarded note
+    keeps it; a sniffed PDF or ``application/octet-stream`` when the sender declared nothing usable."""
+    major = _ED_TYPES.get(type_of_data.strip().upper(), type_of_data.strip().lower())
+    minor = subtype.strip().lower()
+    token = re.compile(r"[a-z0-9][a-z0-9.+-]{0,30}")
+    if token.fullmatch(major) and token.fullmatch(minor):
+        return f"{major}/{minor}"
+    return "application/pdf" if data.startswith(b"%PDF") else "application/octet-stream"
+
+
 @dataclass(frozen=True)
 class NoteBody:
     """The note content as stored: bytes plus a content type."""
@@ -155,8 +170,7 @@ def note_body(msg: Message) -> NoteBody:
                 data = base64.b64decode(payload, validate=False)
             except (binascii.Error, ValueError):
                 continue
-            kind = "application/pdf" if data.startswith(b"%PDF") else "application/octet-stream"
-            return NoteBody(data, kind)
+            return NoteBody(data, ed_media_type(obx.get_raw("5.2"), obx.get_raw("5.3"), data))
         if vtype in ("TX", "FT", "ST", "") and obx.field(5):
             lines.append(unescape_text(obx.field(5), msg))
     if not lines:

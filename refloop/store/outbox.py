@@ -77,8 +77,9 @@ def mark_delivered(engine: Engine, outbox_id: int, now: datetime) -> None:
 
 
 def mark_failed(conn: Connection, row: dict[str, Any], now: datetime, error: str, *, max_attempts: int,
-                backoff_seconds: float) -> str:
-    """Schedule a retry with exponential backoff, or dead-letter the row; returns the new status.
+                retry_in: float) -> str:
+    """Schedule a retry ``retry_in`` seconds from now (the backoff rule is
+    :func:`refloop.notify.policy.retry_delay`), or dead-letter the row; returns the new status.
 
     Runs on the caller's connection so that the dead-letter notice to the owner is enqueued in the same
     transaction as the dead status (see :mod:`refloop.notify.dispatch`).
@@ -87,7 +88,7 @@ def mark_failed(conn: Connection, row: dict[str, Any], now: datetime, error: str
     if attempts >= max_attempts:
         status, next_at = DEAD, now
     else:
-        status, next_at = FAILED, now + timedelta(seconds=backoff_seconds * 2 ** (attempts - 1))
+        status, next_at = FAILED, now + timedelta(seconds=retry_in)
     conn.execute(update(OUTBOX).where(OUTBOX.c.id == row["id"]).values(
         status=status, next_attempt_at=utc(next_at), lease_until=None, last_error=error[:255]))
     return status
