@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Coroutine, Iterator, Sequence
 from datetime import datetime
@@ -34,10 +35,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 # -- serve ----------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from refloop.daemon.server import Server, StartupError
-    from refloop.logs import setup_logging
+    from refloop.logs import setup_logging, stderr_is_journal
 
     settings = _settings(args)
-    setup_logging(settings.log.level, settings.log.format)
+    setup_logging(settings.log.level, settings.log.format, journal=stderr_is_journal(os.environ))
     server = Server(settings, migrate_schema=args.migrate)
     try:
         _run(server.serve(), settings)

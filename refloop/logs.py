@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 FIELDS = (
@@ -43,9 +45,47 @@ class TextFormatter(JsonFormatter):
         return head + "".join(f" {k}={v}" for k, v in data.items())
 
 
-def setup_logging(level: str = "INFO", fmt: str = "json", stream: object = None) -> None:
+#: sd-daemon(3) priority prefixes (syslog levels) that journald strips and stores as PRIORITY=.
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+
+def syslog_priority(levelno: int) -> int:
+    return next((prio for floor, prio in _PRIORITIES if levelno >= floor), 7)
+
+
+class JournalPrefix(logging.Formatter):
+    """Wraps a formatter and prepends ``<N>`` so ``journalctl -p warning`` filters refloop's lines.
+
+    Only used when stderr really is the journal (see :func:`stderr_is_journal`): anywhere else the
+    prefix would be noise in a terminal or a file.
+    """
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{syslog_priority(record.levelno)}>{self.inner.format(record)}"
+
+
+def stderr_is_journal(environ: Mapping[str, str], fd: int = 2) -> bool:
+    """True when ``$JOURNAL_STREAM`` names the device:inode of ``fd``, as systemd.exec(5) advises checking:
+    the variable is inherited by children whose stderr may have been redirected elsewhere."""
+    value = environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+def setup_logging(level: str = "INFO", fmt: str = "json", stream: object = None, *, journal: bool = False) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    handler.setFormatter(JournalPrefix(formatter) if journal else formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -28,7 +28,7 @@ from refloop.daemon.systemd import Notifier, listen_fds, watchdog_interval, watc
 from tests.utils import require_tool
 
 REPO = Path(__file__).resolve().parents[1]
-UNITS = REPO / "systemd"
+UNITS = REPO / "refloop" / "units"  # package data: `refloop config units DIR` writes them
 SERVICE = UNITS / "refloop.service"
 SOCKET = UNITS / "refloop.socket"
 
@@ -422,6 +422,11 @@ def test_units_agree_with_the_code() -> None:
     assert service["Type"] == ["notify"]
     assert service["NotifyAccess"] == ["main"]
     assert "ProcSubset" not in service  # it silently removes prometheus-client's process_* metrics
+    # refloop exits 2 on a configuration error (tests/test_systemd_daemon.py): restarting cannot fix that
+    assert service["RestartPreventExitStatus"] == ["2"]
+    from refloop.cli_common import EXIT_CONFIG
+
+    assert EXIT_CONFIG == 2
 
 
 def test_timeout_stop_covers_the_drain_grace() -> None:
