@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import platform
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,6 +77,18 @@ ALLOWED: dict[str, frozenset[str]] = {
 }
 
 
+#: The standard prometheus-client collectors refloop registers (process_*, python_info, python_gc_*): their
+#: label values come from the interpreter, never from traffic.
+_PY = sys.version_info
+STANDARD_ALLOWED: dict[str, frozenset[str]] = {
+    "implementation": frozenset({platform.python_implementation()}),
+    "major": frozenset({str(_PY.major)}), "minor": frozenset({str(_PY.minor)}),
+    "patchlevel": frozenset({str(_PY.micro)}), "version": frozenset({platform.python_version()}),
+    "generation": frozenset({"0", "1", "2"}),
+}
+STANDARD_PREFIXES = ("process_", "python_")
+
+
 def _is_bucket_bound(value: str) -> bool:
     try:
         f = float(value)
@@ -137,10 +151,15 @@ def test_every_label_value_is_bounded(scrape: Scrape) -> None:
     bad: list[str] = []
     seen: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(scrape.text):
-        if not family.name.startswith("refloop_"):
+        standard = family.name.startswith(STANDARD_PREFIXES)
+        if not family.name.startswith("refloop_") and not standard:
             bad.append(f"family {family.name}: not in the refloop_ namespace")
         for sample in family.samples:
             for label, value in sample.labels.items():
+                if standard:
+                    if value not in STANDARD_ALLOWED.get(label, frozenset()):
+                        bad.append(f"{sample.name}: {label}={value!r} is not a standard collector label")
+                    continue
                 seen.setdefault(label, set()).add(value)
                 if label == "le" and family.type == "histogram":
                     if not _is_bucket_bound(value):
@@ -160,6 +179,16 @@ def test_every_label_value_is_bounded(scrape: Scrape) -> None:
     assert {"rejected", "duplicate", "unparseable", "broken_frame", "oversize", "storage_failure"} <= \
         seen["outcome"], seen["outcome"]
     assert "rejected_max_per_ip" in seen["result"], seen["result"]
+
+
+def test_standard_collectors_and_no_created_series(scrape: Scrape) -> None:
+    """process_* and python_* are exported (the docs and dashboards use them); *_created series are not."""
+    families = {f.name: f for f in text_string_to_metric_families(scrape.text)}
+    for name in ("process_cpu_seconds", "process_resident_memory_bytes", "process_open_fds",
+                 "process_start_time_seconds", "python_info", "python_gc_collections"):
+        assert name in families, f"{name} missing from /metrics"
+    created = [ln for ln in scrape.text.splitlines() if "_created" in ln.split(" ")[0].split("{")[0]]
+    assert not created, created[:5]
 
 
 def test_no_phi_or_ids_in_scrape(scrape: Scrape) -> None:

@@ -7,7 +7,17 @@ profile names from the configuration (else ``unknown``), ACK codes from table 00
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
 
 from refloop import __version__
 
@@ -22,11 +32,26 @@ def type_label(message_type: str) -> str:
     return t if t in MESSAGE_TYPES else "other"
 
 
+#: The standard collectors (process_* CPU, memory, fds, start time; python_info; python_gc_*): dashboards
+#: and the unit file's comments rely on them. Added to every refloop registry; the library's module-level
+#: instances are reused because they keep no per-registry state.
+STANDARD_COLLECTORS = (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR)
+
+
 class Metrics:
+    """All of refloop's series on one registry, plus the standard process and platform collectors.
+
+    ``*_created`` series are switched off (process-wide, in prometheus_client): they double the series
+    count of every counter and histogram and no rule or panel reads them.
+    """
+
     def __init__(self, registry: CollectorRegistry | None = None, profiles: tuple[str, ...] = ("default",)):
+        disable_created_metrics()
         self.registry = registry if registry is not None else CollectorRegistry()
         self.profiles = frozenset(profiles)
         r = self.registry
+        for collector in STANDARD_COLLECTORS:
+            r.register(collector)
         self.connections_open = Gauge("refloop_connections_open", "Open MLLP connections.", registry=r)
         self.connections = Counter(
             "refloop_connections_total", "MLLP connections by result (accepted or rejected and why).",
