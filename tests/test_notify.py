@@ -28,6 +28,7 @@ from refloop.config.notify import NotifySettings, WorklistSettings
 from refloop.config.windows import WindowSettings
 from refloop.daemon.metrics import Metrics
 from refloop.notify.dispatch import dispatch_once
+from refloop.notify.policy import retry_delay
 from refloop.store import alerts, outbox
 from tests.samples import CANARY_NAME, mdm_msg, ref_msg, siu_msg
 from tests.test_scan import T0, engine_for, new_referral, scan, settings_for
@@ -182,23 +183,42 @@ def test_webhook_is_signed_and_carries_ids_only(db_url: str) -> None:
 
 
 def test_wrong_secret_is_retried_with_backoff(db_url: str) -> None:
-    """A receiver refusing the signature (401) is a failure: retried after backoff, doubling."""
+    """A receiver refusing the signature (401) is a failure: retried after a jittered, doubling backoff."""
     engine = engine_for(db_url)
     with http_receiver(secret="other") as hook:
         settings = settings_for(db_url, webhook_url=hook.url, webhook_secret=SECRET, backoff_seconds=30)
         new_referral(engine)
         now = T0 + timedelta(days=15)
         scan(engine, settings, now)
+        key = "alert:1:1:webhook"
+        first, second = (retry_delay(settings.notify, n, key) for n in (1, 2))
+        assert 15 <= first <= 30 and 30 <= second <= 60
         assert dispatch_once(engine, settings, now)["failed"] == 1
-        assert dispatch_once(engine, settings, now + timedelta(seconds=29))["failed"] == 0  # not due yet
-        assert dispatch_once(engine, settings, now + timedelta(seconds=30))["failed"] == 1
-        assert dispatch_once(engine, settings, now + timedelta(seconds=89))["failed"] == 0  # 30 + 60
-        assert dispatch_once(engine, settings, now + timedelta(seconds=90))["failed"] == 1
+        due = now + timedelta(seconds=first)
+        assert dispatch_once(engine, settings, due - timedelta(seconds=1))["failed"] == 0  # not due yet
+        assert dispatch_once(engine, settings, due)["failed"] == 1
+        due += timedelta(seconds=second)
+        assert dispatch_once(engine, settings, due - timedelta(seconds=1))["failed"] == 0
+        assert dispatch_once(engine, settings, due)["failed"] == 1
     assert hook.bad_signatures == 3
     with engine.connect() as conn:
         [row] = outbox.listing(conn)
     assert (row["status"], row["attempts"], row["last_error"]) == ("failed", 3, "http 401")
     engine.dispose()
+
+
+def test_backoff_is_capped_jittered_and_reproducible() -> None:
+    """Equal jitter under an exponential ceiling with a cap: attempt 8 waits at most backoff_max_seconds,
+    rows failing together spread out, and one row's schedule is the same every time it is computed."""
+    ns = NotifySettings(backoff_seconds=30, backoff_max_seconds=600)
+    for attempts in range(1, 20):
+        ceiling = min(600, 30 * 2 ** (attempts - 1))
+        for key in ("a", "b", "alert:7:2:email"):
+            assert ceiling / 2 <= retry_delay(ns, attempts, key) <= ceiling
+    assert retry_delay(ns, 8, "k") <= 600  # uncapped it would be 30 * 2**7 s, over an hour
+    spread = {round(retry_delay(ns, 3, f"alert:{i}:1:webhook"), 3) for i in range(50)}
+    assert len(spread) > 40
+    assert retry_delay(ns, 3, "x") == retry_delay(ns, 3, "x")
 
 
 def test_email_to_the_owner_has_no_phi_in_the_subject(db_url: str) -> None:
