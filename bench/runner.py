@@ -1,7 +1,7 @@
 """The `make bench` orchestrator: start each side in its own process, drive it with the load generator in
 another, verify durability, repeat in alternating rounds, and report medians.
 
-Method (after /work/shared/PERF.md): server under ``taskset -c 0``, generator under ``taskset -c 1``;
+Method (docs/performance.md): server under ``taskset -c 0``, generator under ``taskset -c 1``;
 closed loop, warm-up + barrier + measured phase; round 1 runs each (side, C) for ``--seconds`` and
 sizes the message count of later rounds from it (a fixed count per run, ``--max-seconds`` as the
 cut-off). Every refloop run uses a fresh database; after the run the daemon is killed with SIGKILL and

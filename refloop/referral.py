@@ -89,8 +89,8 @@ field means "not sent".
 **PHI:** timeline details contain only identifiers, codes and times, never free text (coordinator notes,
 hold or close reasons). ``Event.data`` and ``ReferralState.hold_reason`` are left out of ``repr``.
 
-This module is longer than refloop's usual 300 lines on purpose. The docstring above is the README
-section, and the rest is one short handler per event kind. Splitting it would scatter the rules, which
+This module is longer than refloop's usual 300 lines on purpose. The docstring above is the full rule
+set, and the rest is one short handler per event kind. Splitting it would scatter the rules, which
 have to be read together.
 """
 

@@ -5,7 +5,7 @@ group, the day differences as plain numbers) so that a one-year report over a mi
 materialises a million objects; this module turns those rows into rates, percentiles, leaks and the
 CMS50-style figure, with no I/O and no clock, so every figure can be checked by hand in a test.
 
-Definitions (REFERRALS.md §3.4)
+Definitions (docs/report.md)
 -------------------------------
 
 * **Cohort**: referrals whose ``sent_at`` (earliest ``referral_created``) is in ``[from, to)`` (UTC),
@@ -33,7 +33,7 @@ Definitions (REFERRALS.md §3.4)
 * **Recovered**: referrals that were on the worklist (an ``alerts`` row) or got a reminder and then
   completed (``completed_at`` set), over referrals that were on the worklist.
 
-CMS50-style view (HL7-REFERENCE §8)
+CMS50-style view (docs/report.md)
 -----------------------------------
 
 How refloop follows CMS50 ("Closing the Referral Loop: Receipt of Specialist Report"):

@@ -54,7 +54,7 @@ X360_APP: Final = "EHR360"
 
 @dataclass(frozen=True)
 class Rates:
-    """Scenario probabilities and delays; defaults land near published figures (REFERRALS.md §3.2):
+    """Scenario probabilities and delays; defaults land near published figures (docs/report.md):
     about half of referrals completed and about a quarter of completed visits without a returned note."""
 
     decline: float = 0.05

@@ -3,7 +3,7 @@
 No mocks: notifications go to a real AF_UNIX datagram socket, socket activation is reproduced in a
 child process whose inherited descriptors and ``LISTEN_PID`` are set up exactly as systemd does
 (fds from 3, the PID of the process that runs the code), and the unit files are checked with the
-same ``systemd-analyze`` commands CI and OPS-REFERENCE §1.6 use.
+same ``systemd-analyze`` commands CI and docs/operations.md use.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ UNITS = REPO / "refloop" / "units"  # package data: `refloop config units DIR` w
 SERVICE = UNITS / "refloop.service"
 SOCKET = UNITS / "refloop.socket"
 
-#: systemd-analyze prints exposure on a 0-10 scale but takes --threshold on 0-100 (OPS-REFERENCE §1.6).
+#: systemd-analyze prints exposure on a 0-10 scale but takes --threshold on 0-100 (systemd-analyze(1)).
 MAX_EXPOSURE = 1.2
 THRESHOLD = "--threshold=12"
 

@@ -8,7 +8,7 @@ from typing import Any
 
 Check = Callable[[Any], str | None]
 
-#: HL7 versions accepted by default (MSH-12): HL7-REFERENCE §2.7 recommends 2.3 to 2.9.
+#: HL7 versions accepted by default (MSH-12): 2.3 to 2.9, the versions interface engines send today (docs/hl7.md).
 DEFAULT_VERSIONS = (
     "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8", "2.8.1", "2.8.2", "2.9",
 )

@@ -1,7 +1,7 @@
-"""Render the README's configuration reference table from the settings classes.
+"""Render the configuration reference table (docs/configuration.md) from the settings classes.
 
-`python -m refloop.config.reference README.md` rewrites the block between the two markers; the docs test
-fails when the README is stale, so the reference can never drift from the code.
+`python -m refloop.config.reference docs/configuration.md` rewrites the block between the two markers; the
+docs test fails when the page is stale, so the reference can never drift from the code.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def render_reference() -> str:
     return "\n".join(out)
 
 
-def update_readme(path: Path) -> bool:
+def update_page(path: Path) -> bool:
     text = path.read_text()
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
@@ -48,5 +48,5 @@ def update_readme(path: Path) -> bool:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    changed = update_readme(Path(sys.argv[1] if len(sys.argv) > 1 else "README.md"))
-    print("README updated" if changed else "README already current")
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/configuration.md")
+    print(f"{target} updated" if update_page(target) else f"{target} already current")

@@ -2,7 +2,7 @@
 
 Every knob lives here with its default, so that the daemon, the CLI, the tests and the documentation
 all read one source. Each field carries ``metadata["doc"]`` (the one-line reason shown in the example
-config and the README reference) and optionally ``metadata["check"]`` (a validator returning an error
+config and docs/configuration.md) and optionally ``metadata["check"]`` (a validator returning an error
 text or ``None``). The loader refuses unknown keys, so a typo never silently falls back to a default.
 """
 
@@ -92,7 +92,7 @@ def default_database_url(environ: dict[str, str] | None = None) -> str:
 
 @dataclass(frozen=True)
 class MllpSettings:
-    """The MLLP listener and its limits (safe defaults: see PEERS research in the README)."""
+    """The MLLP listener and its limits (safe defaults: see docs/hl7.md, "Limits and bad input")."""
 
     host: str = setting("127.0.0.1", "Address to bind; loopback unless you mean to expose the port.")
     port: int = setting(2575, "MLLP port (2575 is the IANA-registered HL7 port).", _port)
@@ -320,7 +320,7 @@ class Settings:
         return best
 
 
-#: The scalar sections, in the order the example config and README list them.
+#: The scalar sections, in the order the example config and docs/configuration.md list them.
 SECTIONS: dict[str, type] = {
     "mllp": MllpSettings,
     "http": HttpSettings,

@@ -4,7 +4,7 @@ This runs on the writer thread (see ``writer.py``), inside a SAVEPOINT per messa
 message never undoes the others committed in the same group. The ACK text is built here, before the
 commit, and stored in the journal row; the writer releases it to the socket only after COMMIT returned.
 
-Decision table (README "ACK decision table"):
+Decision table (docs/hl7.md, "ACK decision table"):
 
 ========================================  ==============  ==================
 situation                                  original mode   enhanced (MSH-15)
@@ -163,7 +163,7 @@ def frame(ack_text: str, codec: str = "latin-1") -> bytes:
 
 def content_hash(payload: bytes) -> str:
     """SHA-256 of the payload with segment terminators normalised: a resend through another engine
-    that turns CR into CRLF is still the same message (HL7-REFERENCE §3.4)."""
+    that turns CR into CRLF is still the same message (docs/hl7.md, "Resends")."""
     norm = payload.replace(b"\r\n", b"\r").replace(b"\n", b"\r").strip(b"\r \t\x00")
     return hashlib.sha256(norm).hexdigest()
 

@@ -75,7 +75,7 @@ class Metrics:
             ["type", "sender"], registry=r,
         )
         self.outcomes = Counter(
-            "refloop_journal_outcomes_total", "Journal outcomes (see README: the journal).", ["outcome"],
+            "refloop_journal_outcomes_total", "Journal outcomes (docs/hl7.md: the journal).", ["outcome"],
             registry=r,
         )
         self.acks = Counter("refloop_acks_total", "ACKs sent, by MSA-1 code.", ["code"], registry=r)

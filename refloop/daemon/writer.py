@@ -1,6 +1,6 @@
 """The single writer: group commit on its own thread, ACKs released only after COMMIT returned.
 
-Why this shape (measured, PERF.md): one fsync per message caps SQLite at ~3k msg/s; committing every
+Why this shape (measured, docs/performance.md): one fsync per message caps SQLite at ~3k msg/s; committing every
 message that queued up while the previous commit ran (drain, no timer) gives ~4x at 16 connections;
 doing it on a thread keeps the event loop free for framing and sockets. Each message gets a SAVEPOINT,
 so one bad message never undoes its neighbours; a failed COMMIT fails the whole group, and every

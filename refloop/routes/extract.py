@@ -1,7 +1,7 @@
 """Field extraction for the referral handlers: HL7 paths in, plain values out.
 
 Kept apart from the handlers so that each rule about *where* a value lives (which field, which
-fallback) is written once and can be read next to HL7-REFERENCE's tables. Nothing here touches the
+fallback) is written once and can be read next to docs/hl7.md. Nothing here touches the
 database or logs; the patient identifier is only ever returned hashed.
 """
 

@@ -1,6 +1,6 @@
 """Which referral a scheduling or document message belongs to, and how we know (``matched_by``).
 
-Order of evidence, strongest first (HL7-REFERENCE "linking"): a coordinator's decision; an explicit
+Order of evidence, strongest first (docs/referral-loop.md): a coordinator's decision; an explicit
 referral/order ID (SCH-26/27, ARQ-24/25, TXA-14/15, ORC-2, OBR-2/29, plus the sender's ``link_fields``)
 found among placer IDs and aliases; an earlier message about the same appointment or document; an
 explicit ID of a referral not seen yet (the message is *parked* until it arrives); and last a heuristic:

@@ -4,7 +4,7 @@ Why: a notification must go out if and only if the state change that caused it c
 :func:`enqueue` on *their* connection, inside the transaction that raises the alert or closes the loop,
 and the dispatcher delivers later, at least once. Receivers get the ``idempotency_key`` to drop repeats.
 
-Claiming follows OPS-REFERENCE §5.3: on PostgreSQL several daemons may dispatch, so due rows are taken
+Claiming: on PostgreSQL several daemons may dispatch, so due rows are taken
 with ``FOR UPDATE SKIP LOCKED`` and a short lease is written and committed *before* the slow send, so no
 row lock is held across SMTP or HTTP. A daemon that dies mid-send leaves an expired lease, and the row is
 claimed again (hence at-least-once). SQLite has one daemon, and ``BEGIN IMMEDIATE`` serialises claims.
