@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import os
+import ssl
 import sys
 from collections.abc import Coroutine, Iterator, Sequence
 from datetime import datetime
@@ -114,9 +115,25 @@ def split_messages(data: bytes) -> Iterator[bytes]:
         yield b"\r".join(current) + b"\r"
 
 
+def _send_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """TLS for `send` when any TLS option is given: verify the listener (system store or --ca-file) and
+    present --cert/--key for mTLS."""
+    if not (args.tls or args.ca_file or args.cert):
+        return None
+    if bool(args.cert) != bool(args.key):
+        raise ConfigError("--cert/--key", "give both the client certificate and its key")
+    try:
+        context = ssl.create_default_context(cafile=args.ca_file or None)
+        if args.cert:
+            context.load_cert_chain(args.cert, args.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("--ca-file/--cert/--key", f"cannot load: {exc}") from None
+    return context
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     failures = 0
-    with MllpClient(args.host, args.port, timeout=args.timeout) as client:
+    with MllpClient(args.host, args.port, timeout=args.timeout, ssl_context=_send_tls(args)) as client:
         for name in args.files:
             data = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
             for msg in split_messages(data):
@@ -265,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", default="127.0.0.1", help="MLLP listener to send to (default: %(default)s)")
     sp.add_argument("--port", type=int, default=2575, help="its port (default: %(default)s)")
     sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each ACK (default: %(default)s)")
+    sp.add_argument("--tls", action="store_true", help="connect with TLS, verifying the listener's certificate")
+    sp.add_argument("--ca-file", metavar="PEM", help="CA bundle that verifies the listener (implies --tls)")
+    sp.add_argument("--cert", metavar="PEM", help="client certificate for mTLS (with --key; implies --tls)")
+    sp.add_argument("--key", metavar="PEM", help="private key of --cert")
     sp.add_argument("files", nargs="+", metavar="FILE", help="files with one or more messages ('-' = stdin)")
     sp.set_defaults(func=cmd_send)
 

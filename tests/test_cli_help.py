@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,3 +82,24 @@ def test_config_units_and_example_in_tree(tmp_path: Path, capsys: pytest.Capture
     assert "ExecStart=/usr/local/bin/refloop serve --config /etc/refloop/refloop.toml" in (
         tmp_path / "refloop.service").read_text()
     assert main(["config", "units", str(tmp_path / "absent")]) == 2
+
+
+def test_send_over_tls_with_a_client_certificate(sqlite_url: str, certs: dict[str, str], ca: Any,
+                                                 tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`refloop send --ca-file --cert --key` through the MLLP client to a daemon that requires mTLS."""
+    from tests.samples import siu
+    from tests.test_tls import tls_settings
+    from tests.utils import running_daemon
+
+    client = ca.issue_cert("engine.test.invalid")
+    cert, key = tmp_path / "client.pem", tmp_path / "client.key"
+    client.cert_chain_pems[0].write_to_path(str(cert))
+    client.private_key_pem.write_to_path(str(key))
+    message = tmp_path / "m.hl7"
+    message.write_text(siu())
+    with running_daemon(tls_settings(sqlite_url, certs, mtls=True)) as d:
+        base = ["send", "--port", str(d.port), "--ca-file", certs["ca"]]
+        assert main([*base, "--cert", str(cert), "--key", str(key), str(message)]) == 0
+        assert "MSA|AA|" in capsys.readouterr().out
+        assert main([*base, "--cert", str(cert), str(message)]) == 2  # --cert without --key: usage
+        assert main([*base, str(message)]) == 1  # no client certificate: refused, no ACK

@@ -164,7 +164,7 @@ def test_links_point_at_files_in_the_repository() -> None:
             if re.match(r"[a-z]+:", target) or target.startswith("#"):
                 continue
             path = (page.parent / target.split("#", 1)[0]).resolve()
-            if not path.exists() or ROOT not in path.parents and path != ROOT:
+            if not path.exists() or (ROOT not in path.parents and path != ROOT):
                 bad.append(f"{page.relative_to(ROOT)}: {target}")
     assert not bad, bad
 
