@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from refloop.hl7.mllp import CR, FS, VT  # the block characters, defined once for both directions
+
 __all__ = [
     "CR",
     "FS",
@@ -31,9 +33,6 @@ __all__ = [
     "Truncated",
 ]
 
-VT = b"\x0b"
-FS = b"\x1c"
-CR = b"\r"
 
 # Integer forms: indexing bytes yields ints, and comparing ints avoids
 # building one-byte slices on the hot path.
