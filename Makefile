@@ -27,7 +27,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy refloop
 
-## make bench: the benchmark harness (numbers go to bench/results/ and the README)
+## make bench: the benchmark harness (numbers go to bench/results/; method and latest figures: docs/performance.md)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 

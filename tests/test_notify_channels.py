@@ -243,3 +243,18 @@ def test_non_pdf_ed_note_keeps_its_mime_type_and_msh18(db_url: str) -> None:
     _, kind, subtype, encoding, payload = fields[5].split("^")
     assert (kind, subtype, encoding) == ("image", "jpeg", "Base64")
     assert base64.b64decode(payload) == JPEG
+
+
+@pytest.mark.parametrize(("type_of_data", "subtype", "data", "expected"), [
+    ("application", "pdf", b"", "application/pdf"),
+    ("AP", "PDF", b"", "application/pdf"),  # HL7 table 0191 codes
+    ("IM", "JPEG", b"", "image/jpeg"),
+    ("TEXT", "rtf", b"", "text/rtf"),
+    ("", "", b"%PDF-1.7", "application/pdf"),  # nothing declared: sniffed
+    ("", "", b"\x00\x01", "application/octet-stream"),
+    ("image", "jpeg;x=1", b"", "application/octet-stream"),  # not a media type token: not trusted
+])
+def test_ed_media_type(type_of_data: str, subtype: str, data: bytes, expected: str) -> None:
+    from refloop.routes.extract import ed_media_type
+
+    assert ed_media_type(type_of_data, subtype, data) == expected
