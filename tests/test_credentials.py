@@ -74,3 +74,18 @@ def test_check_config_reads_the_token_credential(tmp_path: Path) -> None:
     good = run({"CREDENTIALS_DIRECTORY": creds(tmp_path, http_token="s3cret")})
     assert good.returncode == 0, good.stderr
     assert "s3cret" not in good.stdout + good.stderr
+
+
+def test_unit_and_docs_name_the_credentials_the_code_reads() -> None:
+    """The LoadCredential= examples in the unit and in docs/operations.md use the IDs refloop looks for."""
+    import re
+
+    from refloop.config.credentials import credential_name
+
+    wanted = {credential_name(section, key) for section, key in SECRET_SETTINGS}
+    unit = (REPO / "refloop" / "units" / "refloop.service").read_text()
+    ops = (REPO / "docs" / "operations.md").read_text()
+    for text in (unit, ops):
+        ids = set(re.findall(r"LoadCredential=([a-z_]+):", text))
+        assert ids and ids <= wanted, ids
+    assert set(re.findall(r"LoadCredential=([a-z_]+):", ops)) == wanted
