@@ -198,7 +198,7 @@ def test_weekly_figures_add_up_to_the_report(conn_of: Any, store: str) -> None:
 
 def _milestones_only(conn: Any, start: datetime, end: datetime) -> dict[str, int]:
     """One week's milestone figures through weekly.figures' own query, checked against a plain Python count."""
-    rows = weekly._activity(conn, start, end)  # noqa: SLF001
+    rows = weekly._activity(conn, start, end)
 
     def inside(v: Any) -> bool:
         m = v if isinstance(v, datetime) or v is None else datetime.fromisoformat(v)
@@ -318,3 +318,36 @@ def test_user_header_names_the_person_only_from_a_trusted_proxy(store: str) -> N
             select(AuditEntry.actor, AuditEntry.action).where(AuditEntry.action.like("alert_%")))]
     engine.dispose()
     assert acts == [("dana.r", "alert_note"), ("dashboard@127.0.0.1", "alert_acknowledge")]
+
+
+def test_cli_worklist_and_weekly_match_the_pages(store: str) -> None:
+    """`refloop worklist` takes the page's filters and gives the API's rows; `refloop report --weekly` gives the
+    weekly page's figures; a bad filter is a one-line usage error (exit 2)."""
+    import json
+
+    from tests.test_scan import refloop_cli
+
+    env = {"REFLOOP_WORKLIST_OWNERS": ",".join(OWNERS.owners), "REFLOOP_WORKLIST_MODE": "active",
+           "REFLOOP_WORKLIST_RELATIONSHIP_MODES": ",".join(OWNERS.relationship_modes)}
+    out = refloop_cli(store, "worklist", "--stage", "visit", "--mode", "active", "--sort", "priority", "--json",
+                      env=env)
+    assert out.returncode == 0, out.stderr
+    cli = json.loads(out.stdout)
+    with running_daemon(settings_for(store), clock=FixedClock(NOW)) as d:
+        status, api = d.get("/api/worklist?owner=&stage=visit&mode=active&sort=priority")
+    assert status == 200 and cli == api and cli
+    out = refloop_cli(store, "worklist", "--level", "seven", env=env)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    out = refloop_cli(store, "report", "--weekly", "--weeks-back", "3", "--now", NOW.isoformat(), "--format", "json",
+                      env=env)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    engine = make_engine(DatabaseSettings(url=store))
+    with engine.connect() as conn:
+        want = weekly.review(conn, settings_for(store), NOW, weekly.ZoneInfo("UTC"), weeks_back=3)
+    engine.dispose()
+    assert doc["this_week"]["totals"] == want["this_week"]["totals"]
+    assert doc["last_week"]["by_owner"] == want["last_week"]["by_owner"]
+    out = refloop_cli(store, "report", "--weekly", "--now", NOW.isoformat(), "--format", "csv", env=env)
+    rows = list(csv.DictReader(io.StringIO(out.stdout)))
+    assert rows[0]["group"] == "total" and {"sent", "last_sent", "new_leaks"} <= set(rows[0])

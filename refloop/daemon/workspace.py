@@ -59,11 +59,6 @@ EVENT_WORDS: Final = {"alert_acknowledge": "acknowledged the alert", "alert_snoo
                       "alert_hold": "put the referral on hold", "alert_close": "closed the referral"}
 
 
-def clinic_zone(settings: Settings) -> ZoneInfo:
-    """The clinic's time zone for display: ``stall.timezone`` once the stage clock has it, else UTC."""
-    return ZoneInfo(str(getattr(settings.stall, "timezone", "") or "UTC"))
-
-
 def _moment(value: Any) -> datetime | None:
     if value in (None, ""):
         return None
@@ -123,7 +118,7 @@ def add_routes(app: web.Application, server: Server) -> None:
     """Register ``/worklist`` (+ ``.csv``, bulk), ``/referrals/{id}`` (+ actions), ``/weekly``, ``/leaks.csv``
     and ``GET /api/worklist`` (+ ``/counts``)."""
     settings = server.settings
-    zone = clinic_zone(settings)
+    zone = wv.clinic_zone(settings)
     env = environment(zone)
 
     def engine() -> Engine:

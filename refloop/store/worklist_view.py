@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timedelta
 from typing import Any, Final
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, and_, case, func, literal, or_, select, true
 from sqlalchemy.sql.elements import ColumnElement
@@ -284,6 +285,11 @@ def facets(conn: Connection) -> dict[str, list[str]]:
 
 
 # -- the clock, as far as the alert row and the projection tell it today -------------------------------
+def clinic_zone(settings: Settings) -> ZoneInfo:
+    """The clinic's time zone for display and weeks: ``stall.timezone`` once the stage clock has it, else UTC."""
+    return ZoneInfo(str(getattr(settings.stall, "timezone", "") or "UTC"))
+
+
 _START: Final = {stall.SCHEDULING: "sent_at", stall.VISIT: "sent_at", stall.REBOOKING: "no_show_at",
                  stall.NOTE: "completed_at"}
 
