@@ -351,3 +351,70 @@ def test_cli_worklist_and_weekly_match_the_pages(store: str) -> None:
     out = refloop_cli(store, "report", "--weekly", "--now", NOW.isoformat(), "--format", "csv", env=env)
     rows = list(csv.DictReader(io.StringIO(out.stdout)))
     assert rows[0]["group"] == "total" and {"sent", "last_sent", "new_leaks"} <= set(rows[0])
+
+
+def test_through_a_reverse_proxy_the_audit_log_names_the_person(store: str) -> None:
+    """The docs' recipe, played by a real HTTP reverse proxy on loopback: it authenticates the person (HTTP
+    Basic here), drops any X-Forwarded-User the client sent, sets its own and X-Forwarded-Proto: https, and
+    adds the bearer token; refloop then names the person in the audit log and sets a Secure cookie."""
+    import asyncio
+    import base64
+    import threading
+
+    from aiohttp import ClientSession, web
+
+    engine = make_engine(DatabaseSettings(url=store))
+    with engine.connect() as conn:
+        [first] = wv.page(conn, settings_for(store), NOW, wv.Filters.from_query({"owner": ""}), limit=1).rows
+    users = {"erin": "pw1"}
+    settings = settings_for(store, token="s3cret", user_header="X-Forwarded-User")
+    with running_daemon(settings, clock=FixedClock(NOW)) as d:
+        upstream = f"http://127.0.0.1:{d.http_port}"
+
+        async def proxy(req: web.Request) -> web.StreamResponse:
+            user, _, password = base64.b64decode(req.headers.get("Authorization", "Basic Og==")[6:]).decode() \
+                .partition(":")
+            if users.get(user) != password:
+                return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="refloop"'})
+            headers = {k: v for k, v in req.headers.items()
+                       if k.lower() not in ("host", "authorization", "x-forwarded-user", "x-forwarded-proto")}
+            headers.update({"X-Forwarded-User": user, "X-Forwarded-Proto": "https",
+                            "Authorization": "Bearer s3cret"})
+            async with ClientSession() as s, s.request(req.method, upstream + req.path_qs, headers=headers,
+                                                       data=await req.read(), allow_redirects=False) as up:
+                body = await up.read()
+                out = {k: v for k, v in up.headers.items() if k.lower() in ("content-type", "location", "set-cookie")}
+                return web.Response(status=up.status, body=body, headers=out)
+
+        loop = asyncio.new_event_loop()
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", proxy)
+        runner = web.AppRunner(app)
+        loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        loop.run_until_complete(site.start())
+        port = runner.addresses[0][1]
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        try:
+            auth = {"Authorization": "Basic " + base64.b64encode(b"erin:pw1").decode()}
+            assert _get(port, "/worklist")[0] == 401
+            spoof = {**auth, "X-Forwarded-User": "mallory"}
+            status, body, _ = _get(port, "/worklist", spoof)
+            assert status == 200 and "Worklist of erin" in body
+            status, _, headers = _post(port, f"/referrals/{first['referral']}/act",
+                                       {"alert": first["alert_id"], "action": "acknowledge"}, spoof)
+            assert status == 303
+            status, _, headers = _post(port, "/login", {"token": "s3cret"}, auth)
+            assert status == 303 and "Secure" in headers["Set-Cookie"]
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+    with engine.connect() as conn:
+        acts = [(a.actor, a.action) for a in conn.execute(
+            select(AuditEntry.actor, AuditEntry.action).where(AuditEntry.action.like("alert_%")))]
+        reads = {a for (a,) in conn.execute(select(AuditEntry.actor).where(AuditEntry.action == "view"))}
+    engine.dispose()
+    assert acts == [("erin", "alert_acknowledge")] and "mallory" not in reads
