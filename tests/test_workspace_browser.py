@@ -110,6 +110,8 @@ def test_worklist_filters_bulk_assign_and_referral_actions(store: str, tmp_path:
             entries = [r.text for r in browser.find_elements(By.CSS_SELECTOR, "table.timeline tbody tr")]
             assert any(PERSON in e and "phoned the specialist's desk" in e for e in entries)
             assert any(PERSON in e and "patient travelling" in e for e in entries)
+            held = browser.find_element(By.CSS_SELECTOR, "#clock [data-hold]").text
+            assert PERSON in held and "patient travelling" in held
             assert browser.find_elements(By.CSS_SELECTOR, "table.timeline a[href^='/messages/']")
             browser.get(browser.current_url.split("?")[0])  # the page as it opens, for the screenshot
             _shot(browser, tmp_path, "referral.png")

@@ -354,7 +354,14 @@ def referral_context(conn: Connection, settings: Settings, rid: int, doc: dict[s
     current = wv.clock_view(windows, stage, 0, 0.0, ref, now) if stage else None
     if current is not None and current["started_at"] is not None:
         current["in_stage_days"] = (now - current["started_at"]).total_seconds() / 86400
-    return {"ref": doc, "stage": stage, "current": current, "clocks": clocks, "timeline": timeline(conn, rid, doc)}
+    entries = timeline(conn, rid, doc)
+    hold = None
+    for e in entries:  # the fold's rule: a hold lasts from hold_started to the next hold_ended
+        if e["event"] == "hold_started":
+            hold = e
+        elif e["event"] == "hold_ended":
+            hold = None
+    return {"ref": doc, "stage": stage, "current": current, "clocks": clocks, "timeline": entries, "hold": hold}
 
 
 def timeline(conn: Connection, rid: int, doc: dict[str, Any]) -> list[dict[str, Any]]:
