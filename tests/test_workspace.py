@@ -418,3 +418,34 @@ def test_through_a_reverse_proxy_the_audit_log_names_the_person(store: str) -> N
         reads = {a for (a,) in conn.execute(select(AuditEntry.actor).where(AuditEntry.action == "view"))}
     engine.dispose()
     assert acts == [("erin", "alert_acknowledge")] and "mallory" not in reads
+
+
+def test_view_on_both_databases(db_url: str) -> None:
+    """The SQL forms of the priority class and the rollout mode, and the keyset cursor, on SQLite and
+    PostgreSQL: every filter and sort pages to exactly what a plain reading gives."""
+    from bench.worklist_paging import build
+
+    build(db_url, 300)
+    settings = dataclasses.replace(settings_for(db_url), worklist=WorklistSettings(
+        mode="active", relationship_modes=("PRACTICE1>*=observe", "PRACTICE2>DERM=observe", "*>CARD=observe")))
+    engine = make_engine(DatabaseSettings(url=db_url))
+    try:
+        with engine.connect() as conn:
+            truth = [x for x in everything(conn, settings) if x["status"] in ("open", "acknowledged")]
+            assert {x["priority"] for x in truth} == {"stat", "urgent", "routine"}
+            cases = [({}, lambda x: True), ({"priority": "stat"}, lambda x: x["priority"] == "stat"),
+                     ({"mode": "observe"}, lambda x: x["mode"] == "observe"),
+                     ({"level": "3+"}, lambda x: x["level"] >= 3),
+                     ({"owner": "owner3"}, lambda x: x["owner"] == "owner3")]
+            for query, keep in cases:
+                view = wv.Filters.from_query({"owner": "", **query})
+                got = [r["alert_id"] for r in wv.iterate(conn, settings, NOW, view, batch=13)]
+                assert got == [x["alert_id"] for x in truth if keep(x)], query
+            rank = {"stat": 0, "urgent": 1, "routine": 2}
+            view = wv.Filters.from_query({"owner": "", "sort": "priority"})
+            by_priority = list(wv.iterate(conn, settings, NOW, view, batch=11))
+            assert len(by_priority) == len(truth)
+            assert [(rank[r["priority"]], -r["overdue_days"]) for r in by_priority] == sorted(
+                (rank[r["priority"]], -r["overdue_days"]) for r in by_priority)
+    finally:
+        engine.dispose()
