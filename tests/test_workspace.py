@@ -285,6 +285,11 @@ def test_login_is_a_post_and_the_cookie_is_secure_behind_https(store: str) -> No
         # behind a trusted proxy that terminated TLS, "auto" sets Secure
         status, _, headers = _post(port, "/login", {"token": "s3cret"}, {"X-Forwarded-Proto": "https"})
         assert status == 303 and "Secure" in headers["Set-Cookie"]
+        # a form posted from another site is refused (CSRF), one from this site is not
+        evil = {"Cookie": "refloop_token=s3cret", "Origin": "http://evil.example"}
+        assert _post(port, "/worklist/bulk", {"action": "acknowledge", "alert": "1"}, evil)[0] == 403
+        same = {"Cookie": "refloop_token=s3cret", "Origin": f"http://127.0.0.1:{port}"}
+        assert _post(port, "/worklist/bulk", {"action": "acknowledge"}, same)[0] == 303
         status, body, _ = _get(port, "/worklist?owner=", {"Cookie": "refloop_token=s3cret"})
         assert status == 200 and "Worklist" in body
     with running_daemon(settings_for(store, token="s3cret", trusted_proxies=("10.9.9.9/32",))) as d:

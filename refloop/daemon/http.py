@@ -37,7 +37,7 @@ class HttpApi:
         from refloop.daemon.workspace import add_routes as add_workspace_routes; add_workspace_routes(self.app, server)  # noqa: E702, I001
         self.runner: web.AppRunner | None = None
 
-    OPEN = frozenset({"/healthz", "/readyz", "/metrics", "/login", "/static/dashboard.css"})
+    OPEN = frozenset({"/healthz", "/readyz", "/metrics", "/login", "/static/dashboard.css", "/static/dashboard.js"})
     #: Reads that show patient-level data: each one is written to the audit log (HIPAA §164.312(b)).
     PHI_PATHS = ("/api/referrals", "/api/unmatched", "/referrals/")
 
@@ -60,6 +60,8 @@ class HttpApi:
         import hmac
 
         req[REQUEST_KEY] = self.identity.identify(req).person
+        if req.method == "POST" and not self._same_origin(req):
+            return web.json_response({"error": "cross-site form post refused"}, status=403)
         token = self.server.settings.http.token
         if token and req.path not in self.OPEN:
             # Browsers carry the token as the dashboard's cookie (set by POST /login, which checks it itself).
@@ -81,6 +83,18 @@ class HttpApi:
 
             logging.getLogger("refloop.http").error("request failed", extra={"error_type": type(exc).__name__})
             return web.json_response({"error": "internal error"}, status=500)
+
+    @staticmethod
+    def _same_origin(req: web.Request) -> bool:
+        """A browser's form post from another site carries its ``Origin``: refuse it. Behind a proxy that
+        authenticates with HTTP Basic or SSO, the browser would otherwise lend a person's credentials to any
+        page that posts a form here (CSRF). Clients that send no Origin (curl, the CLI, webhooks) pass."""
+        from urllib.parse import urlsplit
+
+        origin = req.headers.get("Origin", "")
+        if not origin:
+            return True
+        return origin != "null" and urlsplit(origin).netloc.lower() == req.host.lower()
 
     async def start(self, host: str, port: int) -> int:
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
