@@ -23,7 +23,12 @@ if TYPE_CHECKING:
 
 #: What a person's name may look like in the audit log (no control characters, bounded length).
 _NAME: Final = re.compile(r"[^\x00-\x1f\x7f]{1,64}")
-REQUEST_KEY: Final = "refloop_person"
+try:  # a typed request key (aiohttp >= 3.12); a plain string key before that
+    from aiohttp.web import RequestKey
+
+    REQUEST_KEY: Final = RequestKey("refloop_person", str)
+except ImportError:  # pragma: no cover
+    REQUEST_KEY = "refloop_person"  # type: ignore[misc, assignment]
 
 
 @dataclass(frozen=True)
