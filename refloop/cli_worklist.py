@@ -64,8 +64,15 @@ def cmd_worklist(args: argparse.Namespace) -> int:
     with _engine(args) as engine, engine.connect() as conn:
         now = SystemClock().now()
         if args.limit:
-            rows = wv.page(conn, settings, now, view, after=args.after or "", limit=args.limit,
-                           with_counts=False).rows
+            try:
+                p = wv.page(conn, settings, now, view, after=args.after or "", limit=args.limit, with_counts=False)
+            except ValueError as exc:
+                raise ConfigError("--after", str(exc)) from None
+            rows = p.rows
+            if p.next_cursor:  # on stderr, so stdout stays one JSON/CSV document
+                import sys
+
+                print(f"next page: --after={p.next_cursor}", file=sys.stderr)
         else:
             rows = list(wv.iterate(conn, settings, now, view))
     if args.json:

@@ -352,6 +352,13 @@ def test_cli_worklist_and_weekly_match_the_pages(store: str) -> None:
     with running_daemon(settings_for(store), clock=FixedClock(NOW)) as d:
         status, api = d.get("/api/worklist?owner=&stage=visit&mode=active&sort=priority")
     assert status == 200 and cli == api and cli
+    out = refloop_cli(store, "worklist", "--stage", "visit", "--mode", "active", "--sort", "priority", "--json",
+                      "--limit", "5", env=env)
+    cursor = out.stderr.strip().rsplit(" ", 1)[-1]
+    assert cursor.startswith("--after=")
+    rest = refloop_cli(store, "worklist", "--stage", "visit", "--mode", "active", "--sort", "priority", "--json",
+                       "--limit", "500", cursor, env=env)
+    assert json.loads(out.stdout) + json.loads(rest.stdout) == cli
     out = refloop_cli(store, "worklist", "--level", "seven", env=env)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     out = refloop_cli(store, "report", "--weekly", "--weeks-back", "3", "--now", NOW.isoformat(), "--format", "json",
