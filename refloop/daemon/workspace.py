@@ -17,6 +17,7 @@ import asyncio
 import csv
 import io
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -75,7 +76,7 @@ def _days_words(days: float) -> str:
     return f"{days / 7:.0f} weeks"
 
 
-def environment(zone: ZoneInfo) -> Environment:
+def environment(zone: ZoneInfo, now: Callable[[], datetime]) -> Environment:
     env = Environment(loader=FileSystemLoader(_HERE / "templates"), autoescape=select_autoescape(["html"]),
                       trim_blocks=True, lstrip_blocks=True)
 
@@ -83,11 +84,21 @@ def environment(zone: ZoneInfo) -> Environment:
         moment = _moment(value)
         return "–" if moment is None else moment.astimezone(zone).strftime(fmt)
 
+    def short(value: Any) -> str:
+        """Day, month and time; the year too when it is not this year's (old stalls are a year back)."""
+        moment = _moment(value)
+        if moment is None:
+            return "–"
+        local_moment = moment.astimezone(zone)
+        same_year = local_moment.year == now().astimezone(zone).year
+        return local_moment.strftime("%-d %b %H:%M" if same_year else "%-d %b %Y %H:%M")
+
     def iso(value: Any) -> str:
         moment = _moment(value)
         return "" if moment is None else moment.astimezone(zone).isoformat()
 
-    env.filters.update(local=local, iso=iso, days=_days_words, status_words=lambda s: STATUS_WORDS.get(s, s),
+    env.filters.update(local=local, short=short, iso=iso, days=_days_words,
+                       status_words=lambda s: STATUS_WORDS.get(s, s),
                        stage_words=lambda s: STAGE_WORDS.get(s, s), q=lambda d: urlencode(d),
                        event_words=lambda s: s.replace("_", " "))
     env.globals["zone"] = str(zone)
@@ -119,7 +130,7 @@ def add_routes(app: web.Application, server: Server) -> None:
     and ``GET /api/worklist`` (+ ``/counts``)."""
     settings = server.settings
     zone = wv.clinic_zone(settings)
-    env = environment(zone)
+    env = environment(zone, server.clock.now)
 
     def engine() -> Engine:
         assert server.engine is not None
