@@ -7,8 +7,9 @@ unresolved alert, spread over stages, levels, owners, specialties, practices and
 inserted directly (no HL7: this measures the read side only). Then times, as a coordinator would use them: the
 first page for everyone, the 200th page by keyset (the cursor of each page fed to the next), "my items",
 a specialty filter, the priority sort (no index: sorts the filtered set), the mode filter (SQL ``CASE``),
-the counts above the table, the filter pick-lists, and a full CSV-style walk. Prints one JSON line per case
-(median and max milliseconds). No assertion: a laptop and a shared CI box differ by 10x; compare runs.
+the counts above the table, the filter pick-lists, a full CSV-style walk, and the weekly review page.
+Prints one JSON line per case (median and max milliseconds). No assertion: a laptop and a shared CI box
+differ by 10x; compare runs.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def _time(fn: Callable[[], Any], repeat: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     from refloop.config import DatabaseSettings, Settings
     from refloop.config.notify import WorklistSettings
+    from refloop.store import weekly
     from refloop.store import worklist_view as wv
     from refloop.store.engine import make_engine
 
@@ -121,9 +123,11 @@ def main(argv: list[str] | None = None) -> int:
                 "counts (stage x level)": lambda: wv.page(conn, settings, NOW, everyone, limit=1),
                 "pick-lists": lambda: wv.facets(conn),
                 "full walk (CSV export)": lambda: sum(1 for _ in wv.iterate(conn, settings, NOW, everyone)),
+                "weekly review (2 weeks, 4 leak lists)": lambda: weekly.review(conn, settings, NOW,
+                                                                                weekly.ZoneInfo("UTC")),
             }
             for name, fn in cases.items():
-                repeat = 1 if name.startswith("full walk") else args.repeat
+                repeat = 1 if name.startswith(("full walk", "weekly")) else args.repeat
                 print(json.dumps({"case": name, "dialect": conn.dialect.name, **_time(fn, repeat)}))
     finally:
         engine.dispose()
