@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 "counts (stage x level)": lambda: wv.page(conn, settings, NOW, everyone, limit=1),
                 "pick-lists": lambda: wv.facets(conn),
                 "full walk (CSV export)": lambda: sum(1 for _ in wv.iterate(conn, settings, NOW, everyone)),
-                "weekly review (2 weeks, 4 leak lists)": lambda: weekly.review(conn, settings, NOW,
+                "weekly review (2 weeks)": lambda: weekly.review(conn, settings, NOW,
                                                                                 weekly.ZoneInfo("UTC")),
             }
             for name, fn in cases.items():
