@@ -430,6 +430,12 @@ def test_through_a_reverse_proxy_the_audit_log_names_the_person(store: str) -> N
             assert status == 303
             status, _, headers = _post(port, "/login", {"token": "s3cret"}, auth)
             assert status == 303 and "Secure" in headers["Set-Cookie"]
+            # the JSON API too: the person from the proxy beats an "actor" in the body
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/api/alerts/{first['alert_id']}/note",
+                                         data=b'{"note": "left a message", "actor": "someone"}', method="POST",
+                                         headers={**auth, "Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=20) as resp:
+                assert resp.status == 200
         finally:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(10)
@@ -440,7 +446,7 @@ def test_through_a_reverse_proxy_the_audit_log_names_the_person(store: str) -> N
             select(AuditEntry.actor, AuditEntry.action).where(AuditEntry.action.like("alert_%")))]
         reads = {a for (a,) in conn.execute(select(AuditEntry.actor).where(AuditEntry.action == "view"))}
     engine.dispose()
-    assert acts == [("erin", "alert_acknowledge")] and "mallory" not in reads
+    assert acts == [("erin", "alert_acknowledge"), ("erin", "alert_note")] and "mallory" not in reads
 
 
 def test_view_on_both_databases(db_url: str) -> None:
