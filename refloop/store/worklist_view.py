@@ -300,7 +300,7 @@ def clock_view(windows: stall.Windows, stage: str, level: int, overdue_days: flo
 
     Calendar days from the projection's start column; holds and business days are not subtracted here
     (the alert's ``overdue_days``, which the scan keeps, does subtract them). THE one place to swap for the
-    stored due instant of the stage-clock rework.
+    stored due instant of the stage-clock rework; ``overdue_days`` and ``now`` are passed for that version.
     """
     started = repo.aware(getattr(ref, _START.get(stage, "sent_at"), None))
     window = rp.window_days(windows, stage, referred_to=ref.referred_to or "", specialty=ref.specialty or "",
