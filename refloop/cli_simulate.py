@@ -32,6 +32,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config or os.environ.get("REFLOOP_CONFIG") or None, os.environ)
     now = _aware(args.now) if args.now else SystemClock().now()
+    if args.weekly:
+        from refloop.cli_worklist import cmd_weekly
+
+        return cmd_weekly(args, now)
     filters = {k: getattr(args, k) for k in rp.FILTER_FIELDS if getattr(args, k, None)}
     try:
         params = rq.default_params(now, start=args.start, end=args.end, by=args.by, filters=filters,
@@ -104,6 +108,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--year", type=int, help="CMS50 measurement year (default: the year --to falls in)")
     for name in ("referred_to", "specialty", "referring_provider", "priority"):
         sp.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="VALUE", help=f"only this {name}")
+    sp.add_argument("--weekly", action="store_true",
+                    help="the weekly review instead: this week's sent, scheduled, completed, closed, recovered and "
+                         "new leaks by owner and specialty, beside last week's")
+    sp.add_argument("--weeks-back", dest="weeks_back", type=int, default=0, metavar="N",
+                    help="with --weekly: the week N weeks before this one")
     sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("simulate", help="generate referral traffic with ground truth (files or MLLP)")

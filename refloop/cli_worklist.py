@@ -50,15 +50,83 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_worklist(args: argparse.Namespace) -> int:
-    from refloop.store import alerts
+    """The worklist with the page's filters (refloop.store.worklist_view): everyone unless --owner."""
+    from refloop.config import ConfigError
+    from refloop.store import worklist_view as wv
+
+    settings = _settings(args)
+    query = {name: str(getattr(args, name)) for name in _FILTERS if getattr(args, name, None)}
+    query.setdefault("owner", "")
+    try:
+        view = wv.Filters.from_query(query)
+    except ValueError as exc:
+        raise ConfigError("worklist", str(exc)) from None
+    with _engine(args) as engine, engine.connect() as conn:
+        now = SystemClock().now()
+        if args.limit:
+            try:
+                p = wv.page(conn, settings, now, view, after=args.after or "", limit=args.limit, with_counts=False)
+            except ValueError as exc:
+                raise ConfigError("--after", str(exc)) from None
+            rows = p.rows
+            if p.next_cursor:  # on stderr, so stdout stays one JSON/CSV document
+                import sys
+
+                print(f"next page: --after={p.next_cursor}", file=sys.stderr)
+        else:
+            rows = list(wv.iterate(conn, settings, now, view))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif args.csv:
+        import csv
+        import sys
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(wv.COLUMNS), extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        _table(rows, ("alert_id", "referral", "placer_id", "stage", "level_name", "overdue_days", "due_at", "owner",
+                      "status", "priority", "specialty", "mode", "delivery"))
+    return EXIT_OK
+
+
+_FILTERS = ("owner", "stage", "level", "priority", "specialty", "referred_to", "practice", "mode", "status", "sort")
+
+
+def cmd_weekly(args: argparse.Namespace, now: datetime) -> int:
+    """`refloop report --weekly`: this week and last, by owner and specialty (refloop.store.weekly)."""
+    from refloop.store import weekly
+    from refloop.store import worklist_view as wv
 
     settings = _settings(args)
     with _engine(args) as engine, engine.connect() as conn:
-        rows = alerts.worklist(conn, settings, SystemClock().now(), owner=args.owner)
-    if args.json:
-        print(json.dumps(rows, indent=2))
+        doc = weekly.review(conn, settings, now, wv.clinic_zone(settings), weeks_back=args.weeks_back)
+    if args.format == "json":
+        print(json.dumps(doc, indent=2, default=str))
+        return EXIT_OK
+    this, last = doc["this_week"], doc["last_week"]
+    rows: list[dict[str, Any]] = []
+    for group, key in (("total", None), ("owner", "by_owner"), ("specialty", "by_specialty")):
+        names = [""] if key is None else sorted(set(this[key]) | set(last[key]))
+        for name in names:
+            a = this["totals"] if key is None else this[key].get(name, {})
+            b = last["totals"] if key is None else last[key].get(name, {})
+            row: dict[str, Any] = {"group": group, "name": name}
+            for f in weekly.FIGURES:
+                row[f] = a.get(f, 0)
+                row[f"last_{f}"] = b.get(f, 0)
+            rows.append(row)
+    cols = ("group", "name", *(c for f in weekly.FIGURES for c in (f, f"last_{f}")))
+    if args.format == "csv":
+        import csv
+        import sys
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(cols), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
     else:
-        _table(rows, (*_COLUMNS, "delivery"))
+        print(f"week from {this['from']} to {doc['week_end']} (last_*: the week before)")
+        _table(rows, cols)
     return EXIT_OK
 
 
@@ -110,19 +178,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sp.set_defaults(func=cmd_scan)
 
-    sp = with_config(sub.add_parser("worklist", help="open stall alerts, most overdue first"))
-    sp.add_argument("--owner", help="only this owner's alerts")
-    sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sp = with_config(sub.add_parser("worklist", help="open stall alerts with the worklist page's filters, most "
+                                                     "urgent first"))
+    sp.add_argument("--owner", help="only this owner's alerts (default: everyone)")
+    sp.add_argument("--stage", choices=["scheduling", "visit", "rebooking", "note"], help="only this stage")
+    sp.add_argument("--level", help="only this level (1, 2, 3+)")
+    sp.add_argument("--priority", choices=["stat", "urgent", "routine"], help="only this priority class")
+    sp.add_argument("--specialty", help="only this specialty (case-insensitive)")
+    sp.add_argument("--referred-to", dest="referred_to", help="only referrals to this provider/organisation")
+    sp.add_argument("--practice", help="only this referring practice (RF1-6.2)")
+    sp.add_argument("--mode", choices=["observe", "active"], help="only relationships in this rollout mode")
+    sp.add_argument("--status", choices=["active", "open", "acknowledged", "snoozed", "all"],
+                    help="alert status (default: active = open + acknowledged)")
+    sp.add_argument("--sort", choices=["due", "level", "priority", "raised"], help="order (default: due)")
+    sp.add_argument("--limit", type=int, default=0, help="one page of this many rows (default: every row)")
+    sp.add_argument("--after", help="the page after this cursor (from a previous page's last row: see docs)")
+    out = sp.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print JSON")
+    out.add_argument("--csv", action="store_true", help="print CSV (the page's export columns)")
     sp.set_defaults(func=cmd_worklist)
 
-    sp = with_config(sub.add_parser("alert", help="act on an alert: acknowledge, snooze, assign, note, close"))
-    sp.add_argument("action", choices=["acknowledge", "snooze", "assign", "note", "close"], help="what to do")
+    sp = with_config(sub.add_parser("alert", help="act on an alert: acknowledge, snooze, assign, note, hold, close"))
+    sp.add_argument("action", choices=["acknowledge", "snooze", "assign", "note", "hold", "close"], help="what to do")
     sp.add_argument("alert_id", metavar="ALERT_ID", type=int, help="the alert (see `refloop worklist`)")
     sp.add_argument("--actor", help="who acts, for the audit log (default: $USER)")
     sp.add_argument("--note", help="free-text note kept with the alert (no PHI, please)")
-    sp.add_argument("--until", help="snooze until this ISO 8601 date")
+    sp.add_argument("--until", help="snooze (or hold) until this ISO 8601 date")
     sp.add_argument("--owner", help="assign to this owner")
-    sp.add_argument("--reason", help="why the referral is closed by hand")
+    sp.add_argument("--reason", help="why the referral is held or closed by hand")
     sp.set_defaults(func=cmd_alert)
 
     sp = with_config(sub.add_parser("outbox", help="notifications and their delivery state; `outbox retry ID`"))

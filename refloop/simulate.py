@@ -487,6 +487,21 @@ def _get(base: str, path: str, token: str = "") -> Any:
         return json.loads(resp.read())
 
 
+def _get_all(base: str, path: str, token: str = "") -> list[Any]:
+    """Every page of a paged list (``GET /api/worklist``), following its ``Link: <...>; rel="next"`` header."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    rows: list[Any] = []
+    for _ in range(100_000):  # bounded: a page holds at least one row
+        req = urllib.request.Request(base + path, headers=headers)  # noqa: S310 - always http://, built here
+        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310
+            rows += json.loads(resp.read())
+            link = resp.headers.get("Link", "")
+        if 'rel="next"' not in link:
+            break
+        path = link.split(">", 1)[0].lstrip("<")
+    return rows
+
+
 def _post(base: str, path: str, token: str = "") -> Any:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     req = urllib.request.Request(base + path, data=b"", headers=headers, method="POST")  # noqa: S310
@@ -517,7 +532,7 @@ def check(sim: Simulation, http: str, *, token: str = "") -> dict[str, Any]:
     report_ok = report["totals"]["sent"] == len(expected) and report["totals"]["closed"] == want_closed
     # Alerts: one scan as of the simulation's end instant, then the worklist against the expected stalls.
     _post(base, "/api/scan?" + urllib.parse.urlencode({"as_of": sim.now.isoformat()}), token)
-    got = {(r["placer_id"], r["stage"]) for r in _get(base, "/api/worklist", token)
+    got = {(r["placer_id"], r["stage"]) for r in _get_all(base, "/api/worklist?owner=", token)
            if r.get("placer_id") in expected and r.get("stage") in stall.STAGES}
     want = {(p, stage) for p, t in sim.truth.items() for stage in t.stages}
     alerts_ok = got == want

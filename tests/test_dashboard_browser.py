@@ -107,5 +107,8 @@ def test_login_cookie_unlocks_the_dashboard(sqlite_url: str) -> None:
             urllib.request.urlopen(f"{base}/", timeout=10)
         assert err.value.code == 401
         opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
-        with opener.open(f"{base}/login?token=s3cret", timeout=10) as resp:
+        # the token goes in a POST form body (never the URL); the cookie it sets opens the dashboard
+        with opener.open(f"{base}/login", data=b"token=s3cret", timeout=10) as resp:
             assert resp.status == 200 and b"refloop" in resp.read()
+        with opener.open(f"{base}/", timeout=10) as resp:
+            assert resp.status == 200 and b"Cohort" in resp.read()

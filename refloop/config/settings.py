@@ -153,6 +153,22 @@ class HttpSettings:
         "Bearer token for the API and dashboard; required when host is not loopback (/healthz, /readyz and "
         "/metrics stay open). Prefer REFLOOP_HTTP_TOKEN over the file.",
     )
+    # -- per-user identity behind a reverse proxy (docs/workspace.md) --
+    user_header: str = setting(
+        "",
+        "Request header naming the signed-in person (e.g. X-Forwarded-User), set by an authenticating reverse "
+        "proxy; honoured only from trusted_proxies, so the audit log and timeline name a person.",
+    )
+    trusted_proxies: tuple[str, ...] = setting(
+        ("127.0.0.1/32", "::1/128"),
+        "Networks whose requests may carry user_header and X-Forwarded-Proto (the reverse proxy's address).",
+        _cidrs,
+    )
+    cookie_secure: str = setting(
+        "auto",
+        "Secure flag on the login cookie: 'auto' (when a trusted proxy says X-Forwarded-Proto: https), 'on', 'off'.",
+        _one_of("auto", "on", "off"),
+    )
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,10 @@ no-script use work. Forms call the same store functions as the JSON API, so both
 Every page that shows referral detail is audited (``action="view"``); the report page lists IDs and
 provider names only, never patient data.
 
-``GET /login?token=...`` sets the ``refloop_token`` cookie (HttpOnly, SameSite=Strict) so a browser can
-use the dashboard when ``http.token`` is set; the auth middleware in ``http.py`` accepts that cookie.
+``GET /login`` shows a form; ``POST /login`` checks the token from the form body (never the URL, which
+ends up in proxy logs and browser history) and sets the ``refloop_token`` cookie (HttpOnly,
+SameSite=Strict, ``Secure`` per ``http.cookie_secure``) that the auth middleware in ``http.py`` accepts.
+The coordinator's worklist, referral and weekly pages live in :mod:`refloop.daemon.workspace`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from aiohttp import web
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from refloop.config.windows import windows_from_settings
-from refloop.store import audit
+from refloop.daemon import identity
 from refloop.store import referrals as repo
 from refloop.store import report_queries as rq
 
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
     from refloop.daemon.server import Server
 
 COOKIE = "refloop_token"
+#: The dashboard shows the most overdue few; the full list, filters and paging are on /worklist.
+DASHBOARD_ROWS = 20
 _HERE = Path(__file__).parent
 
 
@@ -124,7 +128,7 @@ def add_routes(app: web.Application, server: Server) -> None:
             doc = rq.build_report(conn, p, windows())
             monthly = rq.build_report(conn, replace(p, by="month", leak_limit=0), windows())["groups"]
             closing = _close_days(conn, p)
-            work = alerts.worklist(conn, server.settings, server.clock.now())
+            work = alerts.worklist(conn, server.settings, server.clock.now())[:DASHBOARD_ROWS]
             work_note = ""
             unmatched = repo.list_unmatched(conn)
         return {"r": doc, "funnel": funnel(doc["totals"]), "trend": trend(monthly), "hist": histogram(closing),
@@ -139,23 +143,6 @@ def add_routes(app: web.Application, server: Server) -> None:
         ctx = await asyncio.to_thread(_dashboard, p)
         html = env.get_template("dashboard.html").render(query=dict(req.query), flash=req.query.get("done", ""),
                                                          **ctx)
-        return web.Response(text=html, content_type="text/html")
-
-    def _referral(key: str, actor: str) -> dict[str, Any] | None:
-        with engine().begin() as conn:
-            rid = repo.resolve_key(conn, key)
-            if rid is None:
-                return None
-            doc = repo.referral_json(conn, rid, server.clock.now())
-            audit.record(conn, now=server.clock.now(), actor=actor, action="view", target=f"referral:{rid}",
-                         detail="dashboard")
-            return doc
-
-    async def referral_page(req: web.Request) -> web.Response:
-        doc = await asyncio.to_thread(_referral, req.match_info["id"], _actor(req))
-        if doc is None:
-            return web.Response(text="no such referral", status=404)
-        html = env.get_template("referral.html").render(ref=doc)
         return web.Response(text=html, content_type="text/html")
 
     def _act(alert_id: int, action: str, form: dict[str, str], actor: str) -> str:
@@ -215,14 +202,24 @@ def add_routes(app: web.Application, server: Server) -> None:
         done = await asyncio.to_thread(_unlink, int(mid), _actor(req))
         return _see_other(f"/?done={_q(done)}#review")
 
+    resolver = identity.Resolver(server.settings.http)
+
+    async def login_form(req: web.Request) -> web.Response:
+        if "token" in req.query:  # an old bookmark: never accept a secret from a URL
+            return web.Response(text="the token goes in the login form, not the URL", status=400)
+        html = env.get_template("login.html").render(error="", needed=bool(server.settings.http.token))
+        return web.Response(text=html, content_type="text/html")
+
     async def login(req: web.Request) -> web.StreamResponse:
         token = server.settings.http.token
-        given = req.query.get("token", "")
+        given = str((await req.post()).get("token", ""))
         if token and not hmac.compare_digest(given.encode(), token.encode()):
-            return web.Response(text="wrong token", status=401)
-        resp = _see_other("/")
+            html = env.get_template("login.html").render(error="That token is not right.", needed=True)
+            return web.Response(text=html, content_type="text/html", status=401)
+        resp = _see_other("/worklist")
         if token:
-            resp.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/")
+            secure = resolver.secure_cookie(resolver.identify(req))
+            resp.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/", secure=secure)
         return resp
 
     async def static(req: web.Request) -> web.StreamResponse:
@@ -235,12 +232,12 @@ def add_routes(app: web.Application, server: Server) -> None:
 
     app.add_routes([
         web.get("/", index),
-        web.get("/referrals/{id}", referral_page),
         web.get("/api/report", api_report),
         web.post("/dashboard/alerts/{id}/{action}", alert_action),
         web.post("/dashboard/unmatched/{message_id}/link", link),
         web.post("/dashboard/unmatched/{message_id}/unlink", unlink),
-        web.get("/login", login),
+        web.get("/login", login_form),
+        web.post("/login", login),
         web.get("/static/{name}", static),
     ])
 
@@ -251,8 +248,9 @@ def _see_other(location: str) -> web.Response:
 
 
 def _actor(req: web.Request) -> str:
-    """Who acted, for the audit trail: the dashboard has no user accounts, so the remote address."""
-    return f"dashboard@{req.remote or 'unknown'}"[:64]
+    """Who acted, for the audit trail: the person from ``http.user_header`` (a trusted proxy's), else the
+    remote address (refloop has no user accounts of its own)."""
+    return identity.actor(req, f"dashboard@{req.remote or 'unknown'}")
 
 
 def _q(text: str) -> str:

@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from refloop.daemon.identity import REQUEST_KEY, Resolver, actor
 from refloop.store import queries
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 class HttpApi:
     def __init__(self, server: Server) -> None:
         self.server = server
+        self.identity = Resolver(server.settings.http)
         self.app = web.Application(middlewares=[self.auth])  # type: ignore[list-item]  # bound method
         self.app.add_routes([
             web.get("/healthz", self.healthz),
@@ -32,31 +34,41 @@ class HttpApi:
         from refloop.daemon.http_referrals import add_routes; add_routes(self.app, server)  # noqa: E702, I001
         from refloop.daemon.http_worklist import add_routes as add_worklist_routes; add_worklist_routes(self.app, server)  # noqa: E501, E702, I001
         from refloop.daemon.dashboard import add_routes as add_dashboard_routes; add_dashboard_routes(self.app, server)  # noqa: E702, I001
+        from refloop.daemon.workspace import add_routes as add_workspace_routes; add_workspace_routes(self.app, server)  # noqa: E702, I001
         self.runner: web.AppRunner | None = None
 
-    OPEN = frozenset({"/healthz", "/readyz", "/metrics"})
+    OPEN = frozenset({"/healthz", "/readyz", "/metrics", "/login", "/static/dashboard.css", "/static/dashboard.js"})
     #: Reads that show patient-level data: each one is written to the audit log (HIPAA §164.312(b)).
     PHI_PATHS = ("/api/referrals", "/api/unmatched", "/referrals/")
 
     async def _audit_read(self, req: web.Request) -> None:
         from refloop.store.audit import record_now
 
-        actor = "token" if self.server.settings.http.token else f"http:{req.remote or 'local'}"
+        who = actor(req, "token" if self.server.settings.http.token else f"http:{req.remote or 'local'}")
         engine = self.server.engine
         assert engine is not None
-        await asyncio.to_thread(record_now, engine, now=self.server.clock.now(), actor=actor, action="read",
+        await asyncio.to_thread(record_now, engine, now=self.server.clock.now(), actor=who, action="read",
                                 target=req.path[:255])
 
     @web.middleware
     async def auth(self, req: web.Request, handler: Handler) -> web.StreamResponse:
-        """Everything but health and metrics needs the bearer token when one is configured."""
+        """Everything but health, metrics and the login form needs the bearer token when one is configured.
+
+        The person named by ``http.user_header`` (trusted proxies only: :mod:`refloop.daemon.identity`) is
+        put on the request for the audit log; it identifies, it does not authenticate.
+        """
         import hmac
 
+        req[REQUEST_KEY] = self.identity.identify(req).person
+        if req.method == "POST" and not self._same_origin(req):
+            return web.json_response({"error": "cross-site form post refused"}, status=403)
         token = self.server.settings.http.token
         if token and req.path not in self.OPEN:
-            # Browsers carry the token as the dashboard's cookie (set by /login, which checks it itself).
+            # Browsers carry the token as the dashboard's cookie (set by POST /login, which checks it itself).
             given = req.headers.get("Authorization", "") or f"Bearer {req.cookies.get('refloop_token', '')}"
-            if req.path != "/login" and not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                if req.method == "GET" and "text/html" in req.headers.get("Accept", ""):
+                    return web.Response(status=303, headers={"Location": "/login"})
                 return web.json_response({"error": "unauthorized"}, status=401,
                                          headers={"WWW-Authenticate": "Bearer"})
         try:
@@ -71,6 +83,18 @@ class HttpApi:
 
             logging.getLogger("refloop.http").error("request failed", extra={"error_type": type(exc).__name__})
             return web.json_response({"error": "internal error"}, status=500)
+
+    @staticmethod
+    def _same_origin(req: web.Request) -> bool:
+        """A browser's form post from another site carries its ``Origin``: refuse it. Behind a proxy that
+        authenticates with HTTP Basic or SSO, the browser would otherwise lend a person's credentials to any
+        page that posts a form here (CSRF). Clients that send no Origin (curl, the CLI, webhooks) pass."""
+        from urllib.parse import urlsplit
+
+        origin = req.headers.get("Origin", "")
+        if not origin:
+            return True
+        return origin != "null" and urlsplit(origin).netloc.lower() == req.host.lower()
 
     async def start(self, host: str, port: int) -> int:
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)

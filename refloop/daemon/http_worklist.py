@@ -1,4 +1,5 @@
-"""Worklist endpoints: the alert worklist, coordinator actions, the outbox, and answers to a referral.
+"""Worklist endpoints: coordinator actions, the outbox, and answers to a referral (the worklist itself,
+``GET /api/worklist``, is served with its page in :mod:`refloop.daemon.workspace`).
 
 ``POST /api/callbacks/answer`` is for a patient-engagement or practice system answering a reminder: it
 may be outside the bearer-token perimeter's trust, so its body must carry a valid ``X-Refloop-Signature``
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from refloop.daemon import identity
 from refloop.notify import webhook
 from refloop.store import alerts, outbox
 from refloop.store import referrals as repo
@@ -40,11 +42,7 @@ def add_routes(app: web.Application, server: Server) -> None:
         assert server.engine is not None
         return server.engine
 
-    def _worklist(owner: str | None) -> list[dict[str, Any]]:
-        with engine().connect() as conn:
-            return alerts.worklist(conn, server.settings, server.clock.now(), owner=owner)
-
-    def _act(alert_id: int, action: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def _act(alert_id: int, action: str, body: dict[str, Any], who: str) -> tuple[int, dict[str, Any]]:
         try:
             until = parse_until(body.get("until"))
         except ValueError:
@@ -52,7 +50,7 @@ def add_routes(app: web.Application, server: Server) -> None:
         try:
             with engine().begin() as conn:
                 doc = alerts.act(conn, server.settings, alert_id, action, server.clock.now(),
-                                 actor=str(body.get("actor") or "api"), note=str(body.get("note") or ""),
+                                 actor=who or str(body.get("actor") or "api"), note=str(body.get("note") or ""),
                                  until=until, owner=str(body.get("owner") or ""), reason=str(body.get("reason") or ""))
         except alerts.ActionError as exc:
             return exc.status, {"error": str(exc)}
@@ -81,14 +79,12 @@ def add_routes(app: web.Application, server: Server) -> None:
             return None
         return body if isinstance(body, dict) else None
 
-    async def worklist(req: web.Request) -> web.Response:
-        return web.json_response(await asyncio.to_thread(_worklist, req.query.get("owner") or None))
-
     async def action(req: web.Request) -> web.Response:
         body = await json_body(req)
         if body is None or not req.match_info["id"].isdigit():
             return web.json_response({"error": "expected a numeric alert id and a JSON object body"}, status=400)
-        status, doc = await asyncio.to_thread(_act, int(req.match_info["id"]), req.match_info["action"], body)
+        status, doc = await asyncio.to_thread(_act, int(req.match_info["id"]), req.match_info["action"], body,
+                                              identity.actor(req, ""))
         return web.json_response(doc, status=status)
 
     async def outbox_list(req: web.Request) -> web.Response:
@@ -136,7 +132,6 @@ def add_routes(app: web.Application, server: Server) -> None:
 
     app.add_routes([
         web.post("/api/scan", scan),
-        web.get("/api/worklist", worklist),
         web.post("/api/alerts/{id}/{action}", action),
         web.get("/api/outbox", outbox_list),
         web.post("/api/referrals/{id}/events", referral_event),

@@ -46,7 +46,7 @@ SCAN_LOCK: Final = 0x72666C7363616E
 #: Loop-closed notices are only sent for loops closed this recently, so enabling notifications on an old
 #: database does not mail every referrer about years of history.
 LOOP_CLOSED_LOOKBACK: Final = timedelta(days=14)
-ACTIONS: Final = ("acknowledge", "snooze", "assign", "note", "close")
+ACTIONS: Final = ("acknowledge", "snooze", "assign", "note", "hold", "close")
 _CHUNK: Final = 500
 
 
@@ -889,7 +889,20 @@ def act(conn: Connection, settings: Settings, alert_id: int, action: str, now: d
         raise ActionError(400, "note needs a 'note'")
     if note:
         data["note"] = note  # free text: kept in event data, which fold keeps off the timeline detail
-    if action == "close":
+    if action == "hold":
+        # pauses the referral's stall clock (referral.paused_intervals) until *until*, or until someone ends it
+        if not reason.strip():
+            raise ActionError(400, "hold needs a 'reason'")
+        if until is not None and until <= now:
+            raise ActionError(400, "hold 'until' must be in the future")
+        hold = {"actor": actor, "reason": reason.strip()[:255], "alert_id": alert_id}
+        if until is not None:
+            hold["resume_at"] = until.isoformat()
+        _timeline(conn, row.referral_id, rf.HOLD_STARTED, now, hold)
+        repo.refresh(conn, row.referral_id, now)
+        conn.execute(update(ALERTS).where(ALERTS.c.id == alert_id).values(
+            **values, status=ACKNOWLEDGED if row.status != RESOLVED else RESOLVED))
+    elif action == "close":
         if not reason.strip():
             raise ActionError(400, "close needs a 'reason'")
         _timeline(conn, row.referral_id, rf.MANUAL_CLOSED, now, {"actor": actor, "reason": reason.strip()[:255],

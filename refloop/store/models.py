@@ -365,3 +365,9 @@ Index("ix_outbox_alert", OutboxEntry.alert_id)  # the worklist's delivery state 
 Index("ix_referrals_patient_first", Referral.patient_key, Referral.sent_at, Referral.status,
       Referral.note_received_at)
 Index("ix_referral_events_kind_subject", ReferralEvent.kind, ReferralEvent.referral_id, ReferralEvent.subject)
+
+# -- worklist paging indexes (migration 0013) -------------------------------------------------------
+# The coordinator's worklist pages by keyset, most overdue first, for everyone or one owner
+# (refloop.store.worklist_view): one index range read per page, whatever the page number.
+Index("ix_alerts_worklist", Alert.open_key, Alert.overdue_days, Alert.id)
+Index("ix_alerts_worklist_owner", Alert.open_key, Alert.owner, Alert.overdue_days, Alert.id)
