@@ -142,7 +142,7 @@ def test_heuristic_link_by_patient_and_provider(daemon: DaemonThread) -> None:
     send(daemon, ref_msg("L7", mrn="MRN700"), siu_msg("A7", mrn="MRN700"))
     body = referral(daemon, "L7")
     assert body["status"] == "scheduled"
-    assert body["links"][-1]["matched_by"] == "heuristic:patient+provider_id+provider_name"
+    assert body["links"][-1]["matched_by"] == "heuristic:patient@CLINIC+provider_id+provider_name"
 
 
 def test_booking_before_its_referral_is_adopted(daemon: DaemonThread) -> None:
@@ -156,7 +156,7 @@ def test_booking_before_its_referral_is_adopted(daemon: DaemonThread) -> None:
     body = referral(daemon, "L9")
     assert body["status"] == "scheduled"
     assert [(lk["control_id"], lk["matched_by"]) for lk in body["links"]] == [
-        ("SIU-A9", "heuristic:patient+provider_id+provider_name"), ("REF-L9", "referral_id")]
+        ("SIU-A9", "heuristic:patient@CLINIC+provider_id+provider_name"), ("REF-L9", "referral_id")]
     outcome, detail = journal(daemon, "SIU-A9")
     assert outcome == "processed" and detail.startswith("adopted: referral ")
     assert journal(daemon, "SIU-A9x") == ("ignored", "unrelated")  # another provider's appointment: not ours

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from refloop.config.fields import DEFAULT_VERSIONS, Check, setting
+from refloop.config.fields import DEFAULT_PATIENT_ID_TYPES, DEFAULT_VERSIONS, Check, setting
 from refloop.config.notify import NotifySettings, WorklistSettings
 from refloop.config.windows import WindowSettings
 
@@ -239,9 +239,20 @@ class SenderProfile:
         "Message types (MSH-9.1) whose referral effects are applied for this sender; others are only journaled.",
     )
     order_mode: str = setting(
-        "off",
-        "'referral': OMG^O19/ORM^O01 orders are referrals (360X style, ORC-2 is the referral ID); 'off': journal only.",
-        _one_of("off", "referral"),
+        "auto",
+        "'referral': OMG^O19/ORM^O01 orders and OSU^O51 status updates are referrals (360X style, ORC-2 is the "
+        "referral ID); 'auto': only messages whose MSH-21 names the 360X profile; 'off': journal only.",
+        _one_of("auto", "off", "referral"),
+    )
+    patient_id_authorities: tuple[str, ...] = setting(
+        (),
+        "Assigning authorities (CX-4) whose patient identifiers this sender shares with the referrers; only "
+        "these link its messages to referrals (empty: every authority).",
+    )
+    patient_id_types: tuple[str, ...] = setting(
+        DEFAULT_PATIENT_ID_TYPES,
+        "Identifier types (CX-5) read from PID-3 (and PID-2/PID-4 in v2.3.x) as the patient's identifiers; "
+        "\"\" is an identifier sent without a type.",
     )
     presume_attendance_hours: float = setting(
         0.0,

@@ -4,7 +4,8 @@ Order of evidence, strongest first (HL7-REFERENCE "linking"): a coordinator's de
 referral/order ID (SCH-26/27, ARQ-24/25, TXA-14/15, ORC-2, OBR-2/29, plus the sender's ``link_fields``)
 found among placer IDs and aliases; an earlier message about the same appointment or document; an
 explicit ID of a referral not seen yet (the message is *parked* until it arrives); and last a heuristic:
-same patient and same referred-to provider among open referrals. One heuristic candidate links, several
+same patient (any identifier shared, see :mod:`refloop.store.identity`) and same referred-to provider
+among open referrals. One heuristic candidate links, several
 go to the review queue, none means the message is unrelated to any referral.
 
 Unrelated traffic is the common case (most appointments are not referrals), so that path costs at most
@@ -21,8 +22,8 @@ from typing import Any
 
 from refloop.message import Message
 from refloop.routes.context import HandlerContext, HandlerResult
-from refloop.routes.extract import Provider, patient_key, values_at
-from refloop.store import alerts
+from refloop.routes.extract import PatientId, Provider, patient_ids, shared_ids, values_at
+from refloop.store import alerts, identity
 from refloop.store import referrals as repo
 from refloop.store.models import Outcome
 
@@ -59,6 +60,7 @@ def place(ctx: HandlerContext, msg: Message, *, explicit_paths: tuple[str, ...],
     ``providers`` may be a callable: it is only needed when the patient has open referrals, which most
     department-feed traffic does not, so the handler need not extract them up front."""
     conn = ctx.conn
+    ids = message_ids(ctx, msg)
     if ctx.replay:
         prior = repo.link_row(conn, ctx.message_id)
         if prior is not None and prior.matched_by == "manual":
@@ -85,18 +87,36 @@ def place(ctx: HandlerContext, msg: Message, *, explicit_paths: tuple[str, ...],
         return Placement(None, repo.PARKED, kind, pending_key=earlier[1])
 
     candidates: list[dict[str, Any]] = []
-    pkey = patient_key(msg)
-    open_refs = repo.open_referrals_for_patient(conn, pkey)
+    open_refs = identity.open_referrals_for_ids(conn, shared_ids(ids, ctx.profile.patient_id_authorities))
     wanted = (providers() if callable(providers) else providers) if open_refs else []
     for cand in open_refs:
         matched = provider_match(cand, wanted)
         if matched:
-            candidates.append({"id": int(cand.id), "matched": ["patient", *matched]})
+            candidates.append({"id": int(cand.id), "matched": ["patient", *matched], "authority": cand.authority})
     if len(candidates) == 1:
-        return Placement(candidates[0]["id"], repo.LINKED, "heuristic:" + "+".join(candidates[0]["matched"]))
+        return Placement(candidates[0]["id"], repo.LINKED, heuristic_reason(candidates[0]))
     if candidates:
         return Placement(None, repo.REVIEW, "heuristic:ambiguous", candidates=candidates)
-    return Placement(None, UNRELATED, patient_key=pkey)
+    return Placement(None, UNRELATED, patient_key=ids[0].key if ids else "")
+
+
+def heuristic_reason(candidate: dict[str, Any]) -> str:
+    """``heuristic:patient@AUTHORITY+provider_id...``: which authority's identifier matched (never the ID;
+    an identifier sent without an authority reads ``patient``)."""
+    parts = list(candidate["matched"])
+    if candidate.get("authority"):
+        parts[0] = f"patient@{candidate['authority']}"
+    return "heuristic:" + "+".join(parts)
+
+
+def message_ids(ctx: HandlerContext, msg: Message) -> list[PatientId]:
+    """The patient's identifiers (the sender's ``patient_id_types``), stored with the message so it can be
+    found by patient and adopted by a later referral. Written only when there are some: an unrelated
+    message without a PID costs nothing more."""
+    ids = patient_ids(msg, ctx.profile.patient_id_types)
+    if ids or ctx.replay:
+        identity.set_message_ids(ctx.conn, ctx.message_id, ids, ctx.received_at, replace=ctx.replay)
+    return ids
 
 
 def unrelated(placement: Placement) -> HandlerResult:
