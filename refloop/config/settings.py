@@ -235,7 +235,7 @@ class SenderProfile:
         "UTC", "IANA zone for this sender's timestamps that carry no UTC offset.", _iana_zone
     )
     message_families: tuple[str, ...] = setting(
-        ("REF", "RRI", "OMG", "ORM", "SIU", "MDM", "ORU"),
+        ("REF", "RRI", "OMG", "ORM", "OSU", "SIU", "MDM", "ORU"),
         "Message types (MSH-9.1) whose referral effects are applied for this sender; others are only journaled.",
     )
     order_mode: str = setting(

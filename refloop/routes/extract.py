@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo
 
 from refloop.message import Message, Segment, unescape_text
 from refloop.patient import PatientId, hash_id, patient_ids, shared_ids
+from refloop.x360 import PROFILE_ID
 
 __all__ = ["PatientId", "hash_id", "patient_ids", "shared_ids"]
 
@@ -68,6 +69,16 @@ def patient_key(msg: Message) -> str:
     if not ids:
         return ""
     return next((i.key for i in ids if i.id_type == "MR"), ids[0].key)
+
+
+def declares_360x(msg: Message) -> bool:
+    """MSH-21 (message profile identifier, repeating EI) names the 360X closed-loop profile."""
+    return any(_component(rep, msg, 1).strip().upper() == PROFILE_ID for rep in msg.repetitions("MSH-21"))
+
+
+def orders_are_referrals(profile_mode: str, msg: Message) -> bool:
+    """``SenderProfile.order_mode``: 'referral' always, 'off' never, 'auto' when MSH-21 says 360X."""
+    return profile_mode == "referral" or (profile_mode == "auto" and declares_360x(msg))
 
 
 def _component(value: str, msg: Message, n: int) -> str:

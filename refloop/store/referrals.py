@@ -25,7 +25,7 @@ from typing import Any, cast
 from sqlalchemy import Connection, Table, bindparam, delete, select, update
 
 from refloop import referral as rf
-from refloop import stall
+from refloop import stall, x360
 from refloop.store import sqlhot
 from refloop.store.models import (
     Referral,
@@ -479,6 +479,7 @@ def referral_json(conn: Connection, referral_id: int, now: datetime) -> dict[str
         "id": ref.id,
         "placer_id": ref.placer_id,
         "status": state.status.value,
+        "x360_state": x360.state_name(state),
         "priority": state.priority,
         "referred_to": state.referred_to,
         "referring_provider": state.referring_provider,
