@@ -47,7 +47,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         return EXIT_OK
     for key in ("id", "placer_id", "status", "priority", "referred_to", "referring_provider", "sent_at",
                 "accepted_at", "scheduled_at", "appointment_at", "completed_at", "note_received_at", "closed_at"):
-        print(f"{key:20} {_cell(doc[key])}")
+        value = f"{doc[key]} (360X: {doc['x360_state']})" if key == "status" else _cell(doc[key])
+        print(f"{key:20} {value}")
     print(f"{'flags':20} {_cell(doc['flags'])}")
     print("\nappointments")
     _table(doc["appointments"], ("appointment_id", "status", "start"))

@@ -66,9 +66,9 @@ def test_booked_completed_note_closed(daemon: DaemonThread) -> None:
     send(daemon, mdm_msg("N1", placer="L1", at="20260113100000-0500"))
     body = referral(daemon, "L1")
     assert set(body) == {
-        "id", "placer_id", "status", "priority", "referred_to", "referring_provider", "sent_at", "accepted_at",
-        "scheduled_at", "appointment_at", "completed_at", "note_received_at", "closed_at", "appointments",
-        "documents", "timeline", "links", "flags",
+        "id", "placer_id", "status", "x360_state", "priority", "referred_to", "referring_provider", "sent_at",
+        "accepted_at", "scheduled_at", "appointment_at", "completed_at", "note_received_at", "closed_at",
+        "appointments", "documents", "timeline", "links", "flags",
     }
     assert body["status"] == "closed"
     assert body["placer_id"] == "L1" and body["priority"] == "R"
