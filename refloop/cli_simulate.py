@@ -24,11 +24,11 @@ def _aware(text: str) -> datetime:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from refloop import report as rp
+    from refloop.cli_common import open_engine
     from refloop.clock import SystemClock
     from refloop.config import load_settings
     from refloop.config.windows import windows_from_settings
     from refloop.store import report_queries as rq
-    from refloop.store.engine import make_engine
 
     settings = load_settings(args.config or os.environ.get("REFLOOP_CONFIG") or None, os.environ)
     now = _aware(args.now) if args.now else SystemClock().now()
@@ -39,7 +39,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"refloop report: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    engine = make_engine(settings.database)
+    engine = open_engine(settings)
     try:
         with engine.connect() as conn:
             doc = rq.build_report(conn, params, windows_from_settings(settings.stall))

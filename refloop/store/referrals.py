@@ -502,10 +502,17 @@ def referral_json(conn: Connection, referral_id: int, now: datetime) -> dict[str
     return out
 
 
+def list_referrals_by_id(conn: Connection, referral_id: int) -> list[dict[str, Any]]:
+    """One worklist row (or none), in :func:`list_referrals`' shape."""
+    return list_referrals(conn, referral_id=referral_id, limit=1)
+
+
 def list_referrals(conn: Connection, *, status: str | None = None, placer_id: str | None = None,
-                   limit: int = 500) -> list[dict[str, Any]]:
+                   limit: int = 500, referral_id: int | None = None) -> list[dict[str, Any]]:
     """Worklist rows from the projection (no fold, so it stays one indexed query)."""
     stmt = select(REFERRALS).order_by(REFERRALS.c.id).limit(limit)
+    if referral_id is not None:
+        stmt = stmt.where(REFERRALS.c.id == referral_id)
     if status:
         stmt = stmt.where(REFERRALS.c.status == status)
     if placer_id:
