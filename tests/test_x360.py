@@ -92,11 +92,15 @@ def test_msh21_360x_creates_the_referral_without_a_profile(daemon: DaemonThread)
 
 
 def test_a_profile_can_turn_360x_off(db_url: str) -> None:
-    off = SenderProfile(name="ehr360", sending_application="LABEHR", order_mode="off")
+    """The IG's example sends MSH-3 empty and MSH-4 as ``^<oid>^ISO``: the OID is the sender a profile names."""
+    off = SenderProfile(name="ehr360", sending_facility=OID_CLINIC, order_mode="off")
     settings = dataclasses.replace(make_settings(db_url), profiles=(off, SenderProfile()))
     with running_daemon(settings) as d:
-        accepted(d, omg("X2", cid="G-X2", app="LABEHR"))
+        accepted(d, omg("X2", cid="G-X2"))
         assert d.get("/api/referrals/X2")[0] == 404
+        status, rows = d.get(f"/api/messages?sender=^{OID_CLINIC}")
+        assert status == 200 and [(r["control_id"], r["profile"], r["detail"]) for r in rows] == [
+            ("G-X2", "ehr360", "order_mode off")]
 
 
 def test_osu_accept_interim_finalize(daemon: DaemonThread) -> None:
