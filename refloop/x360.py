@@ -45,9 +45,35 @@ OSU_RULES: Final[dict[tuple[str, str], StatusRule]] = {
 }
 
 
-def osu_rule(order_control: str, order_status: str) -> StatusRule | None:
-    """The rule for an ORC-1/ORC-5 pair (case-insensitive), or None when the pair means nothing known."""
+#: What each 360X state does to the referral, for a sender's own codes (``SenderProfile.osu_states``).
+STATE_RULES: Final[dict[str, StatusRule]] = {
+    ACCEPTED: StatusRule(ACCEPTED, rf.REFERRAL_ANSWERED, rf.ANSWER_ACCEPTED),
+    DECLINED: StatusRule(DECLINED, rf.REFERRAL_ANSWERED, rf.ANSWER_DECLINED),
+    CANCEL_CONFIRMED: StatusRule(CANCEL_CONFIRMED, rf.REFERRAL_CANCELLED),
+    INTERIM: StatusRule(INTERIM, rf.REFERRAL_STATUS_REPORTED),
+    FINALIZED: StatusRule(FINALIZED, rf.NOTE_RECEIVED),
+}
+
+
+def parse_override(entry: str) -> tuple[tuple[str, str], StatusRule]:
+    """``"ORC1/ORC5=State"`` (ORC-5 may be ``*``) as a table row; ValueError names what is wrong."""
+    codes, sep, state = entry.partition("=")
+    control, _, status = codes.partition("/")
+    rule = STATE_RULES.get(state.strip())
+    if not sep or not control.strip() or rule is None:
+        raise ValueError(f"{entry!r} is not ORC1/ORC5=STATE with STATE one of {', '.join(STATE_RULES)}")
+    return (control.strip().upper(), (status.strip() or "*").upper()), rule
+
+
+def osu_rule(order_control: str, order_status: str, overrides: tuple[str, ...] = ()) -> StatusRule | None:
+    """The rule for an ORC-1/ORC-5 pair (case-insensitive), or None when the pair means nothing known.
+    A sender's ``overrides`` are looked up first, in the same exact-then-``*`` order."""
     control, status = order_control.strip().upper(), order_status.strip().upper()
+    if overrides:
+        mine = dict(parse_override(e) for e in overrides)
+        found = mine.get((control, status)) or mine.get((control, "*"))
+        if found is not None:
+            return found
     return OSU_RULES.get((control, status)) or OSU_RULES.get((control, "*"))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -172,3 +173,25 @@ def test_show_prints_the_360x_state_beside_the_status(daemon: DaemonThread, db_u
     assert cli_main(["show", "X8", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["x360_state"] == "Accepted"
 
+
+
+def test_a_sender_can_map_its_own_osu_codes(db_url: str) -> None:
+    """A specialist system that reports "seen, report to follow" as ORC-5 ``ZR`` and its refusal as
+    ``SC``/``RJ``: its profile's ``osu_states`` maps them, looked up before the built-in table."""
+    spec = SenderProfile(name="spec360", sending_application="SPEC360",
+                         osu_states=("SC/ZR=InterimCommunicated", "SC/RJ=Declined"))
+    settings = dataclasses.replace(make_settings(db_url), profiles=(spec, SenderProfile()))
+    with running_daemon(settings) as d:
+        accepted(d, omg("X9", cid="G-X9"), osu("X9", "SC", "ZR", cid="U-X9a"))
+        assert referral(d, "X9")["x360_state"] == "InterimCommunicated"
+        accepted(d, osu("X9", "SC", "RJ", cid="U-X9b", at="20260107090000+0000"))
+        assert referral(d, "X9")["status"] == "declined"
+
+
+def test_bad_osu_states_are_a_config_error(tmp_path: Path) -> None:
+    from refloop.config import ConfigError, load_settings
+
+    cfg = tmp_path / "refloop.toml"
+    cfg.write_text('[profiles.spec]\nsending_application = "S"\nosu_states = ["SC/ZR=Maybe"]\n')
+    with pytest.raises(ConfigError, match="osu_states"):
+        load_settings(str(cfg), {})

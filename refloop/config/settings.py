@@ -15,6 +15,7 @@ from pathlib import Path
 from refloop.config.fields import DEFAULT_PATIENT_ID_TYPES, DEFAULT_VERSIONS, Check, setting
 from refloop.config.notify import NotifySettings, WorklistSettings
 from refloop.config.windows import WindowSettings
+from refloop.x360 import parse_override
 
 
 def _port(v: int) -> str | None:
@@ -51,6 +52,15 @@ def _codec(v: str) -> str | None:
 
 def _not_negative(v: float) -> str | None:
     return None if v >= 0 else "must be 0 or more"
+
+
+def _osu_states(v: tuple[str, ...]) -> str | None:
+    for entry in v:
+        try:
+            parse_override(entry)
+        except ValueError as exc:
+            return str(exc)
+    return None
 
 
 def _hl7_paths(v: tuple[str, ...]) -> str | None:
@@ -243,6 +253,12 @@ class SenderProfile:
         "'referral': OMG^O19/ORM^O01 orders and OSU^O51 status updates are referrals (360X style, ORC-2 is the "
         "referral ID); 'auto': only messages whose MSH-21 names the 360X profile; 'off': journal only.",
         _one_of("auto", "off", "referral"),
+    )
+    osu_states: tuple[str, ...] = setting(
+        (),
+        "This sender's own OSU^O51 codes, as 'ORC1/ORC5=STATE' (ORC5 may be '*'; STATE one of Accepted, "
+        "Declined, CancelConfirmed, InterimCommunicated, Finalized); looked up before the built-in table.",
+        _osu_states,
     )
     patient_id_authorities: tuple[str, ...] = setting(
         (),

@@ -40,7 +40,7 @@ def handle_osu(ctx: HandlerContext, msg: Message) -> HandlerResult:
     control, status = msg.get("ORC-1.1"), msg.get("ORC-5.1")
     if not control:
         raise ContentError(AckError(101, "Required field missing", "ORC^1^1", "E"))
-    rule = x360.osu_rule(control, status)
+    rule = x360.osu_rule(control, status, ctx.profile.osu_states)
     if rule is None:
         location = "ORC^1^5" if control.strip().upper() == "SC" else "ORC^1^1"
         raise ContentError(AckError(103, "Table value not found", location, "E"))
