@@ -111,8 +111,9 @@ def test_two_candidates_by_different_identifiers_go_to_review(daemon: DaemonThre
          with_pid(siu_msg("B5", cid="SIU-B5"), "SP905^^^SPEC^MR~E500^^^EMPI^PE~CL500^^^CLINIC^MR"))
     status, queue = daemon.get("/api/unmatched")
     assert status == 200 and [e["control_id"] for e in queue] == ["SIU-B5"]
-    assert [(c["placer_id"], c["matched"]) for c in queue[0]["candidates"]] == [
-        ("ID5a", ["patient", "provider_id", "provider_name"]), ("ID5b", ["patient", "provider_id", "provider_name"])]
+    assert [(c["placer_id"], c["matched"], c["authority"]) for c in queue[0]["candidates"]] == [
+        ("ID5a", ["patient", "provider_id", "provider_name"], "CLINIC"),
+        ("ID5b", ["patient", "provider_id", "provider_name"], "EMPI")]
     assert referral(daemon, "ID5a")["status"] == referral(daemon, "ID5b")["status"] == "sent"
 
 

@@ -41,8 +41,23 @@ class Identifier(Protocol):
     def id_type(self) -> str: ...
 
 
+_SQL: dict[tuple[str, str, int], str] = {}
+
+
 def _marks(conn: Connection, n: int) -> str:
     return ", ".join(["?" if conn.dialect.name == "sqlite" else "%s"] * n)
+
+
+def _open_sql(conn: Connection, n: int) -> str:
+    """The candidates query for *n* identifiers, built once per dialect and size (it runs per message)."""
+    key = ("open", conn.dialect.name, n)
+    sql = _SQL.get(key)
+    if sql is None:
+        sql = _SQL[key] = (
+            "SELECT r.id, r.placer_id, r.referred_to, r.referred_to_id, r.specialty, i.id_hash AS key, i.authority "
+            "FROM referral_identifiers i JOIN referrals r ON r.id = i.referral_id "
+            f"WHERE i.id_hash IN ({_marks(conn, n)}) AND r.status IN ({_OPEN_SQL}) ORDER BY r.id")
+    return sql
 
 
 def _ph(conn: Connection) -> str:
@@ -115,10 +130,7 @@ def open_referrals_for_ids(conn: Connection, ids: Sequence[Identifier]) -> list[
         return []
     order = {i.key: n for n, i in enumerate(ids)}
     keys = tuple(order)
-    rows = rawsql.rows(conn, (
-        "SELECT r.id, r.placer_id, r.referred_to, r.referred_to_id, r.specialty, i.id_hash AS key, i.authority "
-        "FROM referral_identifiers i JOIN referrals r ON r.id = i.referral_id "
-        f"WHERE i.id_hash IN ({_marks(conn, len(keys))}) AND r.status IN ({_OPEN_SQL}) ORDER BY r.id"), keys)
+    rows = rawsql.rows(conn, _open_sql(conn, len(keys)), keys)
     best: dict[int, Any] = {}
     for row in rows:
         have = best.get(row.id)

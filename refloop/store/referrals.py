@@ -538,7 +538,7 @@ def list_unmatched(conn: Connection) -> list[dict[str, Any]]:
             select(REFERRALS.c.id, REFERRALS.c.placer_id).where(REFERRALS.c.id.in_(ids)))}
     return [
         {"message_id": r.message_id, "control_id": r.control_id, "type": r.message_type, "state": r.state,
-         "candidates": [{"id": c["id"], "placer_id": placers.get(c["id"], ""), "matched": c.get("matched", [])}
-                        for c in json.loads(r.candidates)]}
+         "candidates": [{"id": c["id"], "placer_id": placers.get(c["id"], ""), "matched": c.get("matched", []),
+                         "authority": c.get("authority", "")} for c in json.loads(r.candidates)]}
         for r in rows
     ]
