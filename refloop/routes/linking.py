@@ -9,7 +9,8 @@ among open referrals. One heuristic candidate links, several
 go to the review queue, none means the message is unrelated to any referral.
 
 Unrelated traffic is the common case (most appointments are not referrals), so that path costs at most
-two indexed queries and writes nothing but the journal row.
+two indexed queries and writes only the journal row and the patient's identifier rows (one INSERT, so
+the message can be found by patient and adopted by a later referral).
 """
 
 from __future__ import annotations
