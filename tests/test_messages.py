@@ -219,3 +219,23 @@ def test_database_behind_the_migrations(tmp_path: Path) -> None:
                                 f"{migrate.head_revision()}: run `refloop db upgrade`")
     assert run("db", "upgrade", env={"REFLOOP_DATABASE_URL": url}, cwd=tmp_path).returncode == 0
     assert run("referrals", env={"REFLOOP_DATABASE_URL": url}, cwd=tmp_path).returncode == 0
+
+
+def test_purged_body_is_said_so(traffic: Traffic, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    from datetime import timedelta
+
+    from refloop.store.retention import purge
+
+    assert traffic.daemon.server.engine is not None
+    purge(traffic.daemon.server.engine, now=datetime(2026, 3, 1, 12, tzinfo=UTC) + timedelta(days=400),
+          older_than_days=30, actor="test")
+    mid = traffic.ids["SIU-1"]
+    monkeypatch.setenv("REFLOOP_DATABASE_URL", traffic.db_url)
+    code, out = cli(capsys, "messages", "--raw", str(mid))
+    assert code == 1 and "its body was purged by retention" in out
+    assert traffic.daemon.get(f"/api/messages/{mid}/raw")[0] == 410
+    # metadata and the identifier hashes stay: the message is still found by patient, not adopted again
+    code, rows = cli(capsys, "messages", "--json", "--patient", f"{PATIENT}^CLINIC")
+    assert [r["control_id"] for r in rows] == ["SIU-1", "REF-1"]
+    assert not any(a[1] == "raw" for a in audit_rows(traffic))  # nothing was read, nothing audited as read
