@@ -20,9 +20,10 @@ What it sends (and stays within what the handlers support):
   pointing at the referral.
 * **Patient identity shapes** (per patient, on the specialist's messages): the clinic's MRN only; the
   specialist's own MRN first and the clinic's as a later repetition; the clinic's MRN typed ``PI``; v2.3
-  with the clinic's MRN in PID-2; or no shared identifier at all (then every message carries the referral
-  ID, since nothing else could link it). ``ground_truth.json`` lists the messages that can only link by
-  the heuristic, with their shape, so a linking rate per shape can be measured.
+  with the clinic's MRN in PID-2; or no shared identifier at all (then the first booking names the
+  referral and the referral learns the specialist's MRN from it; the messages after it can link by that).
+  ``ground_truth.json`` lists the messages that carry no referral ID, with their shape, so a linking rate
+  per shape can be measured.
 * Some SIU and MDM carry no referral ID. They link by the heuristic (same patient, same referred-to
   provider), so every patient has at most one open referral per provider, and such a message is only
   delivered after its referral's REF was acknowledged (the heuristic cannot park). Referrals that end
@@ -336,9 +337,11 @@ class Simulation:
             self._stages(truth, sent, priority, sp, None, None, 0)
             return
         cancel = fate < r.decline + r.cancel
-        # Without a shared identifier nothing but the referral ID can link a message, so such a patient's
-        # messages always carry it.
-        heuristic = not cancel and shape != NO_SHARED and rnd.random() < r.no_id
+        heuristic = not cancel and rnd.random() < r.no_id
+        # Without a shared identifier only an identifier the referral learned can link a message without the
+        # referral ID: the first booking names the referral (SCH-26) and teaches it the specialist's MRN, and
+        # the messages after it depend on it.
+        teacher = ""
         if rnd.random() < r.accept_answer:
             at = sent + self._delay(2)
             if within(at):
@@ -357,8 +360,13 @@ class Simulation:
                 appt_n += 1
                 appt = f"{placer}A{appt_n}"
                 begin = t + self._delay(r.lead_days)
-                after = ref.control_id if heuristic else ""
-                self._siu(appt, "S12", "Booked", t, begin, mrn, sp, placer, explicit=not heuristic, after=after)
+                if heuristic and shape == NO_SHARED and not teacher:
+                    teacher = self._siu(appt, "S12", "Booked", t, begin, mrn, sp, placer, explicit=True,
+                                        after=ref.control_id).control_id
+                else:
+                    self._siu(appt, "S12", "Booked", t, begin, mrn, sp, placer, explicit=not heuristic,
+                              after=(teacher or ref.control_id) if heuristic else "")
+                after = (teacher or ref.control_id) if heuristic else ""
                 status = "scheduled"
                 if style == "360x" and appt_n == 1 and rnd.random() < r.interim:
                     interim_at = t + timedelta(hours=2)

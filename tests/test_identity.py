@@ -19,7 +19,7 @@ from refloop.config import SenderProfile, Settings
 from refloop.patient import hash_id
 from refloop.store.models import Message as Journal
 from refloop.store.models import MessageIdentifier, Referral, ReferralIdentifier
-from tests.samples import ref_msg, siu_msg
+from tests.samples import mdm_msg, ref_msg, siu_msg
 from tests.utils import DaemonThread, MllpClient, make_settings, msa, running_daemon
 
 
@@ -234,3 +234,34 @@ def test_replay_rewrites_identifier_rows_without_doubling(daemon: DaemonThread, 
     # (the SIU's explanation reads "appointment" after a replay, because its own earlier events name the
     # appointment: that predates identity sets; the link itself is the same)
     assert [lk["control_id"] for lk in referral(daemon, "ID9")["links"]] == [lk["control_id"] for lk in links]
+
+
+def test_identifiers_learned_from_an_explicit_link(daemon: DaemonThread) -> None:
+    """The specialist's booking names the referral (SCH-26) but carries only their own MRN: the referral
+    learns that MRN, so their note without a referral ID links by it. Unlinking the booking takes it back."""
+    send(daemon, with_pid(ref_msg("ID10"), "CL1000^^^CLINIC^MR"),
+         with_pid(siu_msg("B10", placer="ID10", cid="SIU-B10"), "SP1000^^^HEART^MR"),
+         with_pid(mdm_msg("D10", cid="MDM-D10", status="IP"), "SP1000^^^HEART^MR"))
+    body = referral(daemon, "ID10")
+    assert body["links"][-1] == {"control_id": "MDM-D10",
+                                 "matched_by": "heuristic:patient@HEART+provider_id+provider_name"}
+    from refloop.store import referrals as repo
+
+    engine = daemon.server.engine
+    assert engine is not None
+    with engine.begin() as conn:
+        mid = conn.execute(select(Journal.id).where(Journal.control_id == "SIU-B10")).scalar_one()
+        repo.manual_unlink(conn, mid, daemon.server.clock.now(), actor="test")
+    send(daemon, with_pid(mdm_msg("D10b", cid="MDM-D10b", status="IP"), "SP1000^^^HEART^MR"))
+    assert journal(daemon, "MDM-D10b") == ("ignored", "unrelated")
+
+
+def test_nothing_is_learned_outside_the_senders_authorities(db_url: str) -> None:
+    only_clinic = dataclasses.replace(SPEC, patient_id_authorities=("CLINIC",))
+    docs = SenderProfile(name="docs", sending_application="DOCS", patient_id_authorities=("CLINIC",))
+    with running_daemon(settings_with(db_url, only_clinic, docs)) as d:
+        send(d, with_pid(ref_msg("ID11"), "CL1100^^^CLINIC^MR"),
+             with_pid(siu_msg("B11", placer="ID11", cid="SIU-B11"), "SP1100^^^HEART^MR"),
+             with_pid(mdm_msg("D11", cid="MDM-D11", status="IP"), "SP1100^^^HEART^MR"))
+        assert referral(d, "ID11")["status"] == "scheduled"
+        assert journal(d, "MDM-D11") == ("ignored", "unrelated")

@@ -64,7 +64,7 @@ def test_check_reads_the_daemons_address_and_token_from_its_settings(
     result = json.loads(out[out.index("{"):])
     assert code == 0, result
     assert result["ok"] and result["status_agreement"] == 100.0
-    assert set(result["linking"]) == set(sim.SHAPES) - {sim.NO_SHARED}
+    assert set(result["linking"]) == set(sim.SHAPES)
     assert all(v["rate"] == 100.0 for v in result["linking"].values()), result["linking"]
 
 
@@ -74,6 +74,6 @@ def test_styles_and_shapes_are_generated() -> None:
     assert any("OSU^O51" in t and "|360X" in t for t in texts)
     assert any(t.startswith("MSH|") and "OMG^O19" in t and t.split("\r")[0].endswith("|360X") for t in texts)
     shapes = set(run.heuristic_messages().values())
-    assert shapes == set(sim.SHAPES) - {sim.NO_SHARED}
+    assert shapes == set(sim.SHAPES)
     assert cli_simulate.styles_from("BOTH") == ("epic", "360x") == cli_simulate.styles_from("epic,360x")
     assert cli_simulate.styles_from("fhir") == () == cli_simulate.styles_from("")

@@ -101,6 +101,12 @@ def place(ctx: HandlerContext, msg: Message, *, explicit_paths: tuple[str, ...],
     return Placement(None, UNRELATED, patient_key=ids[0].key if ids else "")
 
 
+#: Links strong enough to learn identifiers from: the referral ID is in the message itself. Not from the
+#: heuristic, nor from "appointment"/"document" (the earlier message may itself have been a heuristic
+#: link), so a wrong guess can never spread to other messages.
+_LEARN_FROM = ("explicit:", "link_field:")
+
+
 def heuristic_reason(candidate: dict[str, Any]) -> str:
     """``heuristic:patient@AUTHORITY+provider_id...``: which authority's identifier matched (never the ID;
     an identifier sent without an authority reads ``patient``)."""
@@ -130,6 +136,8 @@ def record(ctx: HandlerContext, msg: Message, placement: Placement, events: list
     """Write the events where :func:`place` decided, then refold every referral the message touched."""
     conn = ctx.conn
     touched = repo.forget_message(conn, ctx.message_id) if ctx.replay else set()
+    if ctx.replay:
+        identity.forget_learned(conn, ctx.message_id)
     if placement.state == UNRELATED:
         if ctx.replay:
             repo.drop_link(conn, ctx.message_id)
@@ -137,6 +145,11 @@ def record(ctx: HandlerContext, msg: Message, placement: Placement, events: list
         return unrelated(placement)
     linked = placement.state == repo.LINKED
     rid = placement.referral_id if linked else None
+    if rid is not None and placement.matched_by.startswith(_LEARN_FROM):
+        # Linked by the referral's own ID: this patient's identifiers (those the sender shares) are the
+        # referral's too, so a later message carrying only, say, the specialist's MRN can link.
+        ids = shared_ids(patient_ids(msg, ctx.profile.patient_id_types), ctx.profile.patient_id_authorities)
+        identity.learn(conn, rid, ids, ctx.message_id)
     repo.add_events(conn, referral_id=rid, message_id=ctx.message_id, control_id=ctx.control_id, events=events,
                     pending_key=placement.pending_key if placement.state == repo.PARKED else "")
     repo.set_link(conn, ctx.message_id, referral_id=rid, state=placement.state, matched_by=placement.matched_by,

@@ -75,8 +75,27 @@ def add_referral_ids(conn: Connection, referral_id: int, ids: Sequence[Identifie
         return
     ph = _ph(conn)
     sql = ("INSERT INTO referral_identifiers (referral_id, id_hash, authority, id_type) "
-           f"VALUES ({ph}, {ph}, {ph}, {ph}) ON CONFLICT (referral_id, id_hash) DO NOTHING")
+           f"VALUES ({ph}, {ph}, {ph}, {ph}) ON CONFLICT (referral_id, id_hash) DO UPDATE SET learned_from = NULL")
+    # A referral's own identifier is never "learned": an unlink of the message it was first seen in keeps it.
     rawsql.executemany(conn, sql, [(referral_id, i.key, i.authority[:180], i.id_type[:16]) for i in ids])
+
+
+def learn(conn: Connection, referral_id: int, ids: Sequence[Identifier], message_id: int) -> None:
+    """Identifiers of a message linked to the referral by its referral ID (a booking naming SCH-26, an RRI):
+    the specialist's own MRN, say. A later message carrying only that identifier can then link by the
+    heuristic. Kept with the message's id, so :func:`forget_learned` takes them back."""
+    if not ids:
+        return
+    ph = _ph(conn)
+    sql = ("INSERT INTO referral_identifiers (referral_id, id_hash, authority, id_type, learned_from) "
+           f"VALUES ({ph}, {ph}, {ph}, {ph}, {ph}) ON CONFLICT (referral_id, id_hash) DO NOTHING")
+    rawsql.executemany(conn, sql, [(referral_id, i.key, i.authority[:180], i.id_type[:16], message_id)
+                                   for i in ids])
+
+
+def forget_learned(conn: Connection, message_id: int) -> None:
+    """A replayed, moved or unlinked message takes back what the referral learned from it."""
+    rawsql.execute(conn, f"DELETE FROM referral_identifiers WHERE learned_from = {_ph(conn)}", (message_id,))
 
 
 def set_message_ids(conn: Connection, message_id: int, ids: Sequence[Identifier], received_at: datetime, *,

@@ -375,7 +375,9 @@ Index("ix_referral_events_kind_subject", ReferralEvent.kind, ReferralEvent.refer
 
 
 class ReferralIdentifier(Base):
-    """One identifier of a referral's patient (from its REF/OMG messages)."""
+    """One identifier of a referral's patient: from its REF/OMG messages (``learned_from`` NULL), or learned
+    from a message linked to it by its referral ID (that message's id, so a replay or an unlink takes the
+    identifier back)."""
 
     __tablename__ = "referral_identifiers"
 
@@ -384,10 +386,12 @@ class ReferralIdentifier(Base):
     id_hash: Mapped[str] = mapped_column(String(64))  # SHA-256 of "AUTHORITY|ID"
     authority: Mapped[str] = mapped_column(String(180), default="")
     id_type: Mapped[str] = mapped_column(String(16), default="")
+    learned_from: Mapped[int | None] = mapped_column(ForeignKey("messages.id"), nullable=True)
 
     __table_args__ = (
         UniqueConstraint("referral_id", "id_hash", name="uq_referral_identifiers_key"),
         Index("ix_referral_identifiers_hash", "id_hash"),
+        Index("ix_referral_identifiers_learned", "learned_from"),
     )
 
 

@@ -26,7 +26,7 @@ from sqlalchemy import Connection, Table, bindparam, delete, select, update
 
 from refloop import referral as rf
 from refloop import stall, x360
-from refloop.store import sqlhot
+from refloop.store import identity, sqlhot
 from refloop.store.models import (
     Referral,
     ReferralAlias,
@@ -443,6 +443,7 @@ def _manual_event(conn: Connection, referral_id: int, message_id: int, kind: str
 def manual_link(conn: Connection, message_id: int, referral_id: int, now: datetime, actor: str = "") -> None:
     """A coordinator ties a message to a referral: its events move, and a link_confirmed event records why."""
     before = _referrals_of(conn, message_id) - {referral_id}
+    identity.forget_learned(conn, message_id)  # what the old referral learned from it was not its patient
     conn.execute(_MOVE_MESSAGE_EVENTS, {"b_message_id": message_id, "b_rid": referral_id})
     set_link(conn, message_id, referral_id=referral_id, state=LINKED, matched_by="manual")
     _manual_event(conn, referral_id, message_id, rf.LINK_CONFIRMED, now, actor)
@@ -459,6 +460,7 @@ def manual_unlink(conn: Connection, message_id: int, now: datetime, actor: str =
         sender, _, doc_id = subject[4:].partition("|")
         conn.execute(_POINT_DOCUMENT, {"b_sender": sender, "b_document_id": doc_id, "b_rid": None})
     conn.execute(_MOVE_MESSAGE_EVENTS, {"b_message_id": message_id, "b_rid": None})
+    identity.forget_learned(conn, message_id)
     set_link(conn, message_id, referral_id=None, state=REJECTED, matched_by="manual_unlink")
     for old in before:
         _manual_event(conn, old, message_id, rf.LINK_REJECTED, now, actor)

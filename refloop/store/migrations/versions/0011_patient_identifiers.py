@@ -52,12 +52,16 @@ def upgrade() -> None:
         sa.Column('id_hash', sa.String(length=64), nullable=False),
         sa.Column('authority', sa.String(length=180), nullable=False),
         sa.Column('id_type', sa.String(length=16), nullable=False),
+        sa.Column('learned_from', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
         sa.ForeignKeyConstraint(['referral_id'], ['referrals.id'],
                                 name=op.f('fk_referral_identifiers_referral_id_referrals')),
+        sa.ForeignKeyConstraint(['learned_from'], ['messages.id'],
+                                name=op.f('fk_referral_identifiers_learned_from_messages')),
         sa.PrimaryKeyConstraint('id', name=op.f('pk_referral_identifiers')),
         sa.UniqueConstraint('referral_id', 'id_hash', name='uq_referral_identifiers_key'),
     )
     op.create_index('ix_referral_identifiers_hash', 'referral_identifiers', ['id_hash'], unique=False)
+    op.create_index('ix_referral_identifiers_learned', 'referral_identifiers', ['learned_from'], unique=False)
     op.create_table(
         'message_identifiers',
         sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
@@ -82,6 +86,7 @@ def downgrade() -> None:
     op.drop_index('ix_message_identifiers_message', table_name='message_identifiers')
     op.drop_index('ix_message_identifiers_hash', table_name='message_identifiers')
     op.drop_table('message_identifiers')
+    op.drop_index('ix_referral_identifiers_learned', table_name='referral_identifiers')
     op.drop_index('ix_referral_identifiers_hash', table_name='referral_identifiers')
     op.drop_table('referral_identifiers')
 
