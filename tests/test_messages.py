@@ -172,7 +172,9 @@ def test_find_lists_the_patients_referrals(traffic: Traffic, monkeypatch: pytest
     monkeypatch.setenv("REFLOOP_DATABASE_URL", traffic.db_url)
     code, rows = cli(capsys, "find", f"{PATIENT}^CLINIC", "--json")
     assert code == 0 and [(r["placer_id"], r["status"]) for r in rows] == [("MS1", "scheduled")]
-    code, out = cli(capsys, "find", "SP1^HEART")  # the specialist's MRN came only with the booking
+    code, rows = cli(capsys, "find", "SP1^HEART", "--json")  # learned from the booking that named MS1
+    assert code == 0 and [r["placer_id"] for r in rows] == ["MS1"]
+    code, out = cli(capsys, "find", "OTHER77^CLINIC")  # a patient with bookings but no referral
     assert code == 0 and out.strip() == "no referral for this patient identifier"
 
 
