@@ -15,6 +15,7 @@ the message can be found by patient and adopted by a later referral).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Callable, Iterable
@@ -39,6 +40,7 @@ class Placement:
     pending_key: str = ""
     candidates: list[dict[str, Any]] = field(default_factory=list)
     patient_key: str = ""  # UNRELATED: whose message it is, so a later referral can adopt it
+    patient_ids: tuple[PatientId, ...] = ()  # the message's identifiers (the sender's types), read once
 
 
 def provider_match(candidate: Any, providers: Iterable[Provider]) -> list[str]:
@@ -60,8 +62,15 @@ def place(ctx: HandlerContext, msg: Message, *, explicit_paths: tuple[str, ...],
 
     ``providers`` may be a callable: it is only needed when the patient has open referrals, which most
     department-feed traffic does not, so the handler need not extract them up front."""
-    conn = ctx.conn
     ids = message_ids(ctx, msg)
+    placement = _place(ctx, msg, ids, explicit_paths, providers, subject)
+    # Only a link can teach the referral identifiers (see record), so only a link carries them on.
+    return dataclasses.replace(placement, patient_ids=tuple(ids)) if placement.state == repo.LINKED else placement
+
+
+def _place(ctx: HandlerContext, msg: Message, ids: list[PatientId], explicit_paths: tuple[str, ...],
+           providers: list[Provider] | Callable[[], list[Provider]], subject: str) -> Placement:
+    conn = ctx.conn
     if ctx.replay:
         prior = repo.link_row(conn, ctx.message_id)
         if prior is not None and prior.matched_by == "manual":
@@ -148,8 +157,8 @@ def record(ctx: HandlerContext, msg: Message, placement: Placement, events: list
     if rid is not None and placement.matched_by.startswith(_LEARN_FROM):
         # Linked by the referral's own ID: this patient's identifiers (those the sender shares) are the
         # referral's too, so a later message carrying only, say, the specialist's MRN can link.
-        ids = shared_ids(patient_ids(msg, ctx.profile.patient_id_types), ctx.profile.patient_id_authorities)
-        identity.learn(conn, rid, ids, ctx.message_id)
+        identity.learn(conn, rid, shared_ids(list(placement.patient_ids), ctx.profile.patient_id_authorities),
+                       ctx.message_id)
     repo.add_events(conn, referral_id=rid, message_id=ctx.message_id, control_id=ctx.control_id, events=events,
                     pending_key=placement.pending_key if placement.state == repo.PARKED else "")
     repo.set_link(conn, ctx.message_id, referral_id=rid, state=placement.state, matched_by=placement.matched_by,
