@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -157,14 +158,20 @@ def test_raw_view_is_decoded_and_audited(traffic: Traffic, monkeypatch: pytest.M
 
 
 def test_patient_search_is_audited_without_the_identifier(traffic: Traffic, monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+                                                          capsys: pytest.CaptureFixture[str],
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("REFLOOP_DATABASE_URL", traffic.db_url)
     cli(capsys, "messages", "--patient", f"{PATIENT}^CLINIC")
+    cli(capsys, "find", f"{PATIENT}^CLINIC")
+    assert traffic.daemon.get("/api/messages?" + urlencode({"patient": f"{PATIENT}^CLINIC"}))[0] == 200
     status, page = traffic.daemon.get("/messages?" + urlencode({"patient": f"{PATIENT}^CLINIC"}))
     assert status == 200 and "REF-1" in page and PATIENT not in page
     rows = audit_rows(traffic)
-    assert [r[1:] for r in rows[-2:]] == [("search", "messages:patient")] * 2
+    assert [r[1:] for r in rows[-4:]] == [("search", "messages:patient"), ("search", "referrals:patient"),
+                                          ("search", "messages:patient"), ("search", "messages:patient")]
     assert not any(PATIENT in " ".join(r) for r in rows)
+    assert PATIENT not in caplog.text and not any(PATIENT in repr(vars(r)) for r in caplog.records)
 
 
 def test_find_lists_the_patients_referrals(traffic: Traffic, monkeypatch: pytest.MonkeyPatch,
