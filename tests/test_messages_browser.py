@@ -16,6 +16,7 @@ from tests.utils import MllpClient, make_settings, running_daemon
 
 def test_search_open_and_show_raw(sqlite_url: str, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     with running_daemon(make_settings(sqlite_url)) as d:
         with MllpClient(d.port) as client:
@@ -27,16 +28,19 @@ def test_search_open_and_show_raw(sqlite_url: str, tmp_path: Path) -> None:
             base = f"http://127.0.0.1:{d.http_port}"
             browser.get(base + "/")  # type: ignore[attr-defined]
             browser.find_element(By.LINK_TEXT, "Messages").click()  # type: ignore[attr-defined]
-            field = browser.find_element(By.NAME, "patient")  # type: ignore[attr-defined]
+            wait = WebDriverWait(browser, 20)
+            field = wait.until(lambda b: b.find_element(By.NAME, "patient"))
             field.send_keys("BRW555^CLINIC")
             field.submit()
+            wait.until(lambda b: "Searched by a patient identifier" in b.page_source)
             rows = browser.find_elements(By.CSS_SELECTOR, "tbody tr")  # type: ignore[attr-defined]
             assert [r.find_elements(By.TAG_NAME, "td")[4].text for r in rows] == ["SIU-BR1", "REF-BR1"]
             assert "BRW555" not in browser.page_source  # type: ignore[attr-defined]
+            assert "BRW555" not in browser.current_url  # type: ignore[attr-defined]  # posted, not in the URL
             rows[0].find_element(By.TAG_NAME, "a").click()
-            assert "Show raw message" in browser.page_source  # type: ignore[attr-defined]
-            browser.find_element(By.XPATH, "//button[text()='Show raw message']").click()  # type: ignore[attr-defined]
-            raw = browser.find_element(By.CSS_SELECTOR, "pre.raw").text  # type: ignore[attr-defined]
+            button = wait.until(lambda b: b.find_element(By.XPATH, "//button[text()='Show raw message']"))
+            button.click()
+            raw = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "pre.raw")).text
             assert raw.startswith("MSH|^~\\&|SCHED|HEART|") and "SCH|BA1^SCHED|" in raw
         finally:
             browser.quit()  # type: ignore[attr-defined]

@@ -93,10 +93,13 @@ def add_routes(app: web.Application, server: Server) -> None:
         return web.json_response({"id": mid, "raw": text.replace("\r\n", "\r").replace("\r", "\n")})
 
     async def page_list(req: web.Request) -> web.Response:
-        query = {k: req.query.get(k, "") for k in (*ms.FILTERS, "limit")}
+        # The search form posts, so a patient identifier never lands in a URL (history, proxies, referrers);
+        # GET with query parameters serves links and bookmarks for every other filter.
+        source: Any = await req.post() if req.method == "POST" else req.query
+        query = {k: str(source.get(k, "")) for k in (*ms.FILTERS, "limit")}
         error, rows = "", []
         try:
-            f = _filter(req.query)
+            f = _filter(query)
             rows = await asyncio.to_thread(_search, f, page_actor(req))
         except ms.FilterError as exc:
             error = str(exc)
@@ -122,5 +125,6 @@ def add_routes(app: web.Application, server: Server) -> None:
         web.get("/api/messages/{id}", api_one),
         web.get("/api/messages/{id}/raw", api_raw),
         web.get("/messages", page_list),
+        web.post("/messages", page_list),
         web.get("/messages/{id}", page_one),
     ])
