@@ -20,8 +20,18 @@ from typing import Any
 import argcomplete
 
 from refloop import __version__
-from refloop.cli_common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, parse_time, print_table, settings_from, with_config
+from refloop.cli_common import (
+    EXIT_CONFIG,
+    EXIT_FAIL,
+    EXIT_OK,
+    DatabaseNotReady,
+    open_engine,
+    parse_time,
+    settings_from,
+    with_config,
+)
 from refloop.cli_config import register as register_config
+from refloop.cli_messages import register as register_messages
 from refloop.cli_referrals import register as register_referrals
 from refloop.cli_simulate import register as register_simulate
 from refloop.cli_worklist import register as register_worklist
@@ -72,7 +82,10 @@ def cmd_db(args: argparse.Namespace) -> int:
     from refloop.store.engine import make_engine
 
     settings = _settings(args)
-    engine = make_engine(settings.database)
+    if args.db_command == "current":
+        engine = open_engine(settings, require_head=False)
+    else:
+        engine = make_engine(settings.database)
     try:
         if args.db_command == "upgrade":
             before = migrate.current_revision(engine)
@@ -148,35 +161,16 @@ def cmd_send(args: argparse.Namespace) -> int:
     return EXIT_FAIL if failures else EXIT_OK
 
 
-# -- messages -------------------------------------------------------------------------------------
-def cmd_messages(args: argparse.Namespace) -> int:
-    from refloop.store import queries
-    from refloop.store.engine import make_engine
-
-    engine = make_engine(_settings(args).database)
-    try:
-        rows = queries.list_messages(engine, limit=args.limit, control_id=args.control_id)
-    finally:
-        engine.dispose()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return EXIT_OK
-    print_table(rows, ("id", "received_at", "sender", "type", "control_id", "outcome", "ack_code",
-                       "duplicate_of"))
-    return EXIT_OK
-
-
 # -- replay ---------------------------------------------------------------------------------------
 def cmd_replay(args: argparse.Namespace) -> int:
     from refloop.clock import SystemClock
     from refloop.daemon.replay import replay
     from refloop.routes.router import Router
     from refloop.routes.table import DEFAULT_ROUTES
-    from refloop.store.engine import make_engine
 
     settings = _settings(args)
     since = _parse_time(args.since) if args.since else None
-    engine = make_engine(settings.database)
+    engine = open_engine(settings)
     try:
         summary = replay(engine, settings, Router(DEFAULT_ROUTES), SystemClock(), since=since,
                          message_id=args.id)
@@ -205,14 +199,13 @@ def cmd_purge(args: argparse.Namespace) -> int:
     import getpass
 
     from refloop.clock import SystemClock
-    from refloop.store.engine import make_engine
     from refloop.store.retention import purge
 
     settings = _settings(args)
     days = args.older_than if args.older_than is not None else settings.retention.days
     if days <= 0:
         raise ConfigError("--older-than", "give a number of days (or set retention.days)")
-    engine = make_engine(settings.database)
+    engine = open_engine(settings)
     try:
         res = purge(engine, now=SystemClock().now(), older_than_days=days, actor=f"cli:{getpass.getuser()}",
                     dry_run=args.dry_run)
@@ -225,9 +218,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from refloop.store.audit import list_entries
-    from refloop.store.engine import make_engine
 
-    engine = make_engine(_settings(args).database)
+    engine = open_engine(_settings(args))
     try:
         rows = list_entries(engine, limit=args.limit)
     finally:
@@ -289,12 +281,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("files", nargs="+", metavar="FILE", help="files with one or more messages ('-' = stdin)")
     sp.set_defaults(func=cmd_send)
 
-    sp = with_config(sub.add_parser("messages", help="list the journal, newest first"))
-    sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    sp.add_argument("--limit", type=int, default=50, help="at most this many rows (default: %(default)s)")
-    sp.add_argument("--control-id", dest="control_id", help="only messages with this control ID (MSH-10)")
-    sp.set_defaults(func=cmd_messages)
-
     sp = with_config(sub.add_parser("replay", help="re-run stored messages through the current routes"))
     sp.add_argument("--since", help="only messages received at or after this ISO 8601 time")
     sp.add_argument("--id", type=int, help="only this journal id")
@@ -315,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_worklist(sub)
     register_simulate(sub)
     register_config(sub)
+    register_messages(sub)
 
     sp = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
                         description="Print the completion script; e.g. add `eval \"$(refloop completion bash)\"` "
@@ -337,6 +324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"refloop: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except DatabaseNotReady as exc:
+        print(f"refloop: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except (ConnectionError, OSError) as exc:
         print(f"refloop: {type(exc).__name__}: {exc}", file=sys.stderr)

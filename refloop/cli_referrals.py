@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import Connection, select
 
@@ -47,7 +48,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         return EXIT_OK
     for key in ("id", "placer_id", "status", "priority", "referred_to", "referring_provider", "sent_at",
                 "accepted_at", "scheduled_at", "appointment_at", "completed_at", "note_received_at", "closed_at"):
-        print(f"{key:20} {_cell(doc[key])}")
+        value = f"{doc[key]} (360X: {doc['x360_state']})" if key == "status" else _cell(doc[key])
+        print(f"{key:20} {value}")
     print(f"{'flags':20} {_cell(doc['flags'])}")
     print("\nappointments")
     _table(doc["appointments"], ("appointment_id", "status", "start"))
@@ -68,10 +70,16 @@ def cmd_unmatched(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
-    flat = [{**r, "candidates": [f"{c['id']}:{c['placer_id']}({'+'.join(c['matched'])})" for c in r["candidates"]]}
+    flat = [{**r, "candidates": [f"{c['id']}:{c['placer_id']}({'+'.join(_matched(c))})" for c in r["candidates"]]}
             for r in rows]
     _table(flat, ("message_id", "control_id", "type", "state", "candidates"))
     return EXIT_OK
+
+
+def _matched(candidate: dict[str, Any]) -> list[str]:
+    """What a review candidate shares with the message, naming the identifier's authority (never the ID)."""
+    auth = candidate.get("authority", "")
+    return [f"patient@{auth}" if m == "patient" and auth else m for m in candidate["matched"]]
 
 
 def message_for_control_id(conn: Connection, control_id: str) -> int | None:

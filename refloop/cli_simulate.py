@@ -24,11 +24,11 @@ def _aware(text: str) -> datetime:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from refloop import report as rp
+    from refloop.cli_common import open_engine
     from refloop.clock import SystemClock
     from refloop.config import load_settings
     from refloop.config.windows import windows_from_settings
     from refloop.store import report_queries as rq
-    from refloop.store.engine import make_engine
 
     settings = load_settings(args.config or os.environ.get("REFLOOP_CONFIG") or None, os.environ)
     now = _aware(args.now) if args.now else SystemClock().now()
@@ -43,7 +43,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"refloop report: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    engine = make_engine(settings.database)
+    engine = open_engine(settings)
     try:
         with engine.connect() as conn:
             doc = rq.build_report(conn, params, windows_from_settings(settings.stall))
@@ -63,12 +63,31 @@ def _hostport(text: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+def styles_from(text: str) -> tuple[str, ...]:
+    """``epic``, ``360x``, ``both`` or a comma list of the first two (case-insensitive); () when invalid."""
+    words = [w.strip().lower() for w in text.split(",") if w.strip()]
+    styles = tuple(dict.fromkeys(s for w in words for s in (("epic", "360x") if w == "both" else (w,))))
+    return styles if styles and set(styles) <= {"epic", "360x"} else ()
+
+
+def daemon_http(args: argparse.Namespace) -> tuple[str, str]:
+    """Where --check reads the daemon: ``--http`` if given, else the daemon's own settings (the config file
+    and ``REFLOOP_*``, exactly as `refloop serve` reads them), with a wildcard listen address read on
+    loopback. The token always comes from the settings (``http.token`` / ``REFLOOP_HTTP_TOKEN``)."""
+    from refloop.cli_common import settings_from
+
+    settings = settings_from(args)
+    host = settings.http.host if settings.http.host not in ("", "0.0.0.0", "::") else "127.0.0.1"  # noqa: S104
+    http = args.http or (f"[{host}]:{settings.http.port}" if ":" in host else f"{host}:{settings.http.port}")
+    return http, settings.http.token
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from refloop import simulate as sim
 
-    styles = tuple(s.strip() for s in args.styles.split(",") if s.strip())
-    if not set(styles) <= {"epic", "360x"} or not styles:
-        print("refloop simulate: --styles takes epic and/or 360x", file=sys.stderr)
+    styles = styles_from(args.styles)
+    if not styles:
+        print("refloop simulate: --styles takes epic, 360x, both, or epic,360x", file=sys.stderr)
         return EXIT_USAGE
     if args.out is None and args.send is None:
         print("refloop simulate: give --out DIR and/or --send HOST:PORT", file=sys.stderr)
@@ -86,8 +105,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"sent {len(run.messages)} messages: " + ", ".join(f"{k or '?'} {v}" for k, v in sorted(codes.items())))
     if not args.check:
         return EXIT_OK
-    http = args.http or f"{host}:8080"
-    token = os.environ.get("REFLOOP_HTTP_TOKEN", "")
+    http, token = daemon_http(args)
     sim.wait_settled(http, len(run.messages), token)
     result = sim.check(run, http, token=token)
     print(json.dumps(result, indent=2))
@@ -120,10 +138,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--days", type=int, default=365, help="length of the simulated period in days")
     sp.add_argument("--seed", type=int, default=1, help="random seed (same seed, same traffic)")
     sp.add_argument("--now", metavar="TIME", help="end of the simulated period (default 2026-10-01T00:00Z)")
-    sp.add_argument("--styles", default="epic", help="sender styles: epic, 360x or both (360x needs a profile "
-                    "with sending_application = \"EHR360\" and order_mode = \"referral\")")
+    sp.add_argument("--styles", default="epic", help="sender styles: epic, 360x or both (360x orders declare "
+                    "the 360X profile in MSH-21, so they need no sender profile)")
     sp.add_argument("--out", metavar="DIR", help="write ref.hl7, siu.hl7, notes.hl7 and ground_truth.json")
     sp.add_argument("--send", metavar="HOST:PORT", help="deliver over MLLP (one connection per feed)")
     sp.add_argument("--check", action="store_true", help="after sending, compare statuses and the report")
-    sp.add_argument("--http", metavar="HOST:PORT", help="the daemon's HTTP listener for --check")
+    sp.add_argument("--http", metavar="HOST:PORT", help="the daemon's HTTP listener for --check (default: "
+                    "http.host/http.port from the same config file and REFLOOP_* variables as the daemon)")
+    sp.add_argument("--config", metavar="PATH", help="TOML configuration file (or $REFLOOP_CONFIG), for --check")
     sp.set_defaults(func=cmd_simulate)

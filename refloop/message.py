@@ -586,8 +586,8 @@ class Message:
 
     @property
     def sending_application(self) -> str:
-        """MSH-3.1 (namespace ID), unescaped."""
-        return self._hdr(3, 1)
+        """MSH-3.1 (namespace ID), unescaped; the universal ID (MSH-3.2) when no namespace ID is sent."""
+        return self._hdr(3, 1) or self._hdr(3, 2)
 
     @property
     def msh3_raw(self) -> str:
@@ -596,8 +596,9 @@ class Message:
 
     @property
     def sending_facility(self) -> str:
-        """MSH-4.1, unescaped."""
-        return self._hdr(4, 1)
+        """MSH-4.1, unescaped; the universal ID (MSH-4.2, e.g. a 360X sender's OID) when MSH-4.1 is empty,
+        because an HD names its organisation by either, and a profile must be able to match such a sender."""
+        return self._hdr(4, 1) or self._hdr(4, 2)
 
     @property
     def msh4_raw(self) -> str:

@@ -86,6 +86,9 @@ the pause is exact even if that runs late. :func:`paused_intervals` gives the sp
 ``referral_updated`` value wins. An empty or missing value never erases a known one, because an empty HL7
 field means "not sent".
 
+**Reported states** (``referral_status_reported``, and ``data["x360"]`` on any event): the latest 360X
+state a message named is kept as ``reported_x360``; a reported state alone never changes the status.
+
 **PHI:** timeline details contain only identifiers, codes and times, never free text (coordinator notes,
 hold or close reasons). ``Event.data`` and ``ReferralState.hold_reason`` are left out of ``repr``.
 
@@ -157,6 +160,9 @@ HOLD_ENDED: Final = "hold_ended"
 COORDINATOR_NOTE: Final = "coordinator_note"
 LINK_CONFIRMED: Final = "link_confirmed"
 LINK_REJECTED: Final = "link_rejected"
+#: A status the other side reported that changes nothing here (a 360X interim communication, an order
+#: put on hold). ``data["x360"]`` names the 360X state; it is recorded for the timeline and the state name.
+REFERRAL_STATUS_REPORTED: Final = "referral_status_reported"
 
 #: Timeline-only pseudo event for a presumed attendance. It is derived from ``now``, never stored.
 PRESUMED_ATTENDANCE: Final = "appointment_presumed_completed"
@@ -195,7 +201,7 @@ EVENT_KINDS: Final[frozenset[str]] = frozenset(
         APPOINTMENT_DELETED, APPOINTMENT_NO_SHOW, APPOINTMENT_COMPLETED,
         NOTE_RECEIVED, NOTE_REPLACED, NOTE_RETRACTED,
         MANUAL_CLOSED, MANUAL_REOPENED, HOLD_STARTED, HOLD_ENDED, COORDINATOR_NOTE,
-        LINK_CONFIRMED, LINK_REJECTED,
+        LINK_CONFIRMED, LINK_REJECTED, REFERRAL_STATUS_REPORTED,
     }
 )  # fmt: skip
 
@@ -256,6 +262,8 @@ class ReferralState:
     hold_reason: str = field(repr=False)
     hold_resume_at: datetime | None
     no_show_count: int
+    #: The latest 360X state a message named (``data["x360"]`` of any event), "" when none did.
+    reported_x360: str = ""
 
     @property
     def live_appointments(self) -> tuple[Appointment, ...]:
@@ -400,9 +408,12 @@ class _Replay:
         self.hold: tuple[str, datetime | None] | None = None
         self.timeline: list[TimelineEntry] = []
         self.position = 0
+        self.reported_x360 = ""
 
     def apply(self, event: Event) -> None:
         detail = _HANDLERS[event.kind](self, event)
+        if reported := _text(event.data, "x360"):
+            self.reported_x360 = reported
         self.timeline.append(TimelineEntry(event.at, event.kind, event.control_id, detail))
         self.position += 1
 
@@ -562,6 +573,10 @@ class _Replay:
     def _on_link_rejected(self, event: Event) -> str:
         return "link rejected by a coordinator"
 
+    def _on_status_reported(self, event: Event) -> str:
+        state = _text(event.data, "x360")
+        return f"status reported: {state}" if state else "status reported"
+
 
 _HANDLERS: Final[dict[str, Callable[[_Replay, Event], str]]] = {
     REFERRAL_CREATED: _Replay._on_created,
@@ -585,6 +600,7 @@ _HANDLERS: Final[dict[str, Callable[[_Replay, Event], str]]] = {
     COORDINATOR_NOTE: _Replay._on_coordinator_note,
     LINK_CONFIRMED: _Replay._on_link_confirmed,
     LINK_REJECTED: _Replay._on_link_rejected,
+    REFERRAL_STATUS_REPORTED: _Replay._on_status_reported,
 }
 
 
@@ -711,4 +727,5 @@ def fold(
         hold_reason=reason,
         hold_resume_at=resume_at,
         no_show_count=sum(a.no_shows for a in replay.appointments.values() if not a.deleted),
+        reported_x360=replay.reported_x360,
     )

@@ -13,9 +13,17 @@ What it sends (and stays within what the handlers support):
   answers, SIU^S12/S15/S26 and S14 with SCH-25 ``Complete`` (start in SCH-11.4, the appointment id also in
   PV1-19, which refloop reads only when a profile lists it in ``link_fields``; the simulator never needs
   that), MDM^T02 with TXA-17 ``AU`` and the referral in TXA-14.
-* **360X-style** sender (``EHR360``): the referral is an OMG^O19 order (ORC-1 NW/CA, ORC-2 the referral
-  ID, PRD RT) and the note an ORU^R01 with OBR-2 pointing at it. refloop applies these only for a profile
-  with ``order_mode = "referral"`` matching ``sending_application = "EHR360"``.
+* **360X-style** sender (``EHR360``): the referral is an OMG^O19 order declaring the 360X profile in MSH-21
+  (ORC-1 NW/CA, ORC-2 the referral ID, PRD RT; refloop applies it without a sender profile), the
+  specialist answers with OSU^O51 (``OK`` accept, ``UA`` decline, ``SC``/``IP`` interim communication,
+  ``CR`` cancel confirmed, ``SC``/``CM`` finalized after the note), and the note is an ORU^R01 with OBR-2
+  pointing at the referral.
+* **Patient identity shapes** (per patient, on the specialist's messages): the clinic's MRN only; the
+  specialist's own MRN first and the clinic's as a later repetition; the clinic's MRN typed ``PI``; v2.3
+  with the clinic's MRN in PID-2; or no shared identifier at all (then the first booking names the
+  referral and the referral learns the specialist's MRN from it; the messages after it can link by that).
+  ``ground_truth.json`` lists the messages that carry no referral ID, with their shape, so a linking rate
+  per shape can be measured.
 * Some SIU and MDM carry no referral ID. They link by the heuristic (same patient, same referred-to
   provider), so every patient has at most one open referral per provider, and such a message is only
   delivered after its referral's REF was acknowledged (the heuristic cannot park). Referrals that end
@@ -36,6 +44,7 @@ import random
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
@@ -73,6 +82,12 @@ class Rates:
     lead_days: float = 21.0
     note_days: float = 5.0
     lag_hours: float = 36.0
+    # Patient identity shapes on the specialist's messages (the rest: the clinic's MRN only).
+    spec_first: float = 0.25
+    shared_pi: float = 0.15
+    v23_pid2: float = 0.1
+    no_shared: float = 0.1
+    interim: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -86,7 +101,8 @@ class Specialist:
 
 @dataclass
 class Msg:
-    """One frame to deliver: ``after`` is a control id that must be acknowledged first (heuristic links)."""
+    """One frame to deliver: ``after`` is a control id that must be acknowledged first (heuristic links).
+    ``shape``: the patient identity shape of a message that can only link by the heuristic ("" otherwise)."""
 
     feed: str
     at: datetime
@@ -95,6 +111,13 @@ class Msg:
     placer: str
     deliver_at: datetime = field(default_factory=lambda: datetime.min.replace(tzinfo=UTC))
     after: str = ""
+    shape: str = ""
+
+
+#: Identity shapes (see the module docstring); CLINIC is the referrers' assigning authority.
+CLINIC_ONLY, SPEC_FIRST, SHARED_PI, V23_PID2, NO_SHARED = "clinic_mrn", "spec_mrn_first", "shared_pi", "v23_pid2", \
+    "no_shared_id"
+SHAPES: Final = (CLINIC_ONLY, SPEC_FIRST, SHARED_PI, V23_PID2, NO_SHARED)
 
 
 @dataclass
@@ -122,13 +145,31 @@ class _Writer:
         return f"{self.run}{kind}{self.n:07d}"
 
     @staticmethod
-    def msh(mtype: str, trigger: str, cid: str, at: datetime, app: str, facility: str, structure: str) -> str:
-        return "|".join(["MSH", "^~\\&", app, facility, "REFLOOP", "HOSP", _ts(at), "",
-                         f"{mtype}^{trigger}^{structure}", cid, "P", "2.5.1"])
+    def msh(mtype: str, trigger: str, cid: str, at: datetime, app: str, facility: str, structure: str,
+            *, version: str = "2.5.1", profile: str = "") -> str:
+        fields = ["MSH", "^~\\&", app, facility, "REFLOOP", "HOSP", _ts(at), "", f"{mtype}^{trigger}^{structure}",
+                  cid, "P", version]
+        return "|".join(fields + ([""] * 8 + [profile] if profile else []))
 
     @staticmethod
-    def pid(mrn: str) -> str:
-        return f"PID|1||{mrn}^^^CLINIC^MR||Simulated^Patient||19800101|U"
+    def pid(mrn: str, shape: str = CLINIC_ONLY, sp: Specialist | None = None) -> str:
+        """PID in the given identity shape; the specialist's own MRN is ``S<mrn>`` of authority ``sp.facility``."""
+        clinic = f"{mrn}^^^CLINIC^MR"
+        own = f"S{mrn}^^^{sp.facility if sp else 'SPEC'}^MR"
+        pid2, pid3 = "", clinic
+        if shape == SPEC_FIRST:
+            pid3 = f"{own}~{clinic}"
+        elif shape == SHARED_PI:
+            pid3 = f"{own}~{mrn}^^^CLINIC^PI"
+        elif shape == V23_PID2:
+            pid2, pid3 = f"{mrn}^^^CLINIC", own
+        elif shape == NO_SHARED:
+            pid3 = own
+        return f"PID|1|{pid2}|{pid3}||Simulated^Patient||19800101|U"
+
+    @staticmethod
+    def version(shape: str) -> str:
+        return "2.3" if shape == V23_PID2 else "2.5.1"
 
 
 def _fields(seg: str, values: dict[int, str]) -> str:
@@ -156,6 +197,7 @@ class Simulation:
         self.messages: list[Msg] = []
         self.truth: dict[str, Truth] = {}
         self.patient_sp: dict[str, str] = {}
+        self.shapes: dict[str, str] = {}
 
     # -- message builders --------------------------------------------------------------------------
     def _add(self, feed: str, at: datetime, text: str, cid: str, placer: str, *, after: str = "") -> Msg:
@@ -169,7 +211,7 @@ class Simulation:
         if style == "360x":
             cid = w.cid("G")
             control = "NW" if trigger == "I12" else "CA"
-            segs = [w.msh("OMG", "O19", cid, at, X360_APP, practice, "OMG_O19"), w.pid(mrn),
+            segs = [w.msh("OMG", "O19", cid, at, X360_APP, practice, "OMG_O19", profile="360X"), w.pid(mrn),
                     _fields("ORC", {1: control, 2: f"{placer}^{practice}", 9: _ts(at), 12: "1111^Goodfellow^Gale"}),
                     f"TQ1|1||||||||{priority}^Priority", f"OBR|1|{placer}^{practice}||{sp.specialty}^Referral",
                     f"PRD|RT|{sp.family}^{sp.given}^^^^Dr|||||{sp.provider_id}^NPI"]
@@ -184,9 +226,21 @@ class Simulation:
 
     def _rri(self, placer: str, answer: str, at: datetime, mrn: str, sp: Specialist, practice: str) -> Msg:
         cid = self.w.cid("A")
-        segs = [self.w.msh("RRI", "I12", cid, at, "SPECREF", sp.facility, "RRI_I12"), "MSA|AA|X",
-                _fields("RF1", {1: f"{answer}^Answer", 2: "R^Routine", 3: f"{sp.specialty}^Specialty",
-                                6: f"{placer}^CLINIC"}), self.w.pid(mrn)]
+        shape = self.shapes.get(mrn, CLINIC_ONLY)
+        segs = [self.w.msh("RRI", "I12", cid, at, "SPECREF", sp.facility, "RRI_I12", version=self.w.version(shape)),
+                "MSA|AA|X", _fields("RF1", {1: f"{answer}^Answer", 2: "R^Routine", 3: f"{sp.specialty}^Specialty",
+                                            6: f"{placer}^CLINIC"}), self.w.pid(mrn, shape, sp)]
+        return self._add("ref", at, "\r".join(segs) + "\r", cid, placer)
+
+    def _osu(self, placer: str, control: str, status: str, at: datetime, mrn: str, sp: Specialist,
+             practice: str) -> Msg:
+        """OSU^O51 from a 360X specialist: ORC-1/ORC-5 say what happened, ORC-2 is the referral ID."""
+        cid = self.w.cid("U")
+        shape = self.shapes.get(mrn, CLINIC_ONLY)
+        segs = [self.w.msh("OSU", "O51", cid, at, "SPEC360", sp.facility, "OSU_O51", version=self.w.version(shape),
+                           profile="360X"), self.w.pid(mrn, shape, sp),
+                _fields("ORC", {1: control, 2: f"{placer}^{practice}", 3: f"F{placer}^{sp.facility}", 5: status,
+                                9: _ts(at)})]
         return self._add("ref", at, "\r".join(segs) + "\r", cid, placer)
 
     def _siu(self, appt: str, trigger: str, status: str, at: datetime, start: datetime, mrn: str, sp: Specialist,
@@ -196,20 +250,27 @@ class Simulation:
                11: f"^^30^{_ts(start)}", 25: status}
         if explicit and placer:
             sch[26] = f"{placer}^CLINIC"
-        segs = [self.w.msh("SIU", trigger, cid, at, "SCHED", sp.facility, "SIU_S12"), _fields("SCH", sch),
-                self.w.pid(mrn), _fields("PV1", {1: "1", 2: "O", 19: appt}), "RGS|1",
+        shape = self.shapes.get(mrn, CLINIC_ONLY)
+        segs = [self.w.msh("SIU", trigger, cid, at, "SCHED", sp.facility, "SIU_S12", version=self.w.version(shape)),
+                _fields("SCH", sch), self.w.pid(mrn, shape, sp), _fields("PV1", {1: "1", 2: "O", 19: appt}), "RGS|1",
                 f"AIS|1||CONSULT^Consult|{_ts(start)}",
                 f"AIP|1||{sp.provider_id}^{sp.family}^{sp.given}|{sp.specialty}"]
-        return self._add("siu", at, "\r".join(segs) + "\r", cid, placer, after=after)
+        msg = self._add("siu", at, "\r".join(segs) + "\r", cid, placer, after=after)
+        msg.shape = shape if placer and not explicit else ""
+        return msg
 
     def _note(self, style: str, doc: str, at: datetime, mrn: str, sp: Specialist, placer: str, practice: str, *,
               explicit: bool, after: str = "") -> Msg:
         w = self.w
+        shape = self.shapes.get(mrn, CLINIC_ONLY)
+        version = w.version(shape)
         if style == "360x":
             cid = w.cid("O")
-            obr = {1: "1", 2: f"{placer}^{practice}", 3: f"{doc}^DOCS", 4: "11488-4^Consult note^LN", 7: _ts(at),
-                   22: _ts(at), 25: "F", 32: f"{sp.provider_id}&{sp.family}&{sp.given}"}
-            segs = [w.msh("ORU", "R01", cid, at, "DOCS", sp.facility, "ORU_R01"), w.pid(mrn), _fields("OBR", obr),
+            obr = {1: "1", 2: f"{placer}^{practice}" if explicit else "", 3: f"{doc}^DOCS",
+                   4: "11488-4^Consult note^LN", 7: _ts(at), 22: _ts(at), 25: "F",
+                   32: f"{sp.provider_id}&{sp.family}&{sp.given}"}
+            segs = [w.msh("ORU", "R01", cid, at, "DOCS", sp.facility, "ORU_R01", version=version),
+                    w.pid(mrn, shape, sp), _fields("OBR", obr),
                     "OBX|1|TX|11488-4^Consult note^LN||Simulated report.||||||F"]
         else:
             cid = w.cid("M")
@@ -217,9 +278,12 @@ class Simulation:
                    12: doc, 17: "AU", 19: "AV"}
             if explicit:
                 txa[14] = f"{placer}^CLINIC"
-            segs = [w.msh("MDM", "T02", cid, at, "DOCS", sp.facility, "MDM_T02"), f"EVN|T02|{_ts(at)}", w.pid(mrn),
-                    "PV1|1|O", _fields("TXA", txa), "OBX|1|TX|11488-4^Consult note^LN||Simulated note.||||||F"]
-        return self._add("notes", at, "\r".join(segs) + "\r", cid, placer, after=after)
+            segs = [w.msh("MDM", "T02", cid, at, "DOCS", sp.facility, "MDM_T02", version=version),
+                    f"EVN|T02|{_ts(at)}", w.pid(mrn, shape, sp), "PV1|1|O", _fields("TXA", txa),
+                    "OBX|1|TX|11488-4^Consult note^LN||Simulated note.||||||F"]
+        msg = self._add("notes", at, "\r".join(segs) + "\r", cid, placer, after=after)
+        msg.shape = shape if not explicit else ""
+        return msg
 
     # -- scenarios ---------------------------------------------------------------------------------
     def _delay(self, mean_days: float) -> timedelta:
@@ -250,6 +314,8 @@ class Simulation:
         sp = self.specialists[i % len(self.specialists)] if rnd.random() < 0.3 else rnd.choice(self.specialists)
         practice = rnd.choice(self.practices)
         self.patient_sp[mrn] = sp.provider_id
+        shares = (r.spec_first, r.shared_pi, r.v23_pid2, r.no_shared)
+        shape = self.shapes[mrn] = rnd.choices(SHAPES, weights=[max(0.0, 1 - sum(shares)), *shares])[0]
         priority = rnd.choices(["R", "U", "S"], weights=[85, 12, 3])[0]
         ref = self._ref(style, placer, "I12", sent, mrn, sp, practice, priority)
         truth = Truth(placer, "sent", style, sent.isoformat())
@@ -260,19 +326,29 @@ class Simulation:
             return moment < now
 
         fate = rnd.random()
-        if fate < r.decline and style == "epic":
+        if fate < r.decline:
             at = sent + self._delay(3)
             if within(at):
-                self._rri(placer, "R", at, mrn, sp, practice)
+                if style == "360x":
+                    self._osu(placer, "UA", "", at, mrn, sp, practice)
+                else:
+                    self._rri(placer, "R", at, mrn, sp, practice)
                 truth.status = "declined"
             self._stages(truth, sent, priority, sp, None, None, 0)
             return
         cancel = fate < r.decline + r.cancel
         heuristic = not cancel and rnd.random() < r.no_id
-        if style == "epic" and rnd.random() < r.accept_answer:
+        # Without a shared identifier only an identifier the referral learned can link a message without the
+        # referral ID: the first booking names the referral (SCH-26) and teaches it the specialist's MRN, and
+        # the messages after it depend on it.
+        teacher = ""
+        if rnd.random() < r.accept_answer:
             at = sent + self._delay(2)
             if within(at):
-                self._rri(placer, "A", at, mrn, sp, practice)
+                if style == "360x":
+                    self._osu(placer, "OK", "", at, mrn, sp, practice)
+                else:
+                    self._rri(placer, "A", at, mrn, sp, practice)
         t = sent + self._delay(r.book_days)
         no_shows = 0
         last_no_show: datetime | None = None
@@ -284,9 +360,18 @@ class Simulation:
                 appt_n += 1
                 appt = f"{placer}A{appt_n}"
                 begin = t + self._delay(r.lead_days)
-                after = ref.control_id if heuristic else ""
-                self._siu(appt, "S12", "Booked", t, begin, mrn, sp, placer, explicit=not heuristic, after=after)
+                if heuristic and shape == NO_SHARED and not teacher:
+                    teacher = self._siu(appt, "S12", "Booked", t, begin, mrn, sp, placer, explicit=True,
+                                        after=ref.control_id).control_id
+                else:
+                    self._siu(appt, "S12", "Booked", t, begin, mrn, sp, placer, explicit=not heuristic,
+                              after=(teacher or ref.control_id) if heuristic else "")
+                after = (teacher or ref.control_id) if heuristic else ""
                 status = "scheduled"
+                if style == "360x" and appt_n == 1 and rnd.random() < r.interim:
+                    interim_at = t + timedelta(hours=2)
+                    if within(interim_at):  # an interim communication changes no status
+                        self._osu(placer, "SC", "IP", interim_at, mrn, sp, practice)
                 if not within(begin + timedelta(hours=1)):
                     break
                 outcome = rnd.random()
@@ -308,21 +393,30 @@ class Simulation:
                         t = out_at + self._delay(4)
                         continue
                     break
-                self._siu(appt, "S14", "Complete", out_at, begin, mrn, sp, placer, explicit=not heuristic,
-                          after=after)
+                done = self._siu(appt, "S14", "Complete", out_at, begin, mrn, sp, placer, explicit=not heuristic,
+                                 after=after)
                 status, completed_at = "completed", begin
                 if rnd.random() < r.note:
                     note_at = out_at + self._delay(r.note_days)
                     if within(note_at):
-                        self._note(style, f"{placer}D1", note_at, mrn, sp, placer, practice,
-                                   explicit=not heuristic, after=after)
+                        # A note without the referral ID closes the loop: it must follow the bookings it
+                        # closes, or they would find no open referral to link to.
+                        note = self._note(style, f"{placer}D1", note_at, mrn, sp, placer, practice,
+                                          explicit=not heuristic, after=done.control_id if heuristic else "")
                         status = "closed"
+                        final_at = note_at + timedelta(minutes=30)
+                        if style == "360x" and within(final_at):  # the outcome was sent: Finalized
+                            final = self._osu(placer, "SC", "CM", final_at, mrn, sp, practice)
+                            final.after = note.control_id if heuristic else ""
                 break
         if cancel:
             at = sent + self._delay(20)
             if within(at) and status != "closed":
                 self._ref(style, placer, "I14", at, mrn, sp, practice, priority)
                 status = "cancelled"
+                confirm_at = at + self._delay(1)
+                if style == "360x" and within(confirm_at):  # the specialist confirms: CancelConfirmed
+                    self._osu(placer, "CR", "", confirm_at, mrn, sp, practice)
         truth.status = status
         self._stages(truth, sent, priority, sp, completed_at, last_no_show, no_shows)
 
@@ -368,7 +462,7 @@ class Simulation:
         lag = self.rates.lag_hours
         for msg in self.messages:
             msg.deliver_at = msg.at + timedelta(hours=self.rnd.uniform(0, lag))
-        by_cid = {m.control_id: m for m in self.messages if m.feed == "ref"}
+        by_cid = {m.control_id: m for m in self.messages}  # in creation order: a dependency comes first
         for msg in self.messages:
             if msg.after and msg.after in by_cid:
                 msg.deliver_at = max(msg.deliver_at, by_cid[msg.after].deliver_at + timedelta(seconds=1))
@@ -379,7 +473,13 @@ class Simulation:
         counts = Counter(t.status for t in self.truth.values())
         return {"now": self.now.isoformat(), "referrals": len(self.truth), "messages": len(self.messages),
                 "status_counts": dict(sorted(counts.items())),
-                "expected": {p: asdict(t) for p, t in sorted(self.truth.items())}}
+                "expected": {p: asdict(t) for p, t in sorted(self.truth.items())},
+                "heuristic_messages": self.heuristic_messages()}
+
+    def heuristic_messages(self) -> dict[str, str]:
+        """Control id -> identity shape of every message that can only link by the heuristic (no referral ID),
+        so a linking rate per shape can be read back from a store (``bench/linking_shapes.py``)."""
+        return {m.control_id: m.shape for m in self.messages if m.shape}
 
     def feed(self, name: str) -> list[Msg]:
         return [m for m in self.messages if m.feed == name]
@@ -536,6 +636,7 @@ def check(sim: Simulation, http: str, *, token: str = "") -> dict[str, Any]:
            if r.get("placer_id") in expected and r.get("stage") in stall.STAGES}
     want = {(p, stage) for p, t in sim.truth.items() for stage in t.stages}
     alerts_ok = got == want
+    linking = linking_rates(sim, base, token)
     return {
         "referrals": len(expected),
         "status_agreement": round(100 * agree / max(len(expected), 1), 3),
@@ -545,8 +646,33 @@ def check(sim: Simulation, http: str, *, token: str = "") -> dict[str, Any]:
         "alerts": {"expected": len(want), "found": len(got), "missing": len(want - got), "unexpected": len(got - want),
                    "agrees": alerts_ok,
                    "examples": sorted(want ^ got)[:5]},
-        "ok": agree == len(expected) and report_ok and alerts_ok,
+        "linking": linking,
+        "ok": agree == len(expected) and report_ok and alerts_ok
+        and all(v["linked"] == v["messages"] for v in linking.values()),
     }
+
+
+def linking_rates(sim: Simulation, base: str, token: str = "") -> dict[str, dict[str, Any]]:
+    """Per identity shape: how many of the messages that carry no referral ID ended on their referral (the
+    referral's ``links`` name them). Reads only ``GET /api/referrals/{placer}``, so it also measures an
+    older refloop."""
+    by_placer: dict[str, list[Msg]] = {}
+    for m in sim.messages:
+        if m.shape:
+            by_placer.setdefault(m.placer, []).append(m)
+    counts: dict[str, list[int]] = {}
+    for placer, msgs in sorted(by_placer.items()):
+        try:
+            doc = _get(base, "/api/referrals/" + urllib.parse.quote(placer, safe=""), token)
+            linked = {lk["control_id"] for lk in doc.get("links", [])}
+        except urllib.error.HTTPError:
+            linked = set()
+        for m in msgs:
+            c = counts.setdefault(m.shape, [0, 0])
+            c[0] += 1
+            c[1] += m.control_id in linked
+    return {shape: {"messages": n, "linked": k, "rate": round(100 * k / n, 1)}
+            for shape, (n, k) in sorted(counts.items())}
 
 
 def wait_settled(http: str, total_sent: int, token: str = "", timeout: float = 60.0) -> None:

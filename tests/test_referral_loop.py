@@ -66,9 +66,9 @@ def test_booked_completed_note_closed(daemon: DaemonThread) -> None:
     send(daemon, mdm_msg("N1", placer="L1", at="20260113100000-0500"))
     body = referral(daemon, "L1")
     assert set(body) == {
-        "id", "placer_id", "status", "priority", "referred_to", "referring_provider", "sent_at", "accepted_at",
-        "scheduled_at", "appointment_at", "completed_at", "note_received_at", "closed_at", "appointments",
-        "documents", "timeline", "links", "flags",
+        "id", "placer_id", "status", "x360_state", "priority", "referred_to", "referring_provider", "sent_at",
+        "accepted_at", "scheduled_at", "appointment_at", "completed_at", "note_received_at", "closed_at",
+        "appointments", "documents", "timeline", "links", "flags",
     }
     assert body["status"] == "closed"
     assert body["placer_id"] == "L1" and body["priority"] == "R"
@@ -142,7 +142,7 @@ def test_heuristic_link_by_patient_and_provider(daemon: DaemonThread) -> None:
     send(daemon, ref_msg("L7", mrn="MRN700"), siu_msg("A7", mrn="MRN700"))
     body = referral(daemon, "L7")
     assert body["status"] == "scheduled"
-    assert body["links"][-1]["matched_by"] == "heuristic:patient+provider_id+provider_name"
+    assert body["links"][-1]["matched_by"] == "heuristic:patient@CLINIC+provider_id+provider_name"
 
 
 def test_booking_before_its_referral_is_adopted(daemon: DaemonThread) -> None:
@@ -156,7 +156,7 @@ def test_booking_before_its_referral_is_adopted(daemon: DaemonThread) -> None:
     body = referral(daemon, "L9")
     assert body["status"] == "scheduled"
     assert [(lk["control_id"], lk["matched_by"]) for lk in body["links"]] == [
-        ("SIU-A9", "heuristic:patient+provider_id+provider_name"), ("REF-L9", "referral_id")]
+        ("SIU-A9", "heuristic:patient@CLINIC+provider_id+provider_name"), ("REF-L9", "referral_id")]
     outcome, detail = journal(daemon, "SIU-A9")
     assert outcome == "processed" and detail.startswith("adopted: referral ")
     assert journal(daemon, "SIU-A9x") == ("ignored", "unrelated")  # another provider's appointment: not ours

@@ -12,9 +12,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from refloop.config.fields import DEFAULT_VERSIONS, Check, setting
+from refloop.config.fields import DEFAULT_PATIENT_ID_TYPES, DEFAULT_VERSIONS, Check, setting
 from refloop.config.notify import NotifySettings, WorklistSettings
 from refloop.config.windows import WindowSettings
+from refloop.x360 import parse_override
 
 
 def _port(v: int) -> str | None:
@@ -51,6 +52,15 @@ def _codec(v: str) -> str | None:
 
 def _not_negative(v: float) -> str | None:
     return None if v >= 0 else "must be 0 or more"
+
+
+def _osu_states(v: tuple[str, ...]) -> str | None:
+    for entry in v:
+        try:
+            parse_override(entry)
+        except ValueError as exc:
+            return str(exc)
+    return None
 
 
 def _hl7_paths(v: tuple[str, ...]) -> str | None:
@@ -251,13 +261,30 @@ class SenderProfile:
         "UTC", "IANA zone for this sender's timestamps that carry no UTC offset.", _iana_zone
     )
     message_families: tuple[str, ...] = setting(
-        ("REF", "RRI", "OMG", "ORM", "SIU", "MDM", "ORU"),
+        ("REF", "RRI", "OMG", "ORM", "OSU", "SIU", "MDM", "ORU"),
         "Message types (MSH-9.1) whose referral effects are applied for this sender; others are only journaled.",
     )
     order_mode: str = setting(
-        "off",
-        "'referral': OMG^O19/ORM^O01 orders are referrals (360X style, ORC-2 is the referral ID); 'off': journal only.",
-        _one_of("off", "referral"),
+        "auto",
+        "'referral': OMG^O19/ORM^O01 orders and OSU^O51 status updates are referrals (360X style, ORC-2 is the "
+        "referral ID); 'auto': only messages whose MSH-21 names the 360X profile; 'off': journal only.",
+        _one_of("auto", "off", "referral"),
+    )
+    osu_states: tuple[str, ...] = setting(
+        (),
+        "This sender's own OSU^O51 codes, as 'ORC1/ORC5=STATE' (ORC5 may be '*'; STATE one of Accepted, "
+        "Declined, CancelConfirmed, InterimCommunicated, Finalized); looked up before the built-in table.",
+        _osu_states,
+    )
+    patient_id_authorities: tuple[str, ...] = setting(
+        (),
+        "Assigning authorities (CX-4) whose patient identifiers this sender shares with the referrers; only "
+        "these link its messages to referrals (empty: every authority).",
+    )
+    patient_id_types: tuple[str, ...] = setting(
+        DEFAULT_PATIENT_ID_TYPES,
+        "Identifier types (CX-5) read from PID-3 (and PID-2/PID-4 in v2.3.x) as the patient's identifiers; "
+        "\"\" is an identifier sent without a type.",
     )
     presume_attendance_hours: float = setting(
         0.0,

@@ -7,14 +7,13 @@ event loop. Error bodies carry codes, never message content.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from refloop.daemon.identity import REQUEST_KEY, Resolver, actor
-from refloop.store import queries
 
 if TYPE_CHECKING:
     from refloop.daemon.server import Server
@@ -29,8 +28,8 @@ class HttpApi:
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),
             web.get("/metrics", self.metrics),
-            web.get("/api/messages", self.messages),
         ])
+        from refloop.daemon.http_messages import add_routes as add_message_routes; add_message_routes(self.app, server)  # noqa: E702, I001
         from refloop.daemon.http_referrals import add_routes; add_routes(self.app, server)  # noqa: E702, I001
         from refloop.daemon.http_worklist import add_routes as add_worklist_routes; add_worklist_routes(self.app, server)  # noqa: E501, E702, I001
         from refloop.daemon.dashboard import add_routes as add_dashboard_routes; add_dashboard_routes(self.app, server)  # noqa: E702, I001
@@ -126,16 +125,3 @@ class HttpApi:
     async def metrics(self, _req: web.Request) -> web.Response:
         body = generate_latest(self.server.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def messages(self, req: web.Request) -> web.Response:
-        try:
-            limit = int(req.query.get("limit", "100"))
-        except ValueError:
-            return web.json_response({"error": "limit must be an integer"}, status=400)
-        control_id = req.query.get("control_id")
-        engine = self.server.engine
-        assert engine is not None
-        rows: list[dict[str, Any]] = await asyncio.to_thread(
-            queries.list_messages, engine, limit=max(1, min(limit, 10_000)), control_id=control_id
-        )
-        return web.json_response(rows)

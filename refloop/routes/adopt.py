@@ -4,7 +4,8 @@ Feeds do not arrive in order: the specialist's scheduler often books from a faxe
 before the referrer's REF has crossed its interface engine, and such a booking rarely carries the
 referral ID. Without a referral to match, :mod:`refloop.routes.linking` calls it unrelated, and the new
 referral would sit at ``sent`` and stall although the patient is booked. So an unrelated scheduling or
-document message keeps its patient key on its journal row (hashed, never the MRN), and when a REF (or a
+document message keeps a marker on its journal row (``patient_key``) and its patient's identifiers in
+``message_identifiers`` (hashed, never the MRN), and when a REF (or a
 360X order) creates or updates a referral for that patient, the messages of the last
 ``SenderProfile.adopt_earlier_days`` are routed again, exactly as ``refloop replay`` would: the same
 linking rules decide (same patient *and* a matching referred-to provider; several candidates go to the
@@ -24,7 +25,7 @@ from refloop.message import Message, MessageError, decode_payload
 from refloop.routes import linking
 from refloop.routes.context import ContentError, HandlerContext, HandlerResult
 from refloop.routes.extract import Provider
-from refloop.store import journal, rawsql
+from refloop.store import identity, rawsql
 from refloop.store import referrals as repo
 from refloop.store.models import Message as Journal
 from refloop.store.models import Outcome, Referral
@@ -32,9 +33,6 @@ from refloop.store.models import Outcome, Referral
 log = logging.getLogger("refloop.routes")
 
 J = Journal.__table__
-_CANDIDATES = "SELECT id FROM messages WHERE patient_key = {ph} AND received_at >= {ph}"
-_CANDIDATES_SQLITE = _CANDIDATES.format(ph="?")
-_CANDIDATES_PG = _CANDIDATES.format(ph="%s")
 REFERRALS = Referral.__table__
 
 
@@ -49,19 +47,19 @@ def _handlers() -> dict[str, tuple[Handler, Providers]]:
             "ORU": (notes.handle_oru, notes.oru_providers)}
 
 
-def adopt_earlier(ctx: HandlerContext, referral_id: int, patient_key: str) -> int:
+def adopt_earlier(ctx: HandlerContext, referral_id: int, patient_keys: list[str]) -> int:
     """Route this patient's recent unrelated messages again; returns how many now belong somewhere.
 
     Only messages whose providers match this referral's referred-to provider are routed again (nothing
     else can have changed for them), so a patient with many unrelated appointments costs a parse each."""
     days = ctx.profile.adopt_earlier_days
-    if days <= 0 or not patient_key:
+    if days <= 0 or not patient_keys:
         return 0
     since = ctx.received_at - timedelta(days=days)
-    # Driver SQL: this runs for every REF, and almost always finds nothing.
-    sqlite = ctx.conn.dialect.name == "sqlite"
-    ids = [r[0] for r in rawsql.execute(ctx.conn, _CANDIDATES_SQLITE if sqlite else _CANDIDATES_PG, (
-        patient_key, journal.sqlite_time(since) if sqlite else since)).fetchall()]
+    # Driver SQL: this runs for every REF, and almost always finds nothing. Any identifier of the
+    # referral's patient finds the message; the handler's linking rules then apply the sender's own
+    # ``patient_id_authorities``, as for a message arriving after the REF.
+    ids = identity.adoptable_messages(ctx.conn, patient_keys, since)
     if not ids:
         return 0
     rows = ctx.conn.execute(

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 from refloop.message import Message, Segment, unescape_text
+from refloop.patient import PatientId, hash_id, patient_ids, shared_ids
+from refloop.x360 import PROFILE_ID
+
+__all__ = ["PatientId", "hash_id", "patient_ids", "shared_ids"]
 
 _TS = re.compile(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.\d+)?\s*(?:([+-])(\d{2})(\d{2}))?")
 
@@ -58,21 +61,24 @@ def occurred_at(msg: Message, zone: str, *paths: str) -> datetime:
 
 
 def patient_key(msg: Message) -> str:
-    """SHA-256 of PID-3.1 and its assigning authority (PID-3.4.1), or "" without an identifier.
+    """One identifier as the patient's key: the first MR repetition of PID-3, else the first identifier.
 
-    The MR repetition is preferred when PID-3 repeats, because that is what scheduling and document
-    systems share with the referrer. Stored hashed so that the table never holds the MRN itself.
+    Kept for stores and callers that want a single value; matching uses :func:`patient_ids`.
     """
-    pid = msg.segment("PID")
-    if pid is None:
+    ids = patient_ids(msg)
+    if not ids:
         return ""
-    reps = pid.repetitions(3)
-    chosen = next((r for r in reps if _component(r, msg, 5).upper() == "MR"), reps[0] if reps else "")
-    ident = _component(chosen, msg, 1).strip()
-    if not ident:
-        return ""
-    authority = _component(chosen, msg, 4).split(msg.subcomponent_sep)[0].strip().upper()
-    return hashlib.sha256(f"{authority}|{ident}".encode()).hexdigest()
+    return next((i.key for i in ids if i.id_type == "MR"), ids[0].key)
+
+
+def declares_360x(msg: Message) -> bool:
+    """MSH-21 (message profile identifier, repeating EI) names the 360X closed-loop profile."""
+    return any(_component(rep, msg, 1).strip().upper() == PROFILE_ID for rep in msg.repetitions("MSH-21"))
+
+
+def orders_are_referrals(profile_mode: str, msg: Message) -> bool:
+    """``SenderProfile.order_mode``: 'referral' always, 'off' never, 'auto' when MSH-21 says 360X."""
+    return profile_mode == "referral" or (profile_mode == "auto" and declares_360x(msg))
 
 
 def _component(value: str, msg: Message, n: int) -> str:

@@ -4,15 +4,18 @@ Order of evidence, strongest first (docs/referral-loop.md): a coordinator's deci
 referral/order ID (SCH-26/27, ARQ-24/25, TXA-14/15, ORC-2, OBR-2/29, plus the sender's ``link_fields``)
 found among placer IDs and aliases; an earlier message about the same appointment or document; an
 explicit ID of a referral not seen yet (the message is *parked* until it arrives); and last a heuristic:
-same patient and same referred-to provider among open referrals. One heuristic candidate links, several
+same patient (any identifier shared, see :mod:`refloop.store.identity`) and same referred-to provider
+among open referrals. One heuristic candidate links, several
 go to the review queue, none means the message is unrelated to any referral.
 
 Unrelated traffic is the common case (most appointments are not referrals), so that path costs at most
-two indexed queries and writes nothing but the journal row.
+two indexed queries and writes only the journal row and the patient's identifier rows (one INSERT, so
+the message can be found by patient and adopted by a later referral).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Callable, Iterable
@@ -21,8 +24,8 @@ from typing import Any
 
 from refloop.message import Message
 from refloop.routes.context import HandlerContext, HandlerResult
-from refloop.routes.extract import Provider, patient_key, values_at
-from refloop.store import alerts
+from refloop.routes.extract import PatientId, Provider, patient_ids, shared_ids, values_at
+from refloop.store import alerts, identity
 from refloop.store import referrals as repo
 from refloop.store.models import Outcome
 
@@ -37,6 +40,7 @@ class Placement:
     pending_key: str = ""
     candidates: list[dict[str, Any]] = field(default_factory=list)
     patient_key: str = ""  # UNRELATED: whose message it is, so a later referral can adopt it
+    patient_ids: tuple[PatientId, ...] = ()  # the message's identifiers (the sender's types), read once
 
 
 def provider_match(candidate: Any, providers: Iterable[Provider]) -> list[str]:
@@ -58,6 +62,14 @@ def place(ctx: HandlerContext, msg: Message, *, explicit_paths: tuple[str, ...],
 
     ``providers`` may be a callable: it is only needed when the patient has open referrals, which most
     department-feed traffic does not, so the handler need not extract them up front."""
+    ids = message_ids(ctx, msg)
+    placement = _place(ctx, msg, ids, explicit_paths, providers, subject)
+    # Only a link can teach the referral identifiers (see record), so only a link carries them on.
+    return dataclasses.replace(placement, patient_ids=tuple(ids)) if placement.state == repo.LINKED else placement
+
+
+def _place(ctx: HandlerContext, msg: Message, ids: list[PatientId], explicit_paths: tuple[str, ...],
+           providers: list[Provider] | Callable[[], list[Provider]], subject: str) -> Placement:
     conn = ctx.conn
     if ctx.replay:
         prior = repo.link_row(conn, ctx.message_id)
@@ -85,18 +97,42 @@ def place(ctx: HandlerContext, msg: Message, *, explicit_paths: tuple[str, ...],
         return Placement(None, repo.PARKED, kind, pending_key=earlier[1])
 
     candidates: list[dict[str, Any]] = []
-    pkey = patient_key(msg)
-    open_refs = repo.open_referrals_for_patient(conn, pkey)
+    open_refs = identity.open_referrals_for_ids(conn, shared_ids(ids, ctx.profile.patient_id_authorities))
     wanted = (providers() if callable(providers) else providers) if open_refs else []
     for cand in open_refs:
         matched = provider_match(cand, wanted)
         if matched:
-            candidates.append({"id": int(cand.id), "matched": ["patient", *matched]})
+            candidates.append({"id": int(cand.id), "matched": ["patient", *matched], "authority": cand.authority})
     if len(candidates) == 1:
-        return Placement(candidates[0]["id"], repo.LINKED, "heuristic:" + "+".join(candidates[0]["matched"]))
+        return Placement(candidates[0]["id"], repo.LINKED, heuristic_reason(candidates[0]))
     if candidates:
         return Placement(None, repo.REVIEW, "heuristic:ambiguous", candidates=candidates)
-    return Placement(None, UNRELATED, patient_key=pkey)
+    return Placement(None, UNRELATED, patient_key=ids[0].key if ids else "")
+
+
+#: Links strong enough to learn identifiers from: the referral ID is in the message itself. Not from the
+#: heuristic, nor from "appointment"/"document" (the earlier message may itself have been a heuristic
+#: link), so a wrong guess can never spread to other messages.
+_LEARN_FROM = ("explicit:", "link_field:")
+
+
+def heuristic_reason(candidate: dict[str, Any]) -> str:
+    """``heuristic:patient@AUTHORITY+provider_id...``: which authority's identifier matched (never the ID;
+    an identifier sent without an authority reads ``patient``)."""
+    parts = list(candidate["matched"])
+    if candidate.get("authority"):
+        parts[0] = f"patient@{candidate['authority']}"
+    return "heuristic:" + "+".join(parts)
+
+
+def message_ids(ctx: HandlerContext, msg: Message) -> list[PatientId]:
+    """The patient's identifiers (the sender's ``patient_id_types``), stored with the message so it can be
+    found by patient and adopted by a later referral. Written only when there are some: an unrelated
+    message without a PID costs nothing more."""
+    ids = patient_ids(msg, ctx.profile.patient_id_types)
+    if ids or ctx.replay:
+        identity.set_message_ids(ctx.conn, ctx.message_id, ids, ctx.received_at, replace=ctx.replay)
+    return ids
 
 
 def unrelated(placement: Placement) -> HandlerResult:
@@ -109,6 +145,8 @@ def record(ctx: HandlerContext, msg: Message, placement: Placement, events: list
     """Write the events where :func:`place` decided, then refold every referral the message touched."""
     conn = ctx.conn
     touched = repo.forget_message(conn, ctx.message_id) if ctx.replay else set()
+    if ctx.replay:
+        identity.forget_learned(conn, ctx.message_id)
     if placement.state == UNRELATED:
         if ctx.replay:
             repo.drop_link(conn, ctx.message_id)
@@ -116,6 +154,11 @@ def record(ctx: HandlerContext, msg: Message, placement: Placement, events: list
         return unrelated(placement)
     linked = placement.state == repo.LINKED
     rid = placement.referral_id if linked else None
+    if rid is not None and placement.matched_by.startswith(_LEARN_FROM):
+        # Linked by the referral's own ID: this patient's identifiers (those the sender shares) are the
+        # referral's too, so a later message carrying only, say, the specialist's MRN can link.
+        identity.learn(conn, rid, shared_ids(list(placement.patient_ids), ctx.profile.patient_id_authorities),
+                       ctx.message_id)
     repo.add_events(conn, referral_id=rid, message_id=ctx.message_id, control_id=ctx.control_id, events=events,
                     pending_key=placement.pending_key if placement.state == repo.PARKED else "")
     repo.set_link(conn, ctx.message_id, referral_id=rid, state=placement.state, matched_by=placement.matched_by,

@@ -1,8 +1,9 @@
-"""OMG^O19 / ORM^O01 as referrals (360X style), only for senders with ``order_mode = "referral"``.
+"""OMG^O19 / ORM^O01 as referrals (360X style): for messages whose MSH-21 names the 360X profile, and for
+senders with ``order_mode = "referral"`` (``"off"`` turns even 360X messages off).
 
 In the 360X closed-loop profile the referral *is* an order: ORC-2 (or OBR-2) is the referral ID, ORC-1
-NW creates it and CA/OC/DC cancels it. Most order feeds are lab or imaging orders, so this is off unless a
-sender profile says otherwise; then the message is only journaled.
+NW creates it and CA/OC/DC cancels it. Most order feeds are lab or imaging orders, so an order without the
+360X declaration is only journaled unless a sender profile says otherwise.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from refloop.daemon.ack import AckError
 from refloop.message import Message
 from refloop.routes import linking
 from refloop.routes.context import ContentError, HandlerContext, HandlerResult
-from refloop.routes.extract import occurred_at, prd, xcn
+from refloop.routes.extract import occurred_at, orders_are_referrals, prd, xcn
 from refloop.routes.ref import apply_referral
 from refloop.store import referrals as repo
 from refloop.store.models import Outcome
@@ -21,7 +22,7 @@ _CANCELS = frozenset({"CA", "OC", "DC", "OD", "DR", "CR"})
 
 
 def handle_order(ctx: HandlerContext, msg: Message) -> HandlerResult:
-    if ctx.profile.order_mode != "referral":
+    if not orders_are_referrals(ctx.profile.order_mode, msg):
         return HandlerResult(Outcome.IGNORED, detail="order_mode off")
     if not linking.family_enabled(ctx, msg):
         return linking.disabled()

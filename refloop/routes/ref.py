@@ -13,7 +13,8 @@ from refloop.daemon.ack import AckError
 from refloop.message import Message
 from refloop.routes import adopt, linking
 from refloop.routes.context import ContentError, HandlerContext, HandlerResult
-from refloop.routes.extract import occurred_at, patient_key, prd, values_at
+from refloop.routes.extract import occurred_at, prd, values_at
+from refloop.store import identity
 from refloop.store import referrals as repo
 from refloop.store.models import Outcome
 
@@ -40,10 +41,13 @@ def apply_referral(ctx: HandlerContext, msg: Message, *, placer_id: str, authori
     """Shared by REF and 360X orders: the message *is* about this key, so create-or-update, then refold."""
     conn = ctx.conn
     touched = repo.forget_message(conn, ctx.message_id) if ctx.replay else set()
-    # Identity goes into the INSERT of a new referral, or an UPDATE only when a value differs.
-    pkey = patient_key(msg)
+    # Identity goes into the INSERT of a new referral, or an UPDATE only when a value differs. The
+    # referral's patient key is the person's (see identity.person_key); every identifier gets a row.
+    ids = linking.message_ids(ctx, msg)
+    pkey = identity.person_key(conn, ids)
     rid = repo.get_or_create(conn, placer_id[:199], authority[:180], ctx.clock.now(),
                              patient_key=pkey, referred_to_id=referred_to_id[:64])
+    identity.add_referral_ids(conn, rid, ids)
     repo.add_events(conn, referral_id=rid, message_id=ctx.message_id, control_id=ctx.control_id, events=events)
     repo.set_link(conn, ctx.message_id, referral_id=rid, state=repo.LINKED, matched_by="referral_id",
                   control_id=ctx.control_id, message_type=f"{msg.message_type}^{msg.trigger_event}".upper(),
@@ -53,7 +57,7 @@ def apply_referral(ctx: HandlerContext, msg: Message, *, placer_id: str, authori
         repo.refresh(conn, other, now, duplicate_window_days=ctx.profile.duplicate_window_days)
     state = repo.refresh(conn, rid, now, duplicate_window_days=ctx.profile.duplicate_window_days,
                          appended=not ctx.replay)
-    adopted = adopt.adopt_earlier(ctx, rid, pkey) if state.status in rf.OPEN_STATUSES else 0
+    adopted = adopt.adopt_earlier(ctx, rid, [i.key for i in ids]) if state.status in rf.OPEN_STATUSES else 0
     detail = f"referral {rid} {state.status.value}" + (f", adopted {adopted} earlier" if adopted else "")
     return HandlerResult(Outcome.PROCESSED, detail=detail)
 

@@ -13,6 +13,7 @@ from refloop.routes.orders import handle_order
 from refloop.routes.ref import handle_ref, handle_rri
 from refloop.routes.router import Route
 from refloop.routes.siu import handle_siu
+from refloop.routes.status import handle_osu
 
 
 def journal_only(ctx: HandlerContext, msg: Message) -> HandlerResult:
@@ -33,6 +34,7 @@ DEFAULT_ROUTES: tuple[Route, ...] = (
     *_routes("RRI", "I12 I13 I14", handle_rri, "rri"),
     *_routes("OMG", "O19", handle_order, "order"),
     *_routes("ORM", "O01", handle_order, "order"),
+    *_routes("OSU", "O51", handle_osu, "osu"),
     *_routes("SIU", SIU_TRIGGERS, handle_siu, "siu"),
     *_routes("MDM", MDM_TRIGGERS, handle_mdm, "mdm"),
     *_routes("ORU", "R01", handle_oru, "oru"),

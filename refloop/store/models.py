@@ -371,3 +371,55 @@ Index("ix_referral_events_kind_subject", ReferralEvent.kind, ReferralEvent.refer
 # (refloop.store.worklist_view): one index range read per page, whatever the page number.
 Index("ix_alerts_worklist", Alert.open_key, Alert.overdue_days, Alert.id)
 Index("ix_alerts_worklist_owner", Alert.open_key, Alert.owner, Alert.overdue_days, Alert.id)
+
+# -- patient identity as a set (migration 0011) -----------------------------------------------------
+# A patient carries several identifiers (the referrer's MRN, the specialist's MRN, an enterprise ID, a
+# v2.3 PID-2...). Each is stored hashed with its assigning authority, one row per identifier, so a message
+# matches a referral when *any* identifier is shared. The authority stays in clear: it names an
+# organisation, and a link explanation must say which authority matched. The ID itself is never stored.
+
+
+class ReferralIdentifier(Base):
+    """One identifier of a referral's patient: from its REF/OMG messages (``learned_from`` NULL), or learned
+    from a message linked to it by its referral ID (that message's id, so a replay or an unlink takes the
+    identifier back)."""
+
+    __tablename__ = "referral_identifiers"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    referral_id: Mapped[int] = mapped_column(ForeignKey("referrals.id"))
+    id_hash: Mapped[str] = mapped_column(String(64))  # SHA-256 of "AUTHORITY|ID"
+    authority: Mapped[str] = mapped_column(String(180), default="")
+    id_type: Mapped[str] = mapped_column(String(16), default="")
+    learned_from: Mapped[int | None] = mapped_column(ForeignKey("messages.id"), nullable=True)
+
+    __table_args__ = (
+        UniqueConstraint("referral_id", "id_hash", name="uq_referral_identifiers_key"),
+        Index("ix_referral_identifiers_hash", "id_hash"),
+        Index("ix_referral_identifiers_learned", "learned_from"),
+    )
+
+
+class MessageIdentifier(Base):
+    """One identifier of the patient a routed message is about: what ``refloop messages --patient`` and the
+    adoption of earlier unrelated messages look up. ``received_at`` is copied so both stay index-only."""
+
+    __tablename__ = "message_identifiers"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id"))
+    id_hash: Mapped[str] = mapped_column(String(64))
+    authority: Mapped[str] = mapped_column(String(180), default="")
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_message_identifiers_hash", "id_hash", "received_at"),
+        Index("ix_message_identifiers_message", "message_id"),
+    )
+
+
+# -- message search indexes (migration 0011) --------------------------------------------------------
+# `refloop messages --type/--outcome` and GET /api/messages list newest first within a type or outcome;
+# the sender filter uses ix_messages_sender_control's prefix, the time filters ix_messages_received_at.
+Index("ix_messages_type_id", Message.message_type, Message.trigger_event, Message.id)
+Index("ix_messages_outcome_id", Message.outcome, Message.id)

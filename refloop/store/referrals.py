@@ -25,8 +25,8 @@ from typing import Any, cast
 from sqlalchemy import Connection, Table, bindparam, delete, select, update
 
 from refloop import referral as rf
-from refloop import stall
-from refloop.store import sqlhot
+from refloop import stall, x360
+from refloop.store import identity, sqlhot
 from refloop.store.models import (
     Referral,
     ReferralAlias,
@@ -443,6 +443,7 @@ def _manual_event(conn: Connection, referral_id: int, message_id: int, kind: str
 def manual_link(conn: Connection, message_id: int, referral_id: int, now: datetime, actor: str = "") -> None:
     """A coordinator ties a message to a referral: its events move, and a link_confirmed event records why."""
     before = _referrals_of(conn, message_id) - {referral_id}
+    identity.forget_learned(conn, message_id)  # what the old referral learned from it was not its patient
     conn.execute(_MOVE_MESSAGE_EVENTS, {"b_message_id": message_id, "b_rid": referral_id})
     set_link(conn, message_id, referral_id=referral_id, state=LINKED, matched_by="manual")
     _manual_event(conn, referral_id, message_id, rf.LINK_CONFIRMED, now, actor)
@@ -459,6 +460,7 @@ def manual_unlink(conn: Connection, message_id: int, now: datetime, actor: str =
         sender, _, doc_id = subject[4:].partition("|")
         conn.execute(_POINT_DOCUMENT, {"b_sender": sender, "b_document_id": doc_id, "b_rid": None})
     conn.execute(_MOVE_MESSAGE_EVENTS, {"b_message_id": message_id, "b_rid": None})
+    identity.forget_learned(conn, message_id)
     set_link(conn, message_id, referral_id=None, state=REJECTED, matched_by="manual_unlink")
     for old in before:
         _manual_event(conn, old, message_id, rf.LINK_REJECTED, now, actor)
@@ -479,6 +481,7 @@ def referral_json(conn: Connection, referral_id: int, now: datetime) -> dict[str
         "id": ref.id,
         "placer_id": ref.placer_id,
         "status": state.status.value,
+        "x360_state": x360.state_name(state),
         "priority": state.priority,
         "referred_to": state.referred_to,
         "referring_provider": state.referring_provider,
@@ -501,10 +504,17 @@ def referral_json(conn: Connection, referral_id: int, now: datetime) -> dict[str
     return out
 
 
+def list_referrals_by_id(conn: Connection, referral_id: int) -> list[dict[str, Any]]:
+    """One worklist row (or none), in :func:`list_referrals`' shape."""
+    return list_referrals(conn, referral_id=referral_id, limit=1)
+
+
 def list_referrals(conn: Connection, *, status: str | None = None, placer_id: str | None = None,
-                   limit: int = 500) -> list[dict[str, Any]]:
+                   limit: int = 500, referral_id: int | None = None) -> list[dict[str, Any]]:
     """Worklist rows from the projection (no fold, so it stays one indexed query)."""
     stmt = select(REFERRALS).order_by(REFERRALS.c.id).limit(limit)
+    if referral_id is not None:
+        stmt = stmt.where(REFERRALS.c.id == referral_id)
     if status:
         stmt = stmt.where(REFERRALS.c.status == status)
     if placer_id:
@@ -530,7 +540,7 @@ def list_unmatched(conn: Connection) -> list[dict[str, Any]]:
             select(REFERRALS.c.id, REFERRALS.c.placer_id).where(REFERRALS.c.id.in_(ids)))}
     return [
         {"message_id": r.message_id, "control_id": r.control_id, "type": r.message_type, "state": r.state,
-         "candidates": [{"id": c["id"], "placer_id": placers.get(c["id"], ""), "matched": c.get("matched", [])}
-                        for c in json.loads(r.candidates)]}
+         "candidates": [{"id": c["id"], "placer_id": placers.get(c["id"], ""), "matched": c.get("matched", []),
+                         "authority": c.get("authority", "")} for c in json.loads(r.candidates)]}
         for r in rows
     ]

@@ -20,7 +20,7 @@ from __future__ import annotations
 from alembic import op
 
 revision = '0013'
-down_revision = '0009'
+down_revision = '0011'
 branch_labels = None
 depends_on = None
 
