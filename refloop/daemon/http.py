@@ -94,8 +94,12 @@ class HttpApi:
         listening = self.server.listening
         ok = db and listening
         self.server.metrics.database_up.set(1 if db else 0)
+        lag = await asyncio.to_thread(self.server.apply_lag) if db else None
         return web.json_response(
-            {"status": "ready" if ok else "not ready", "database": db, "listener": listening},
+            {"status": "ready" if ok else "not ready", "database": db, "listener": listening,
+             "apply_lag_messages": lag[0] if lag else None,
+             "apply_lag_seconds": round(lag[1], 3) if lag else None,
+             "backpressure": self.server.lag_paused},
             status=200 if ok else 503,
         )
 

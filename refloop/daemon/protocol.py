@@ -33,7 +33,8 @@ class MllpProtocol(asyncio.Protocol):
         self.peer = ""
         self.pending: deque[Job] = deque()
         self.pump: asyncio.Task[None] | None = None
-        self.paused = False
+        self.paused = False  # reading paused: too many frames pending on this connection, or oversize
+        self.lag_paused = False  # reading paused: the apply lag reached mllp.max_apply_lag (back-pressure)
         self.closing = False
         self.draining = False
         self.last_activity = time.monotonic()
@@ -61,6 +62,8 @@ class MllpProtocol(asyncio.Protocol):
         m.connections.labels("accepted").inc()
         m.connections_open.inc()
         self._arm_idle()
+        if self.server.lag_paused:
+            self.pause_for_lag(True)
         if self.server.tls_context is not None:
             self._plain = self.transport
             self.transport.pause_reading()  # no plaintext byte may reach the framer before the handshake
@@ -122,6 +125,20 @@ class MllpProtocol(asyncio.Protocol):
             self.transport.close()
         self.closing = True
 
+    def pause_for_lag(self, pause: bool) -> None:
+        """Back-pressure: stop (or resume) reading this socket; frames already read are still journaled."""
+        if self.transport is None or self.closing or pause == self.lag_paused:
+            return
+        self.lag_paused = pause
+        if pause:
+            if not self.paused:
+                self.transport.pause_reading()
+            self._cancel_deadline()  # bytes waiting in the kernel are our delay, not the sender's
+        elif not self.paused:
+            self.transport.resume_reading()
+            if self.framer.in_frame:
+                self._arm_deadline()
+
     # -- timers --------------------------------------------------------------------------------
     def _arm_idle(self) -> None:
         timeout = self.server.settings.mllp.idle_timeout
@@ -181,7 +198,7 @@ class MllpProtocol(asyncio.Protocol):
                 if self.transport is not None:
                     self.transport.pause_reading()  # nothing more is read; close after the AR
                     self.paused = True
-        if self.framer.in_frame and not self.paused:
+        if self.framer.in_frame and not self.paused and not self.lag_paused:
             if self._deadline_handle is None or ended:
                 self._arm_deadline()  # the deadline is per frame: a new frame gets a fresh one
         else:
@@ -205,7 +222,8 @@ class MllpProtocol(asyncio.Protocol):
         self.pending.append(job)
         if (not self.paused and self.transport is not None and not self.closing
                 and len(self.pending) >= self.server.settings.mllp.max_pending_frames):
-            self.transport.pause_reading()
+            if not self.lag_paused:
+                self.transport.pause_reading()
             self.paused = True
             self._cancel_deadline()  # bytes waiting in the kernel are our delay, not the sender's
         if self.pump is None:
@@ -219,10 +237,16 @@ class MllpProtocol(asyncio.Protocol):
                 if self.writer is None:
                     self.writer = self.server.writer_for_connection()
                 result = await self.writer.submit(job)
+                if result.await_apply and result.message_id is not None:
+                    # ack_after = "applied": the projector's COMMIT releases this ACK.
+                    applied = await self.server.projector.waiters.wait(result.message_id)
+                    result.ack, result.ack_code, result.err_code = applied.ack, applied.ack_code, applied.err_code
+                    result.outcome = applied.outcome
                 self._after(job, result)
                 if (self.paused and not result.close and not self.draining and self.transport is not None
                         and len(self.pending) < self.server.settings.mllp.max_pending_frames // 2 + 1):
-                    self.transport.resume_reading()
+                    if not self.lag_paused:
+                        self.transport.resume_reading()
                     self.paused = False
                     if self.framer.in_frame:
                         self._arm_deadline()

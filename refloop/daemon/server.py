@@ -27,14 +27,16 @@ from refloop.clock import Clock, SystemClock
 from refloop.config import Settings, load_settings
 from refloop.daemon.access import in_networks as _in_networks
 from refloop.daemon.access import networks as _networks
+from refloop.daemon.gate import WriteGate
 from refloop.daemon.ingest import Ingestor, Job, Result
 from refloop.daemon.metrics import Metrics, type_label
+from refloop.daemon.projector import Core, Lag, Projector
 from refloop.daemon.protocol import MllpProtocol
 from refloop.daemon.systemd import Notifier, listen_fds, watchdog_interval, watchdog_loop
 from refloop.daemon.writer import Writer
 from refloop.routes.router import Route, Router
 from refloop.routes.table import DEFAULT_ROUTES
-from refloop.store import migrate
+from refloop.store import journal, migrate
 from refloop.store.engine import is_sqlite, make_engine
 
 log = logging.getLogger("refloop.server")
@@ -67,6 +69,8 @@ class Server:
         self.writers: list[Writer] = []  # set in startup; one per database.writers
         self._next_writer = 0
         self.ingestor = Ingestor(settings, self.router, self.clock)
+        self.projector: Projector = None  # type: ignore[assignment]  # set in startup
+        self.lag_paused = False  # back-pressure: every connection stopped reading (see on_lag)
         self.connections: set[MllpProtocol] = set()
         self.per_ip: Tally[str] = Tally()
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -114,7 +118,12 @@ class Server:
         self.engine = make_engine(s.database)
         await asyncio.to_thread(self._check_schema, self.engine)
         self.metrics.database_up.set(1)
-        self.writers = [Writer(self.engine, self.ingestor, self.metrics, self.loop, name=f"refloop-writer-{i}")
+        gate = WriteGate(enabled=is_sqlite(s.database.url))
+        core = Core(s, self.router, self.clock, self.ingestor.acks, gate, self.metrics)
+        self.projector = Projector(self.engine, core, self.metrics, self.loop, on_lag=self.on_lag)
+        self.projector.start()  # resumes from the oldest unapplied row
+        self.writers = [Writer(self.engine, self.ingestor, self.metrics, self.loop, name=f"refloop-writer-{i}",
+                               gate=gate, projector=self.projector)
                         for i in range(s.database.writer_count())]
         for writer in self.writers:
             writer.start()
@@ -251,6 +260,23 @@ class Server:
             },
         )
 
+    def on_lag(self, lag: Lag) -> None:
+        """Back-pressure, on the event loop: past ``mllp.max_apply_lag`` no socket is read until the
+        projector is down to half of it. Frames already read are journaled and ACKed as usual: a sender
+        sees a slower peer, never an AR for lag."""
+        limit = self.settings.mllp.max_apply_lag
+        if not self.lag_paused and lag.messages >= limit:
+            self.lag_paused = True
+            log.warning("apply lag at its limit; pausing reads", extra={"lag": lag.messages, "limit": limit})
+        elif self.lag_paused and lag.messages <= limit // 2:
+            self.lag_paused = False
+            log.info("apply lag down; reading again", extra={"lag": lag.messages})
+        else:
+            return
+        self.metrics.backpressure.set(1 if self.lag_paused else 0)
+        for proto in list(self.connections):
+            proto.pause_for_lag(self.lag_paused)
+
     # -- reload --------------------------------------------------------------------------------
     async def reload(self) -> None:
         """SIGHUP: new profiles and limits; addresses and the database need a restart."""
@@ -273,7 +299,9 @@ class Server:
             self.notifier.ready("reload failed; running configuration kept")
             return
         self.settings = kept
-        self.ingestor.settings = kept
+        self.ingestor.reconfigure(kept)
+        if self.projector is not None:
+            self.projector.core.settings = kept
         self.allowed_networks = _networks(kept.mllp.allow_cidrs)
         self.metrics.profiles = frozenset(p.name for p in kept.profiles)
         log.info("configuration reloaded", extra={"profiles": len(kept.profiles)})
@@ -308,6 +336,9 @@ class Server:
             await asyncio.wait(pumps, timeout=max(deadline - self.loop.time(), 1.0))
         for writer in self.writers:
             await writer.stop()
+        if self.projector is not None:
+            # What was acknowledged is applied before we go (bounded); what is left resumes at start-up.
+            await self.projector.stop(max(deadline - self.loop.time(), 1.0))
         if self.http is not None:
             await self.http.stop()
         if self.mllp_server is not None:
@@ -319,6 +350,15 @@ class Server:
             self.engine.dispose()
         self._listening = False
         log.info("refloop stopped", extra={"frames_cut": cut})
+
+    def apply_lag(self) -> tuple[int, float] | None:
+        """For /readyz: (messages journaled but not applied, age of the oldest in seconds), read now."""
+        assert self.engine is not None
+        try:
+            with self.engine.connect() as conn:
+                return journal.apply_lag(conn, self.clock.now())
+        except Exception:
+            return None
 
     def database_ping(self) -> bool:
         """For /readyz: a fresh connection and a trivial query (not the writer's)."""
