@@ -380,7 +380,8 @@ class Ingestor:
             rows.append({
                 **p.row, "outcome": d.outcome, "ack_code": p.result.ack_code,
                 "err_code": d.error.code if d.error else None, "ack": p.ack_text,
-                "detail": _clip(result_detail(d.outcome, d.error, d.detail), 255), "flags": ",".join(d.flags),
+                "detail": _clip(p.row.get("detail") or result_detail(d.outcome, d.error, d.detail), 255),
+                "flags": ",".join(d.flags),
                 "duplicate_of": d.duplicate_of,
             })
         ids = journal.insert_many(conn, rows)
