@@ -251,7 +251,6 @@ class Projector:
                     self._poll_leader()
                 backoff = 0.1
             except (SQLAlchemyError, OSError) as exc:
-                self.metrics.database_up.set(0)
                 # The text of a database error can quote message contents: the type only.
                 log.error("projector batch failed; retrying", extra={"error_type": type(exc).__name__})
                 self._drop()
