@@ -135,6 +135,10 @@ class Metrics:
             "refloop_apply_lag_seconds", "Age of the oldest journaled message not yet applied (0 when none).",
             registry=r,
         )
+        self.apply_cpu = Counter(
+            "refloop_apply_cpu_seconds", "CPU time the projector thread spent applying batches (the rest of the "
+            "process's CPU is the ACK path, HTTP and background jobs).", registry=r,
+        )
         self.backpressure = Gauge(
             "refloop_backpressure", "1 while the listener has stopped reading sockets because the apply lag "
             "reached mllp.max_apply_lag.", registry=r,

@@ -245,7 +245,9 @@ class Projector:
                 if not self.leader:
                     self._try_lead()
                 if self.leader:
+                    cpu = time.thread_time()
                     done = self.core.batch(self._connection(), self.waiters.expected)
+                    self.metrics.apply_cpu.inc(time.thread_time() - cpu)
                 else:
                     done = []
                     self._poll_leader()
