@@ -2,9 +2,10 @@
 
 SQLite allows one writer at a time. Left to its busy handler, a writer that finds the lock taken sleeps
 in growing steps (up to 100 ms) and an ACK waits for the whole projector batch. So the two threads that
-write in this process take turns on this gate instead: the projector asks for it only when the writer does
-not wait, and gives it back after the message it is applying whenever the writer starts waiting (see
-``Projector._batch``). The writer therefore waits at most one message's application and one COMMIT.
+write in this process take turns on this gate instead. A waiting writer always gets the next turn; the
+projector, once it waits, gets the turn after the writer's current group (else a busy listener would
+starve it until back-pressure), and gives the gate back after ``SLICE`` seconds of applying whenever a
+writer is waiting (``projector.Core``). So an ACK waits at most one slice, one message and one COMMIT.
 PostgreSQL needs no gate (row locks; the two never touch the same rows).
 """
 
@@ -14,6 +15,9 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
+#: Seconds of applying the projector may finish while a writer waits (a few messages per COMMIT).
+SLICE = 0.001
+
 
 class WriteGate:
     def __init__(self, enabled: bool = True) -> None:
@@ -21,6 +25,8 @@ class WriteGate:
         self._cv = threading.Condition()
         self._busy = False
         self._writers_waiting = 0
+        self._projector_waiting = False
+        self._projector_turn = False  # a writer released while the projector waited: its turn next
 
     @property
     def writer_waiting(self) -> bool:
@@ -34,7 +40,7 @@ class WriteGate:
             return
         with self._cv:
             self._writers_waiting += 1
-            while self._busy:
+            while self._busy or self._projector_turn:
                 self._cv.wait()
             self._writers_waiting -= 1
             self._busy = True
@@ -43,6 +49,7 @@ class WriteGate:
         finally:
             with self._cv:
                 self._busy = False
+                self._projector_turn = self._projector_waiting
                 self._cv.notify_all()
 
     @contextlib.contextmanager
@@ -51,8 +58,10 @@ class WriteGate:
             yield
             return
         with self._cv:
-            while self._busy or self._writers_waiting:
+            self._projector_waiting = True
+            while self._busy or (self._writers_waiting and not self._projector_turn):
                 self._cv.wait()
+            self._projector_waiting = self._projector_turn = False
             self._busy = True
         try:
             yield

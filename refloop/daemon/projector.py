@@ -29,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from refloop.clock import Clock
 from refloop.config import Settings
-from refloop.daemon.gate import WriteGate
+from refloop.daemon.gate import SLICE, WriteGate
 from refloop.daemon.ingest import Acks, frame
 from refloop.daemon.metrics import Metrics
 from refloop.routes.dispatch import Applied, HandlerCrashed, apply_row
@@ -91,8 +91,9 @@ class Core:
                     ) -> list[tuple[Any, Applied, ApplyResult]]:
         rows = journal.unapplied(conn, self.batch_size)
         done: list[tuple[Any, Applied, ApplyResult]] = []
+        t0 = time.perf_counter()
         for row in rows:
-            if done and self.gate.writer_waiting:
+            if done and self.gate.writer_waiting and time.perf_counter() - t0 >= SLICE:
                 break  # the journal writer goes first: commit what is applied, give it the lock
             fresh = row.outcome == Outcome.QUEUED
             applied = apply_row(conn, row, settings=self.settings, router=self.router, clock=self.clock,
