@@ -143,3 +143,27 @@ def test_one_projector_per_postgres_database(pg_url: str) -> None:
             assert msa(c.send(samples.ref(cid, referral=f"RF{cid}"))) == ("AA", cid)
         ((_, outcome, applied),) = rows(follower, [cid])
         assert outcome == "processed" and applied is not None
+
+
+def test_failed_bind_unwinds_the_writer_and_projector_threads(sqlite_url: str) -> None:
+    """Start-up acquires its resources on an AsyncExitStack: when the MLLP port is taken, the writer and
+    projector threads already started are stopped again and the engine disposed."""
+    import asyncio
+    import socket
+
+    from refloop.daemon.server import Server
+
+    def ours() -> set[str]:
+        return {t.name for t in threading.enumerate() if t.name.startswith(("refloop-writer", "refloop-projector"))}
+
+    before = ours()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = make_settings(sqlite_url)
+        settings = type(settings)(mllp=type(settings.mllp)(host="127.0.0.1", port=taken.getsockname()[1]),
+                                  http=settings.http, database=settings.database)
+        server = Server(settings, environ={})
+        with pytest.raises(OSError):
+            asyncio.run(server.startup())
+    assert wait_for(lambda: ours() == before, 10), ours() - before
