@@ -16,11 +16,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from refloop.store import queries
 
 if TYPE_CHECKING:
-    from refloop.daemon.server import Server
+    from refloop.daemon.app import AppContext
 
 
 class HttpApi:
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: AppContext) -> None:
         self.server = server
         self.app = web.Application(middlewares=[self.auth])  # type: ignore[list-item]  # bound method
         self.app.add_routes([
