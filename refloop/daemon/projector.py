@@ -35,6 +35,7 @@ from refloop.daemon.metrics import Metrics
 from refloop.routes.dispatch import Applied, HandlerCrashed, apply_row
 from refloop.routes.router import Router
 from refloop.store import journal, rawsql
+from refloop.store.engine import sqlite_path
 from refloop.store.models import Outcome
 
 log = logging.getLogger("refloop.projector")
@@ -215,6 +216,10 @@ class Projector:
         self._lock_conn: Connection | None = None
         self._thread = threading.Thread(target=self._run, name="refloop-projector", daemon=True)
         self._last_refresh = 0.0
+        self._last_poll = 0.0
+        # SQLite: a connection opened while the file is renamed away would create an empty database in its
+        # place (the writer refuses the same way, see Writer._check_file).
+        self._db_file = sqlite_path(engine.url.render_as_string()) if self._sqlite else None
 
     # -- event-loop side -----------------------------------------------------------------------
     def start(self) -> None:
@@ -242,16 +247,23 @@ class Projector:
     def _run(self) -> None:
         backoff = 0.1
         while not self._stopping:
+            if self.file_missing():
+                self._drop()
+                self._wake.wait(self.idle_seconds)
+                continue
             try:
                 if not self.leader:
                     self._try_lead()
+                done = []
                 if self.leader:
                     cpu = time.thread_time()
                     done = self.core.batch(self._connection(), self.waiters.expected)
                     self.metrics.apply_cpu.inc(time.thread_time() - cpu)
-                else:
-                    done = []
-                    self._poll_leader()
+                if done:
+                    self.waiters.deliver({int(row.id): res for row, _, res in done})
+                # ACKs waiting on rows another process applied (the PostgreSQL leader; on SQLite a second
+                # daemon or `refloop replay` may take a batch too).
+                waiting = self._poll_others()
                 backoff = 0.1
             except (SQLAlchemyError, OSError) as exc:
                 # The text of a database error can quote message contents: the type only.
@@ -267,7 +279,6 @@ class Projector:
                 backoff = min(backoff * 2, 5.0)
                 continue
             if done:
-                self.waiters.deliver({int(row.id): res for row, _, res in done})
                 self.lag.messages = max(self.lag.messages - len(done), 0)
                 if len(done) < self.core.batch_size or time.monotonic() - self._last_refresh > 1.0:
                     self._refresh_lag()
@@ -275,7 +286,7 @@ class Projector:
                 continue
             self._refresh_lag()
             self._signal()
-            self._wake.wait(self.idle_seconds)
+            self._wake.wait(0.05 if waiting else self.idle_seconds)
             self._wake.clear()
         self._drop()
 
@@ -306,24 +317,30 @@ class Projector:
             self.leader = True
             log.info("projecting (advisory lock taken)")
 
-    def _poll_leader(self) -> None:
-        """Not the projecting daemon: release ACKs waiting on rows the leader has applied."""
+    def _poll_others(self) -> bool:
+        """Release ACKs waiting on rows applied by another process; True while some still wait."""
         ids = self.waiters.pending()
-        if ids:
-            conn = self._connection()
-            with conn.begin():
-                marks = ", ".join(["%s"] * len(ids))
-                rows = rawsql.rows(conn, "SELECT id, ack, ack_code, err_code, outcome, encoding FROM messages "
-                                   f"WHERE id IN ({marks}) AND applied_at IS NOT NULL", tuple(ids))
-            done = {int(r.id): ApplyResult(frame(r.ack, r.encoding or "latin-1") if r.ack else None, r.ack_code,
-                                           r.err_code, r.outcome) for r in rows}
-            if done:
-                self.waiters.deliver(done)
-        self._wake.wait(0.05 if ids else self.idle_seconds)
-        self._wake.clear()
+        if not ids or time.monotonic() - self._last_poll < 0.05:
+            return bool(ids)
+        self._last_poll = time.monotonic()
+        conn = self._connection()
+        ph = "?" if self._sqlite else "%s"
+        with conn.begin():
+            rows = rawsql.rows(conn, "SELECT id, ack, ack_code, err_code, outcome, encoding FROM messages "
+                               f"WHERE id IN ({', '.join([ph] * len(ids))}) AND applied_at IS NOT NULL", tuple(ids))
+        done = {int(r.id): ApplyResult(frame(r.ack, r.encoding or "latin-1") if r.ack else None, r.ack_code,
+                                       r.err_code, r.outcome) for r in rows}
+        if done:
+            self.waiters.deliver(done)
+        return len(done) < len(ids)
+
+    def file_missing(self) -> bool:
+        return self._db_file is not None and not self._db_file.exists()
 
     def _refresh_lag(self) -> None:
         self._last_refresh = time.monotonic()
+        if self.file_missing():
+            return
         try:
             with self.engine.connect() as conn:
                 count, seconds = journal.apply_lag(conn, self.core.clock.now())

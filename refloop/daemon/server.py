@@ -331,6 +331,8 @@ class Server:
     def apply_lag(self) -> tuple[int, float] | None:
         """For /readyz: (messages journaled but not applied, age of the oldest in seconds), read now."""
         assert self.engine is not None
+        if self.projector is not None and self.projector.file_missing():
+            return None
         try:
             with self.engine.connect() as conn:
                 return journal.apply_lag(conn, self.clock.now())
