@@ -156,6 +156,12 @@ class Waiters:
             for mid in ids:
                 self._results[mid] = None
 
+    def forget(self, ids: list[int]) -> None:
+        """The journal COMMIT that would have created these rows failed."""
+        with self._lock:
+            for mid in ids:
+                self._results.pop(mid, None)
+
     def expected(self, mid: int) -> bool:
         return mid in self._results
 

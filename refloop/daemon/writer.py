@@ -115,6 +115,7 @@ class Writer:
         t0 = time.perf_counter()
         results: list[Result] = []
         preps = [self.ingestor.prepare(job) for job, _ in items]  # no database: parse, checks, validators
+        waiting: list[int] = []
         try:
             self._check_file()
             conn = self._connection()
@@ -143,6 +144,8 @@ class Writer:
         if not ok:
             self._drop_connection()  # reconnect next time: the database may be back by then
             results = [self.ingestor.storage_failure(job) for job, _ in items]
+            if waiting and self.projector is not None:
+                self.projector.waiters.forget(waiting)  # rolled back: those ids will never be applied
         elif self.projector is not None:
             self.projector.journaled(sum(1 for r in results if r.queued))
         self.healthy = ok
