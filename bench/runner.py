@@ -54,8 +54,12 @@ SIDE_ENV = {
 }
 
 
+#: ``--unpinned``: run server and generator where the kernel puts them, as a new user would.
+PINNED = {"on": True}
+
+
 def taskset(core: int) -> list[str]:
-    return ["taskset", "-c", str(core)] if shutil.which("taskset") else []
+    return ["taskset", "-c", str(core)] if PINNED["on"] and shutil.which("taskset") else []
 
 
 def free_port() -> int:
@@ -492,7 +496,8 @@ def machine_info() -> dict[str, Any]:
         sqlite_version = "?"
     return {"nproc": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
             "sqlite": sqlite_version, "kernel": platform.release(),
-            "pinning": "server taskset -c 0, generator taskset -c 1" if shutil.which("taskset") else "none"}
+            "pinning": "server taskset -c 0, generator taskset -c 1" if PINNED["on"] and shutil.which("taskset")
+            else "none (unpinned)"}
 
 
 def render(cells: dict[str, Any], sides: list[str], cs: list[int], tg: list[dict[str, Any]],
@@ -561,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also: refloop-sqlite-info (default INFO logging)")
     ap.add_argument("--no-info", action="store_true", help="skip the INFO-logging refloop side")
     ap.add_argument("--no-pg", action="store_true")
+    ap.add_argument("--unpinned", action="store_true", help="no taskset: server and generator float")
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--ack-timeout", type=float, default=10.0)
     ap.add_argument("--idle", type=int, default=1000, help="idle connections for the RSS check (0: skip)")
@@ -570,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.quick:
         a.rounds, a.seconds = 1, 1.5
+    PINNED["on"] = not a.unpinned
     cs = [int(x) for x in a.conns.split(",") if x]
     sides = [s for s in a.sides.split(",") if s]
     unknown = [s for s in sides if s not in SIDE_DOC]

@@ -42,6 +42,8 @@ log = logging.getLogger("refloop.projector")
 
 #: pg_advisory_lock key held by the one projecting daemon ("rflp").
 ADVISORY_KEY = 0x72666C70
+#: How often the lag is re-read from the database while busy (in between, the in-memory count is used).
+REFRESH_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,10 @@ class Projector:
         self.metrics = metrics
         self.loop = loop
         self.on_lag = on_lag
+        #: Back-pressure thresholds, kept here so the threads only wake the event loop when a side is crossed:
+        #: ``limit`` is mllp.max_apply_lag, ``paused`` whether the listener is paused (both set by the server).
+        self.limit = core.settings.mllp.max_apply_lag
+        self.paused = False
         self.idle_seconds = idle_seconds
         self.waiters = Waiters(loop)
         self.lag = Lag()
@@ -286,11 +292,12 @@ class Projector:
                 continue
             if done:
                 self.lag.messages = max(self.lag.messages - len(done), 0)
-                if len(done) < self.core.batch_size or time.monotonic() - self._last_refresh > 1.0:
+                if time.monotonic() - self._last_refresh > REFRESH_SECONDS:
                     self._refresh_lag()
                 self._signal()
                 continue
-            self._refresh_lag()
+            if self.lag.messages or time.monotonic() - self._last_refresh > REFRESH_SECONDS:
+                self._refresh_lag()  # caught up: make sure (another process may have journaled meanwhile)
             self._signal()
             self._wake.wait(0.05 if waiting else self.idle_seconds)
             self._wake.clear()
@@ -358,5 +365,7 @@ class Projector:
         self.metrics.apply_lag_seconds.set(seconds)
 
     def _signal(self) -> None:
-        if self.on_lag is not None:
+        """Wake the event loop only when the lag crosses a back-pressure threshold."""
+        crossing = (self.lag.messages >= self.limit) if not self.paused else (self.lag.messages <= self.limit // 2)
+        if crossing and self.on_lag is not None:
             self.loop.call_soon_threadsafe(self.on_lag, self.lag)

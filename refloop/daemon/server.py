@@ -280,6 +280,7 @@ class Server:
             self.hub.set_lag_paused(False)
         else:
             return
+        self.projector.paused = self.hub.lag_paused
         self.metrics.backpressure.set(1 if self.hub.lag_paused else 0)
 
     # -- reload --------------------------------------------------------------------------------
@@ -307,6 +308,7 @@ class Server:
         self.ingestor.reconfigure(kept)
         if self.projector is not None:
             self.projector.core.settings = kept
+            self.projector.limit = kept.mllp.max_apply_lag
         self.live.allowed_networks = _networks(kept.mllp.allow_cidrs)
         self.metrics.profiles = frozenset(p.name for p in kept.profiles)
         log.info("configuration reloaded", extra={"profiles": len(kept.profiles)})
