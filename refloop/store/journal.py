@@ -118,6 +118,10 @@ def _row_params(sql: HotSql, row: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(values[c] for c in JOURNAL_COLUMNS)
 
 
+#: Rows per multi-row statement (PostgreSQL allows 65,535 parameters per statement; a journal row has ~30).
+CHUNK = 1000
+
+
 def insert_many(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
     """Journal a whole group; returns the ids in the order of ``rows``.
 
@@ -135,20 +139,26 @@ def insert_many(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
         rawsql.executemany(conn, sql.insert, params)
         last = int(rawsql.execute(conn, "SELECT last_insert_rowid()").fetchone()[0])
         return list(range(last - len(params) + 1, last + 1))
-    stmt = sql.insert_head + ", ".join([sql.journal_marks] * len(params)) + " RETURNING id"
-    flat = tuple(v for p in params for v in p)
-    return sorted(int(r[0]) for r in rawsql.execute(conn, stmt, flat).fetchall())
+    ids: list[int] = []
+    for i in range(0, len(params), CHUNK):
+        part = params[i:i + CHUNK]
+        stmt = sql.insert_head + ", ".join([sql.journal_marks] * len(part)) + " RETURNING id"
+        flat = tuple(v for p in part for v in p)
+        ids += sorted(int(r[0]) for r in rawsql.execute(conn, stmt, flat).fetchall())
+    return ids
 
 
 def find_keys_many(conn: Connection, control_ids: list[str]) -> list[Any]:
     """Every dedup claim for any of these control IDs (callers match sender and content themselves)."""
-    if not control_ids:
-        return []
     sql = hot(conn)
-    marks = ", ".join([sql.ph] * len(control_ids))
-    return rawsql.rows(conn, (
-        "SELECT sending_application, sending_facility, control_id, content_hash, message_id, ack_code, err_code, "
-        f"err_text, err_location FROM message_keys WHERE control_id IN ({marks})"), tuple(control_ids))
+    found: list[Any] = []
+    for i in range(0, len(control_ids), CHUNK):
+        part = control_ids[i:i + CHUNK]
+        marks = ", ".join([sql.ph] * len(part))
+        found += rawsql.rows(conn, (
+            "SELECT sending_application, sending_facility, control_id, content_hash, message_id, ack_code, "
+            f"err_code, err_text, err_location FROM message_keys WHERE control_id IN ({marks})"), tuple(part))
+    return found
 
 
 def claim_many(conn: Connection, rows: list[dict[str, Any]]) -> set[int]:
@@ -162,9 +172,13 @@ def claim_many(conn: Connection, rows: list[dict[str, Any]]) -> set[int]:
             if claim_key(conn, row):
                 won.add(int(row["message_id"]))
         return won
-    stmt = sql.claim_head + ", ".join([sql.key_marks] * len(rows)) + sql.claim_tail
-    flat = tuple(row[c] for row in rows for c in KEY_COLUMNS)
-    return {int(r[0]) for r in rawsql.execute(conn, stmt, flat).fetchall()}
+    won = set()
+    for i in range(0, len(rows), CHUNK):
+        part = rows[i:i + CHUNK]
+        stmt = sql.claim_head + ", ".join([sql.key_marks] * len(part)) + sql.claim_tail
+        flat = tuple(row[c] for row in part for c in KEY_COLUMNS)
+        won |= {int(r[0]) for r in rawsql.execute(conn, stmt, flat).fetchall()}
+    return won
 
 
 def unapplied(conn: Connection, limit: int) -> list[Any]:
