@@ -167,3 +167,24 @@ def test_failed_bind_unwinds_the_writer_and_projector_threads(sqlite_url: str) -
         with pytest.raises(OSError):
             asyncio.run(server.startup())
     assert wait_for(lambda: ours() == before, 10), ours() - before
+
+
+def slow_crash(ctx: HandlerContext, msg: Message) -> HandlerResult:
+    time.sleep(0.3)
+    raise RuntimeError("a bug, found slowly")
+
+
+def test_applied_mode_resend_of_a_queued_message_gets_the_originals_answer(sqlite_url: str) -> None:
+    """ack_after = "applied": a resend that arrives while the original is still waiting for the projector is
+    answered when the original is applied, with the same code (here AE 207 from a crashing handler), not AA."""
+    routes = (*DEFAULT_ROUTES, Route("ZSC", "Z01", slow_crash, "slow crash"))
+    cid = samples.control_id("Z")
+    with running_daemon(make_settings(sqlite_url, ack_after="applied"), routes=routes) as d, \
+            MllpClient(d.port) as c1, MllpClient(d.port) as c2:
+        c1.send_raw(frame(zmsg("ZSC", cid)))
+        assert wait_for(lambda: [o for _, o, _ in rows(d, [cid])] == ["queued"], 5)
+        c2.send_raw(frame(zmsg("ZSC", cid)))
+        first, second = c1.read_frame().decode(), c2.read_frame().decode()
+        assert msa(first) == msa(second) == ("AE", cid)
+        assert "|207^" in first and "|207^" in second
+        assert [o for _, o, _ in rows(d, [cid])] == ["failed", "duplicate"]

@@ -98,8 +98,10 @@ class Result:
     flags: tuple[str, ...] = ()
     decode_fallback: bool = False
     app_ack_requested: bool = False
-    #: ``ack_after = "applied"``: the ACK waits for the projector's commit of ``message_id``.
+    #: ``ack_after = "applied"``: the ACK waits for the projector's commit of row ``awaits`` (this message's
+    #: own row, or for a resend the original's, while that is still queued).
     await_apply: bool = False
+    awaits: int | None = None
     queued: bool = False  # journaled for the projector (counts towards the apply lag)
 
 
@@ -130,6 +132,7 @@ class Prepared:
     send: bool = True
     ack_text: str = ""
     in_group_of: int | None = None  # index of an earlier identical message in the same group
+    wait_for: int | None = None  # applied mode, a resend of a queued original: that row's id
 
 
 def _reject(code: int, text: str, location: str) -> Decision:
@@ -368,7 +371,8 @@ class Ingestor:
         rows: list[dict[str, Any]] = []
         for p in preps:
             d = p.decision
-            deferred = d.outcome == Outcome.QUEUED and applied_mode
+            deferred = applied_mode and (d.outcome == Outcome.QUEUED or p.wait_for is not None or (
+                p.in_group_of is not None and preps[p.in_group_of].decision.outcome == Outcome.QUEUED))
             if d.code:
                 sent, send = self.acks.mode_code(p.msg, d.code, retryable=False)
                 p.send = p.send and send
@@ -389,6 +393,9 @@ class Ingestor:
         for i, (p, mid) in enumerate(zip(preps, ids, strict=True)):
             d = p.decision
             p.result.message_id = mid
+            if p.result.await_apply:
+                first = p.in_group_of
+                p.result.awaits = p.wait_for or (ids[first] if first is not None else mid)
             if p.in_group_of is not None:
                 d.duplicate_of = ids[p.in_group_of]
                 journal.update_message(conn, mid, {**rows[i], "duplicate_of": d.duplicate_of})
@@ -432,6 +439,8 @@ class Ingestor:
                 err = AckError(same.err_code, same.err_text, same.err_location, "E") if same.err_code else None
                 p.decision = Decision(Outcome.DUPLICATE, same.ack_code, err, f"resend of message {same.message_id}",
                                       duplicate_of=same.message_id)
+                if same.outcome in Outcome.UNAPPLIED and self.settings.mllp.ack_after == "applied":
+                    p.wait_for = int(same.message_id)  # answer what the original will be answered
                 p.key = None
                 continue
             ident = (*p.key, p.digest)

@@ -145,24 +145,35 @@ class Waiters:
     """ACKs waiting for the projector (``ack_after = "applied"``), by journal id.
 
     The writer registers an id *before* its COMMIT (so the projector, which cannot see the row earlier,
-    always finds it); the event loop awaits it; the projector hands results over after its own COMMIT."""
+    always finds it); the event loop awaits it; the projector hands results over after its own COMMIT.
+    Several ACKs may wait on one row (a resend that arrived while the original was still queued)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._lock = threading.Lock()
         self._results: dict[int, ApplyResult | None] = {}
-        self._futures: dict[int, asyncio.Future[ApplyResult]] = {}
+        self._refs: dict[int, int] = {}
+        self._futures: dict[int, list[asyncio.Future[ApplyResult]]] = {}
 
     def expect(self, ids: list[int]) -> None:
         with self._lock:
             for mid in ids:
-                self._results[mid] = None
+                self._results.setdefault(mid, None)
+                self._refs[mid] = self._refs.get(mid, 0) + 1
 
     def forget(self, ids: list[int]) -> None:
-        """The journal COMMIT that would have created these rows failed."""
+        """The journal COMMIT that registered these waits failed: nobody will wait for them."""
         with self._lock:
             for mid in ids:
-                self._results.pop(mid, None)
+                self._release(mid)
+
+    def _release(self, mid: int) -> None:
+        left = self._refs.get(mid, 0) - 1
+        if left > 0:
+            self._refs[mid] = left
+        else:
+            self._refs.pop(mid, None)
+            self._results.pop(mid, None)
 
     def expected(self, mid: int) -> bool:
         return mid in self._results
@@ -174,33 +185,31 @@ class Waiters:
     def deliver(self, results: dict[int, ApplyResult]) -> None:
         """Projector thread, after COMMIT."""
         with self._lock:
-            for mid, res in results.items():
-                if mid in self._results:
-                    self._results[mid] = res
-        self.loop.call_soon_threadsafe(self._wake, list(results))
+            wanted = [mid for mid in results if mid in self._results and self._results[mid] is None]
+            for mid in wanted:
+                self._results[mid] = results[mid]
+        if wanted:
+            self.loop.call_soon_threadsafe(self._wake, wanted)
 
     def _wake(self, ids: list[int]) -> None:
         for mid in ids:
-            fut = self._futures.pop(mid, None)
-            if fut is None:
-                continue
-            with self._lock:
-                res = self._results.pop(mid, None)
-            if res is not None and not fut.done():
-                fut.set_result(res)
+            for fut in self._futures.pop(mid, []):
+                with self._lock:
+                    res = self._results.get(mid)
+                    if res is not None:
+                        self._release(mid)
+                if res is not None and not fut.done():
+                    fut.set_result(res)
 
     async def wait(self, mid: int) -> ApplyResult:
         with self._lock:
             res = self._results.get(mid)
             if res is not None:
-                del self._results[mid]
+                self._release(mid)
                 return res
         fut: asyncio.Future[ApplyResult] = self.loop.create_future()
-        self._futures[mid] = fut
-        try:
-            return await fut
-        finally:
-            self._futures.pop(mid, None)
+        self._futures.setdefault(mid, []).append(fut)
+        return await fut
 
 
 class Projector:

@@ -248,11 +248,12 @@ class MllpProtocol(asyncio.Protocol):
                 if self.writer is None:
                     self.writer = self.ctx.writer_for_connection()
                 result = await self.writer.submit(job)
-                if result.await_apply and result.message_id is not None:
+                if result.await_apply and result.awaits is not None:
                     # ack_after = "applied": the projector's COMMIT releases this ACK.
-                    applied = await self.ctx.wait_applied(result.message_id)
+                    applied = await self.ctx.wait_applied(result.awaits)
                     result.ack, result.ack_code, result.err_code = applied.ack, applied.ack_code, applied.err_code
-                    result.outcome = applied.outcome
+                    if result.awaits == result.message_id:
+                        result.outcome = applied.outcome  # a resend stays a duplicate
                 self._after(job, result)
                 if (self.paused and not result.close and not self.draining and self.transport is not None
                         and len(self.pending) < self.ctx.live.settings.mllp.max_pending_frames // 2 + 1):

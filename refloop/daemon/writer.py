@@ -123,7 +123,7 @@ class Writer:
                 try:
                     with self.gate.writer(), conn.begin():
                         results = self.ingestor.journal_group(conn, preps)
-                        waiting = [r.message_id for r in results if r.await_apply and r.message_id is not None]
+                        waiting = [r.awaits for r in results if r.await_apply and r.awaits is not None]
                         if waiting and self.projector is not None:
                             self.projector.waiters.expect(waiting)  # before COMMIT: the projector cannot be faster
                     break

@@ -149,15 +149,17 @@ def insert_many(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
 
 
 def find_keys_many(conn: Connection, control_ids: list[str]) -> list[Any]:
-    """Every dedup claim for any of these control IDs (callers match sender and content themselves)."""
+    """Every dedup claim for any of these control IDs, with its message's current outcome (callers match
+    sender and content themselves)."""
     sql = hot(conn)
     found: list[Any] = []
     for i in range(0, len(control_ids), CHUNK):
         part = control_ids[i:i + CHUNK]
         marks = ", ".join([sql.ph] * len(part))
         found += rawsql.rows(conn, (
-            "SELECT sending_application, sending_facility, control_id, content_hash, message_id, ack_code, "
-            f"err_code, err_text, err_location FROM message_keys WHERE control_id IN ({marks})"), tuple(part))
+            "SELECT k.sending_application, k.sending_facility, k.control_id, k.content_hash, k.message_id, "
+            "k.ack_code, k.err_code, k.err_text, k.err_location, m.outcome FROM message_keys k "
+            f"JOIN messages m ON m.id = k.message_id WHERE k.control_id IN ({marks})"), tuple(part))
     return found
 
 
