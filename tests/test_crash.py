@@ -233,6 +233,19 @@ def crash_and_recover(tmp_path: Path, url: str, seed: int) -> None:
         duplicates = sum(o.count("duplicate") for o in seen.values())
         assert duplicates >= len(answers) - len(unacked), stats
         assert dup_metric == sum(1 for cid, _ in answers if seen[cid].count("duplicate")), stats
+
+        # 4. resending everything ever sent changes nothing: no new applied row, no new event
+        before_events, before_rows = applied_events(url), journal_outcomes(url)
+        again: list[tuple[str, str]] = []
+        for s in senders:
+            again += s.resend(d.port, list(s.messages))
+        assert all(code == "AA" for _, code in again), f"a resend of everything not AA ({stats})"
+        assert wait_applied(d.http_port, 60), stats
+        after_rows = journal_outcomes(url)
+        assert applied_events(url) == before_events, f"resending everything changed the referral events ({stats})"
+        for cid, outcomes in after_rows.items():
+            new = outcomes[len(before_rows.get(cid, [])):]
+            assert set(new) <= {"duplicate"}, f"{cid}: a resend was applied again: {new} ({stats})"
     finally:
         if d.proc.poll() is None:
             d.proc.send_signal(signal.SIGTERM)
