@@ -188,3 +188,25 @@ def test_applied_mode_resend_of_a_queued_message_gets_the_originals_answer(sqlit
         assert msa(first) == msa(second) == ("AE", cid)
         assert "|207^" in first and "|207^" in second
         assert [o for _, o, _ in rows(d, [cid])] == ["failed", "duplicate"]
+
+
+@pytest.mark.postgres
+def test_replay_on_postgres_is_applied_by_the_projecting_daemon(pg_url: str) -> None:
+    """`refloop replay` while a daemon holds the projector lock: it marks the rows and the daemon applies
+    them (the command waits for that), with the same states as before."""
+    from refloop.store.engine import make_engine
+
+    cid = samples.control_id("R")
+    with running_daemon(make_settings(pg_url, ack_after="journal")) as d:
+        with MllpClient(d.port) as c:
+            assert msa(c.send(samples.ref(cid, referral=f"RF{cid}")))[0] == "AA"
+        d.settle()
+        assert wait_for(lambda: d.server.projector.leader, 10)
+        engine = make_engine(d.server.settings.database)
+        try:
+            summary = replay(engine, d.server.settings, Router(DEFAULT_ROUTES), SystemClock(), wait_seconds=30)
+        finally:
+            engine.dispose()
+        assert summary == {"replayed": 1, "outcomes": {"processed": 1}}
+        ((_, outcome, applied),) = rows(d, [cid])
+        assert outcome == "processed" and applied is not None
