@@ -84,6 +84,7 @@ class Server:
         self.extra_jobs: list[tuple[str, float, Any]] = []
         self._listening = False
         self._inherited: list[Any] = []  # socket-activated listeners (systemd)
+        self._deadline = 0.0  # monotonic end of shutdown_grace, once shutdown has begun
 
     # -- public --------------------------------------------------------------------------------
     async def serve(self) -> None:
@@ -152,8 +153,9 @@ class Server:
         core = Core(s, self.router, self.clock, self.ingestor.acks, gate, self.metrics)
         self.projector = Projector(engine, core, self.metrics, self.loop, on_lag=self.on_lag)
         self.projector.start()  # resumes from the oldest unapplied row
-        # What was acknowledged is applied before we go (bounded); what is left resumes at start-up.
-        stack.push_async_callback(lambda: self.projector.stop(s.mllp.shutdown_grace))
+        # What was acknowledged is applied before we go, within what is left of shutdown_grace (systemd's
+        # TimeoutStopSec counts on it); what is left is safe in the journal and applied at the next start.
+        stack.push_async_callback(lambda: self.projector.stop(self._grace_left()))
         self.writers = [Writer(engine, self.ingestor, self.metrics, self.loop, name=f"refloop-writer-{i}",
                                gate=gate, projector=self.projector)
                         for i in range(s.database.writer_count())]
@@ -322,6 +324,7 @@ class Server:
         if self.mllp_server is not None:
             self.mllp_server.close()  # no new connections; the open ones are asked to finish below
         # Frames already received are committed and ACKed; a half-received one is journaled as broken.
+        self._deadline = time.monotonic() + self.settings.mllp.shutdown_grace
         cut = await self.hub.shutdown(self.settings.mllp.shutdown_grace) if self.hub is not None else 0
         if self._stack is not None:
             await self._stack.aclose()  # listener, HTTP, writers, projector, engine: the reverse of start-up
@@ -329,6 +332,9 @@ class Server:
             self.hub.cancel_tasks()
         self._listening = False
         log.info("refloop stopped", extra={"frames_cut": cut})
+
+    def _grace_left(self) -> float:
+        return max(self._deadline - time.monotonic(), 1.0) if self._deadline else self.settings.mllp.shutdown_grace
 
     def apply_lag(self) -> tuple[int, float] | None:
         """For /readyz: (messages journaled but not applied, age of the oldest in seconds), read now."""
