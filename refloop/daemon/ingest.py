@@ -439,7 +439,7 @@ class Ingestor:
                 err = AckError(same.err_code, same.err_text, same.err_location, "E") if same.err_code else None
                 p.decision = Decision(Outcome.DUPLICATE, same.ack_code, err, f"resend of message {same.message_id}",
                                       duplicate_of=same.message_id)
-                if same.outcome in Outcome.UNAPPLIED and self.settings.mllp.ack_after == "applied":
+                if same.outcome == Outcome.QUEUED and self.settings.mllp.ack_after == "applied":
                     p.wait_for = int(same.message_id)  # answer what the original will be answered
                 p.key = None
                 continue
