@@ -77,21 +77,17 @@ class Core:
         self.metrics = metrics
         self.batch_size = batch_size
 
-    def batch(self, conn: Connection, expected: Callable[[int], bool] = lambda _mid: False,
-              ) -> list[tuple[Any, Applied, ApplyResult]]:
-        """Apply one batch and commit it; returns what was applied (empty: nothing waits).
-
-        ``expected(id)``: an ACK waits for this row (``ack_after = "applied"``): build it now."""
+    def batch(self, conn: Connection) -> list[tuple[Any, Applied, ApplyResult]]:
+        """Apply one batch and commit it; returns what was applied (empty: nothing waits)."""
         failing: set[int] = set()
         while True:
             try:
                 with self.gate.projector(), conn.begin():
-                    return self._apply_rows(conn, failing, expected)
+                    return self._apply_rows(conn, failing)
             except HandlerCrashed as crashed:  # rolled back: redo the batch with a savepoint around that row
                 failing.add(int(crashed.args[0]))
 
-    def _apply_rows(self, conn: Connection, failing: set[int], expected: Callable[[int], bool],
-                    ) -> list[tuple[Any, Applied, ApplyResult]]:
+    def _apply_rows(self, conn: Connection, failing: set[int]) -> list[tuple[Any, Applied, ApplyResult]]:
         rows = journal.unapplied(conn, self.batch_size)
         done: list[tuple[Any, Applied, ApplyResult]] = []
         t0 = time.perf_counter()
@@ -101,10 +97,10 @@ class Core:
             fresh = row.outcome == Outcome.QUEUED
             applied = apply_row(conn, row, settings=self.settings, router=self.router, clock=self.clock,
                                 replay=not fresh, savepoint=int(row.id) in failing)
-            done.append((row, applied, self._record(conn, row, applied, fresh, expected(int(row.id)))))
+            done.append((row, applied, self._record(conn, row, applied, fresh)))
         return done
 
-    def _record(self, conn: Connection, row: Any, applied: Applied, fresh: bool, waiting: bool) -> ApplyResult:
+    def _record(self, conn: Connection, row: Any, applied: Applied, fresh: bool) -> ApplyResult:
         now = self.clock.now()
         err = applied.error
         ack_text, ack_code, send = row.ack, row.ack_code, False
@@ -125,7 +121,9 @@ class Core:
             log.error("message failed to apply", extra={"message_id": int(row.id), "control_id": row.control_id})
         if self.metrics is not None:
             self.metrics.applied.labels(applied.outcome).inc()
-        data = frame(ack_text, row.encoding or "latin-1") if (waiting and send and ack_text) else None
+        # Framed for every fresh row in applied mode, not only those expected when the batch ran: a resend
+        # on this daemon may start waiting for this row while the batch is being applied.
+        data = frame(ack_text, row.encoding or "latin-1") if (send and ack_text) else None
         return ApplyResult(data, ack_code, err.code if err else None, applied.outcome)
 
     def drain(self, engine: Engine, max_batches: int = 1_000_000) -> Counter[str]:
@@ -174,9 +172,6 @@ class Waiters:
         else:
             self._refs.pop(mid, None)
             self._results.pop(mid, None)
-
-    def expected(self, mid: int) -> bool:
-        return mid in self._results
 
     def pending(self) -> list[int]:
         with self._lock:
@@ -278,7 +273,7 @@ class Projector:
                 done = []
                 if self.leader:
                     cpu = time.thread_time()
-                    done = self.core.batch(self._connection(), self.waiters.expected)
+                    done = self.core.batch(self._connection())
                     self.metrics.apply_cpu.inc(time.thread_time() - cpu)
                 if done:
                     self.waiters.deliver({int(row.id): res for row, _, res in done})
