@@ -282,3 +282,43 @@ def test_groups_and_batches_give_the_one_by_one_state(
         single.close()
         (tmp_path / "grouped.db").unlink()
         (tmp_path / "single.db").unlink()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_connections_interleaved_over_real_sockets(seed: int, template: Path, tmp_path: Path,
+                                                   in_order: dict[str, Any]) -> None:
+    """The three feeds on three MLLP connections at once (journal mode, random pauses): once the apply lag is
+    0, the referral is in the state of applying the messages one by one in order."""
+    import random
+    import threading
+    import time
+
+    from tests.utils import MllpClient, make_settings, msa, running_daemon
+
+    target = tmp_path / "sockets.db"
+    shutil.copy(template, target)
+    rng = random.Random(seed)
+    pauses = [[rng.uniform(0, 0.01) for _ in feed] for feed in FEEDS]
+    codes: list[str] = []
+    with running_daemon(make_settings(f"sqlite:///{target}", ack_after="journal"), clock=FixedClock(NOW)) as d:
+        def feed(n: int) -> None:
+            with MllpClient(d.port) as c:
+                for message, pause in zip(FEEDS[n], pauses[n], strict=True):
+                    time.sleep(pause)
+                    codes.append(msa(c.send(message))[0])
+
+        threads = [threading.Thread(target=feed, args=(n,)) for n in range(len(FEEDS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        d.settle()
+    assert codes == ["AA"] * len(LOOP)
+    h = Harness(f"sqlite:///{target}")
+    try:
+        state = h.state()
+    finally:
+        h.close()
+    for link in state["links"]:
+        assert link["matched_by"] in ("appointment", "document") or link in in_order["links"]
+    assert {k: v for k, v in state.items() if k != "links"} == {k: v for k, v in in_order.items() if k != "links"}
