@@ -29,6 +29,7 @@ from refloop.store.models import Outcome
 
 REPLAYABLE = (Outcome.PROCESSED, Outcome.IGNORED, Outcome.ERROR, Outcome.FAILED)
 _CHUNK = 500
+REPLAY_BATCH = 20
 
 
 def mark(engine: Engine, *, since: datetime | None = None, message_id: int | None = None) -> list[int]:
@@ -51,7 +52,8 @@ def replay(engine: Engine, settings: Settings, router: Router, clock: Clock, *,
            since: datetime | None = None, message_id: int | None = None, wait_seconds: float = 600.0,
            ) -> dict[str, object]:
     ids = mark(engine, since=since, message_id=message_id)
-    core = Core(settings, router, clock)
+    # Small batches: a daemon on the same SQLite file waits for each one's write lock (no in-process gate).
+    core = Core(settings, router, clock, batch_size=REPLAY_BATCH)
     if engine.dialect.name == "sqlite":
         core.drain(engine)
     else:
