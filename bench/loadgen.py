@@ -177,6 +177,7 @@ async def run_load(a: argparse.Namespace) -> dict[str, object]:
     facs = [MessageFactory(tag, i, a.seed) for i in range(len(conns))]
     dog = asyncio.create_task(watchdog(conns, a.ack_timeout))
     t_start = time.perf_counter()
+    first_send_unix = time.time()  # wall clock: the runner compares it with when the server's lag hit 0
     # Warm-up, then the barrier (gather) so that every connection starts the measured phase together.
     warm_deadline = t_start + a.max_seconds
     alive = await asyncio.gather(*(drive(c, f, a.warmup, warm_deadline, a.ack_timeout, stats, False)
@@ -204,6 +205,7 @@ async def run_load(a: argparse.Namespace) -> dict[str, object]:
         Path(a.aa_file).write_text("\n".join(stats.accepted) + "\n")  # noqa: ASYNC240 - after measuring
     out: dict[str, object] = {
         "tag": tag, "connections": a.connections, "warmup_msgs": warm_msgs, "msgs": msgs,
+        "first_send_unix": first_send_unix,
         "seconds": round(secs, 4), "msg_per_s": round(msgs / secs, 1) if secs > 0 else 0.0,
         "p50_ms": pct(lat_ms, 50), "p90_ms": pct(lat_ms, 90), "p99_ms": pct(lat_ms, 99),
         "max_ms": round(lat_ms[-1], 3) if lat_ms else None,

@@ -44,11 +44,22 @@ SIDE_DOC = {
     "refloop-sqlite": "refloop, SQLite (default settings), log level WARNING",
     "refloop-sqlite-info": "refloop, SQLite (default settings), default INFO logging (to a file)",
     "refloop-pg": "refloop, PostgreSQL (throwaway database), log level WARNING",
+    "refloop-sqlite-applied": "refloop, SQLite, mllp.ack_after = applied (ACK after the projector's commit)",
+    "refloop-pg-applied": "refloop, PostgreSQL, mllp.ack_after = applied",
+}
+#: Extra environment per refloop side (the side name says what it varies).
+SIDE_ENV = {
+    "refloop-sqlite-applied": {"REFLOOP_MLLP_ACK_AFTER": "applied"},
+    "refloop-pg-applied": {"REFLOOP_MLLP_ACK_AFTER": "applied"},
 }
 
 
+#: ``--unpinned``: run server and generator where the kernel puts them, as a new user would.
+PINNED = {"on": True}
+
+
 def taskset(core: int) -> list[str]:
-    return ["taskset", "-c", str(core)] if shutil.which("taskset") else []
+    return ["taskset", "-c", str(core)] if PINNED["on"] and shutil.which("taskset") else []
 
 
 def free_port() -> int:
@@ -99,6 +110,7 @@ class Running:
     db_url: str = ""
     pg_db: str = ""
     log_path: Path | None = None
+    http_port: int = 0
 
 
 def _wait_ready_line(proc: subprocess.Popen[bytes], timeout: float) -> int:
@@ -176,8 +188,9 @@ def start_side(side: str, base: Path, extra_env: dict[str, str] | None = None) -
         return Running(proc, port, workdir)
     mllp, http = free_port(), free_port()
     level = "INFO" if side == "refloop-sqlite-info" else "WARNING"
+    extra_env = {**SIDE_ENV.get(side, {}), **(extra_env or {})}
     pg_db = ""
-    if side == "refloop-pg":
+    if side.startswith("refloop-pg"):
         pg_db = f"refloop_bench_{uuid.uuid4().hex[:10]}"
         pg_admin(f'CREATE DATABASE "{pg_db}"')
         db_url = PG_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://").rsplit("/", 1)[0] + "/" + pg_db
@@ -193,7 +206,7 @@ def start_side(side: str, base: Path, extra_env: dict[str, str] | None = None) -
     with open(log, "wb") as fh:
         proc = subprocess.Popen([*taskset(0), REFLOOP, "serve"], cwd=workdir, env=env, stdout=fh,
                                 stderr=subprocess.STDOUT)
-    run = Running(proc, mllp, workdir, db_url, pg_db, log)
+    run = Running(proc, mllp, workdir, db_url, pg_db, log, http)
     try:
         _wait_http_ready(proc, http, log, 60)
     except StartError:
@@ -228,8 +241,33 @@ def cleanup_side(run: Running) -> None:
     shutil.rmtree(run.workdir, ignore_errors=True)
 
 
+def wait_lag_zero(http_port: int, timeout: float) -> float | None:
+    """Poll /readyz until the daemon has applied everything it acknowledged; the wall-clock time then."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=2) as r:
+                if json.loads(r.read()).get("apply_lag_messages") == 0:
+                    return time.time()
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    return None
+
+
+def scrape(http_port: int, name: str) -> float | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.rsplit(" ", 1)[1])
+    except OSError:
+        return None
+    return None
+
+
 def verify_journal(db_url: str, aa_file: Path) -> dict[str, Any]:
-    """Every control ID that got AA/CA must be journaled as processed or ignored."""
+    """Every control ID that got AA/CA must be journaled as processed or ignored (after lag 0)."""
     from sqlalchemy import create_engine, text
 
     wanted = {line for line in aa_file.read_text().splitlines() if line}
@@ -295,6 +333,19 @@ def run_once(side: str, c: int, count: int, opts: Opts, base: Path) -> dict[str,
         rec.update(res)
         total = int(res["warmup_msgs"]) + int(res["msgs"])
         rec["server_us_per_msg"] = round((cpu1 - cpu0) / total * 1e6, 1) if total else None
+        if side.startswith("refloop") and total:
+            # Applied msg/s: every frame sent (warm-up included) over first send -> apply lag 0.
+            lag0 = wait_lag_zero(run.http_port, 120)
+            cpu2 = cpu_seconds(run.proc.pid)
+            apply_cpu = scrape(run.http_port, "refloop_apply_cpu_seconds_total")
+            if lag0 is None:
+                rec["status"] = "LAG_TIMEOUT"
+                return rec
+            rec["applied_msg_per_s"] = round(total / max(lag0 - float(res["first_send_unix"]), 1e-6), 1)
+            rec["server_us_per_msg"] = round((cpu2 - cpu0) / total * 1e6, 1)  # ACK and apply, up to lag 0
+            if apply_cpu is not None:
+                rec["apply_us_per_msg"] = round(apply_cpu / total * 1e6, 1)
+                rec["ack_us_per_msg"] = round(((cpu2 - cpu0) - apply_cpu) / total * 1e6, 1)
         rec["status"] = "OK"
         if res["errors"] or res["bad_acks"]:
             rec["status"] = "ERRORS"
@@ -367,7 +418,8 @@ def summarise(records: list[dict[str, Any]], sides: list[str], cs: list[int]) ->
                 cell["failure"] = f"{failed[0].get('status')}: {str(failed[0].get('error', ''))[:160]}"
             if ok:
                 for key in ("msg_per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms", "server_us_per_msg",
-                            "gen_cpu_pct", "foreign_cpu_pct"):
+                            "gen_cpu_pct", "foreign_cpu_pct", "applied_msg_per_s", "ack_us_per_msg",
+                            "apply_us_per_msg"):
                     vals = [float(r[key]) for r in ok if r.get(key) is not None]
                     if vals:
                         cell[key] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
@@ -412,6 +464,13 @@ def targets(cells: dict[str, Any], cs: list[int], idle: dict[str, Any] | None) -
         else:
             add("SQLite, 1 conn: ACK p99 ≤ 2 ms", cell.get("failure", "not measured"), None)
     rt("refloop-pg", 16, 3.0, "PostgreSQL, 16 conns: ≥ 3× baseline msg/s")
+    if 16 in cs:
+        cell, base = cells.get("refloop-sqlite|16", {}), cells.get(f"{BASELINE}|16", {})
+        if "applied_msg_per_s" in cell and "msg_per_s" in base:
+            r = float(cell["applied_msg_per_s"]["median"]) / float(base["msg_per_s"]["median"])
+            add("SQLite, 16 conns: applied ≥ 1.6× baseline msg/s", f"{r:.2f}×", r >= 1.6)
+        else:
+            add("SQLite, 16 conns: applied ≥ 1.6× baseline msg/s", cell.get("failure", "not measured"), None)
     if idle is not None:
         if "rss_mb" in idle and idle.get("alive") == idle.get("connections"):
             add(f"RSS with {idle['connections']} idle connections ≤ 150 MB", f"{idle['rss_mb']} MB",
@@ -437,21 +496,22 @@ def machine_info() -> dict[str, Any]:
         sqlite_version = "?"
     return {"nproc": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
             "sqlite": sqlite_version, "kernel": platform.release(),
-            "pinning": "server taskset -c 0, generator taskset -c 1" if shutil.which("taskset") else "none"}
+            "pinning": "server taskset -c 0, generator taskset -c 1" if PINNED["on"] and shutil.which("taskset")
+            else "none (unpinned)"}
 
 
 def render(cells: dict[str, Any], sides: list[str], cs: list[int], tg: list[dict[str, Any]],
            idle: dict[str, Any] | None, meta: dict[str, Any]) -> str:
-    lines = ["| side | C | msg/s median [min–max] | ACK p50 ms | ACK p99 ms | server µs/msg | foreign CPU % "
-             "| vs baseline |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| side | C | ACK msg/s median [min–max] | ACK p50 ms | ACK p99 ms | applied msg/s | server µs/msg "
+             "(ACK + apply) | foreign CPU % | vs baseline |", "|---|---|---|---|---|---|---|---|---|"]
     for side in sides:
         for c in cs:
             cell = cells[f"{side}|{c}"]
             if "failure" in cell and cell["failure"].startswith("FAILURE"):
-                lines.append(f"| {side} | {c} | **FAILURE** (acknowledged data lost) | — | — | — | — | — |")
+                lines.append(f"| {side} | {c} | **FAILURE** (acknowledged data lost) | — | — | — | — | — | — |")
                 continue
             if "msg_per_s" not in cell:
-                lines.append(f"| {side} | {c} | {cell.get('failure', 'no data')} | — | — | — | — | — |")
+                lines.append(f"| {side} | {c} | {cell.get('failure', 'no data')} | — | — | — | — | — | — |")
                 continue
             g = cell
             r = ratio(cells, side, c)
@@ -463,9 +523,13 @@ def render(cells: dict[str, Any], sides: list[str], cs: list[int], tg: list[dict
             p99t = f"{p99['median']:.2f}" + (f" [{p99['min']:.2f}–{p99['max']:.2f}]" if g["ok_runs"] > 1 else "")
             srv = g.get("server_us_per_msg", {}).get("median")
             fc = g.get("foreign_cpu_pct", {}).get("median")
+            applied = g.get("applied_msg_per_s", {}).get("median")
+            ack_us, apply_us = (g.get(k, {}).get("median") for k in ("ack_us_per_msg", "apply_us_per_msg"))
+            split = f" ({ack_us:.0f} + {apply_us:.0f})" if ack_us is not None and apply_us is not None else ""
             lines.append(
                 f"| {side} | {c} | {rate}{note} | {g['p50_ms']['median']:.2f} | {p99t} "
-                f"| {'—' if srv is None else f'{srv:.0f}'} | {'—' if fc is None else f'{fc:.0f}'} "
+                f"| {'—' if applied is None else f'{applied:,.0f}'} "
+                f"| {'—' if srv is None else f'{srv:.0f}'}{split} | {'—' if fc is None else f'{fc:.0f}'} "
                 f"| {'—' if side == BASELINE or r is None else f'{r:.2f}×'} |")
     out = ["# refloop benchmark", "", f"Run {meta['started']}, command `{meta['command']}`, "
            f"{meta['rounds']} round(s), ~{meta['seconds']} s measured per run, warm-up {meta['warmup']}/conn.", "",
@@ -477,9 +541,13 @@ def render(cells: dict[str, Any], sides: list[str], cs: list[int], tg: list[dict
     out += ["", "Machine: " + f"nproc {m['nproc']}, {m['cpu_model']}, Python {m['python']}, SQLite {m['sqlite']}, "
             f"kernel {m['kernel']}, pinning: {m['pinning']}.", "",
             "Sides: " + "; ".join(f"`{s}` = {SIDE_DOC[s]}" for s in sides) + ".", "",
-            "msg/s = measured frames / measured seconds (closed loop, each connection waits for its ACK). "
-            "Server µs/msg = server process CPU (all threads; PostgreSQL backends not included) over warm-up + "
-            "measured frames. Foreign CPU = busy CPU on the box used by neither the server nor the generator "
+            "ACK msg/s = measured frames / measured seconds (closed loop, each connection waits for its ACK). "
+            "Applied msg/s = all frames (warm-up included) / seconds from the first send until /readyz reports "
+            "apply_lag_messages 0. "
+            "Server µs/msg = server process CPU (all threads; PostgreSQL backends not included) up to lag 0, over "
+            "warm-up + measured frames, split into the ACK path (everything but the projector) + the apply path "
+            "(the projector thread's CPU, refloop_apply_cpu_seconds_total). "
+            "Foreign CPU = busy CPU on the box used by neither the server nor the generator "
             "(other work on this shared VM), as % of all CPUs, median. Each refloop run used a fresh database, "
             "was killed with SIGKILL after the run, "
             "and every AA/CA control ID was looked up in `messages` (processed/ignored).", ""]
@@ -493,10 +561,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=3.0, help="measured phase per run")
     ap.add_argument("--quick", action="store_true", help="1 round, 1.5 s per run")
     ap.add_argument("--conns", default="1,4,16")
-    ap.add_argument("--sides", default="python-hl7,bare,refloop-sqlite,refloop-pg",
+    ap.add_argument("--sides", default="python-hl7,bare,refloop-sqlite,refloop-sqlite-applied,refloop-pg,"
+                                       "refloop-pg-applied",
                     help="also: refloop-sqlite-info (default INFO logging)")
     ap.add_argument("--no-info", action="store_true", help="skip the INFO-logging refloop side")
     ap.add_argument("--no-pg", action="store_true")
+    ap.add_argument("--unpinned", action="store_true", help="no taskset: server and generator float")
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--ack-timeout", type=float, default=10.0)
     ap.add_argument("--idle", type=int, default=1000, help="idle connections for the RSS check (0: skip)")
@@ -506,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.quick:
         a.rounds, a.seconds = 1, 1.5
+    PINNED["on"] = not a.unpinned
     cs = [int(x) for x in a.conns.split(",") if x]
     sides = [s for s in a.sides.split(",") if s]
     unknown = [s for s in sides if s not in SIDE_DOC]
@@ -514,10 +585,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.no_info and "refloop-sqlite-info" in sides:
         sides.remove("refloop-sqlite-info")
     notes: list[str] = []
-    if "refloop-pg" in sides:
+    if any(s.startswith("refloop-pg") for s in sides):
         why = "--no-pg" if a.no_pg else pg_available()
         if why:
-            sides.remove("refloop-pg")
+            sides = [s for s in sides if not s.startswith("refloop-pg")]
             notes.append(f"PostgreSQL side skipped ({why})")
             print(f"note: PostgreSQL side skipped ({why})")
     opts = Opts(seconds=a.seconds, warmup=a.warmup, max_seconds=max(4 * a.seconds, a.seconds + 5),

@@ -675,13 +675,18 @@ def linking_rates(sim: Simulation, base: str, token: str = "") -> dict[str, dict
             for shape, (n, k) in sorted(counts.items())}
 
 
-def wait_settled(http: str, total_sent: int, token: str = "", timeout: float = 60.0) -> None:
-    """Every frame was ACKed after its commit, so this only waits for the HTTP side to be ready (bounded)."""
+def wait_settled(http: str, total_sent: int, token: str = "", timeout: float = 300.0) -> None:
+    """Wait until the daemon has applied every message it acknowledged (``apply_lag_messages`` 0 on
+    /readyz): with ``ack_after = "journal"`` an ACK means stored, and the referral state follows shortly."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            _get(f"http://{http}", "/api/referrals?status=sent", token)
-            return
-        except OSError:
-            time.sleep(0.2)
-    print(f"refloop simulate: HTTP {http} did not answer after {total_sent} messages", file=sys.stderr)
+            with urllib.request.urlopen(f"http://{http}/readyz", timeout=10) as resp:
+                body = json.loads(resp.read())
+            if body.get("apply_lag_messages") == 0:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    print(f"refloop simulate: {http} had not applied all of {total_sent} messages after {timeout:.0f} s",
+          file=sys.stderr)

@@ -1,4 +1,5 @@
-"""The ACK decision table, end to end: real MLLP socket, real database, one row per decision."""
+"""The ACK decision table, end to end: real MLLP socket, real database, one row per decision, in both
+``ack_after`` modes (the journal rows are read once the apply lag is 0)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from tests import samples
 from tests.utils import DaemonThread, MllpClient, ack_segments, err_code, make_settings, msa, running_daemon
 
 
-@pytest.fixture
-def daemon(db_url: str) -> Iterator[DaemonThread]:
-    with running_daemon(make_settings(db_url)) as d:
+@pytest.fixture(params=["journal", "applied"])
+def daemon(db_url: str, request: pytest.FixtureRequest) -> Iterator[DaemonThread]:
+    with running_daemon(make_settings(db_url, ack_after=request.param)) as d:
         yield d
 
 
@@ -25,6 +26,7 @@ def routed(cid: str, **kw: str) -> str:
 
 def journal(d: DaemonThread, control_id: str) -> list[Journal]:
     assert d.server.engine is not None
+    d.settle()
     with d.server.engine.connect() as c:
         return list(c.execute(select(Journal).where(Journal.control_id == control_id).order_by(Journal.id)))
 
@@ -198,3 +200,26 @@ def test_acks_pass_hl7apy_strict_validation(daemon: DaemonThread) -> None:
     for ack in acks:
         m = parse_message(ack, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
         assert m.validate()
+
+
+def test_structural_content_error_is_answered_synchronously(sqlite_url: str) -> None:
+    """Journal mode: a REF without RF1-6 and a SIU without SCH-1/SCH-2 get AE 101 with the ERR location in
+    the same exchange; the rows are journaled `error` by the ACK path itself (no projector involved), and a
+    resend gets the same AE from the dedup claim."""
+    with running_daemon(make_settings(sqlite_url, ack_after="journal")) as d, MllpClient(d.port) as c:
+        d.server.projector.core.batch_size = 0  # nothing is applied: only the ACK path can have answered
+        ref_cid, siu_cid = samples.control_id(), samples.control_id()
+        ref = samples.ref(ref_cid, referral="")
+        a1 = c.send(ref)
+        a2 = c.send(samples.siu(siu_cid).replace(f"SCH|APT{siu_cid}^SCHED|APT{siu_cid}^SCHED|", "SCH|||"))
+        assert (msa(a1), err_code(a1)) == (("AE", ref_cid), "101")
+        assert ack_segments(a1)["ERR"][2] == "RF1^1^6^1"
+        assert (msa(a2), err_code(a2)) == (("AE", siu_cid), "101")
+        assert ack_segments(a2)["ERR"][2] == "SCH^1^2^1"
+        a3 = c.send(ref)
+        assert (msa(a3), err_code(a3)) == (("AE", ref_cid), "101")
+        assert d.server.engine is not None
+        with d.server.engine.connect() as conn:
+            rows = list(conn.execute(select(Journal.control_id, Journal.outcome, Journal.applied_at)
+                                     .where(Journal.control_id.in_([ref_cid, siu_cid])).order_by(Journal.id)))
+        assert [(r[1], r[2]) for r in rows] == [("error", None), ("error", None), ("duplicate", None)]

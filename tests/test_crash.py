@@ -1,6 +1,8 @@
 """Crash safety: the daemon (a real subprocess) is SIGKILLed under load, several times, and restarted on the
-same database. Every AA'd message must be in the journal, and resending what was not ACKed (as an interface
-engine does), plus some of what was, must never apply a message twice.
+same database. Every AA'd message must be in the journal and, once the apply lag is 0, applied exactly
+once; resending what was not ACKed (as an interface engine does), plus some of what was, must never apply a
+message twice. The ACK is released by the journal commit (``ack_after = "journal"``, the default), so the
+kills land while the projector still has journaled rows to apply: the test counts them at each kill.
 
 Senders pipeline a small window of frames on their own connection and match ACKs to frames by order and
 MSA-2. Counts (sent, AA'd, un-ACKed at kill, resent, duplicates suppressed) are printed and carried in every
@@ -25,7 +27,7 @@ from refloop.config import DatabaseSettings
 from refloop.store.engine import make_engine
 from refloop.store.models import Message as Journal
 from tests import samples
-from tests.utils import DaemonProcess, MllpClient, frame, http_get, msa, start_daemon_process
+from tests.utils import DaemonProcess, MllpClient, frame, http_get, msa, start_daemon_process, wait_applied
 
 ROUNDS = 4
 SENDERS = 4
@@ -126,8 +128,32 @@ def journal_outcomes(url: str) -> dict[str, list[str]]:
     return out
 
 
+def unapplied(url: str) -> int:
+    """Rows journaled (and ACKed) but not applied, read from the database while no daemon runs."""
+    engine = make_engine(DatabaseSettings(url=url))
+    try:
+        with engine.connect() as conn:
+            return len(conn.execute(select(Journal.id).where(Journal.outcome == "queued")).all())
+    finally:
+        engine.dispose()
+
+
+def applied_events(url: str) -> dict[int, int]:
+    """Referral events per journal row: a row applied twice would have its events twice."""
+    from refloop.store.models import ReferralEvent
+
+    engine = make_engine(DatabaseSettings(url=url))
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(select(ReferralEvent.message_id)).all()
+    finally:
+        engine.dispose()
+    return dict(Counter(int(r[0]) for r in rows if r[0] is not None))
+
+
 def crash_and_recover(tmp_path: Path, url: str, seed: int) -> None:
     rng = random.Random(seed)
+    backlog_at_kill: list[int] = []
     senders = [Sender(f"s{i}") for i in range(SENDERS)]
     counter = 0
     d = start_daemon_process(tmp_path, url)
@@ -150,6 +176,7 @@ def crash_and_recover(tmp_path: Path, url: str, seed: int) -> None:
             for t in threads:
                 t.join(ROUND_BOUND + 10)
             assert not any(t.is_alive() for t in threads), f"round {rnd}: a sender did not stop"
+            backlog_at_kill.append(unapplied(url))
             d = start_daemon_process(tmp_path, url)  # same database, fresh ports
         for s in senders:
             assert s.error is None, s.error
@@ -157,9 +184,12 @@ def crash_and_recover(tmp_path: Path, url: str, seed: int) -> None:
         sent = sum(s.sent for s in senders)
         acked = {cid for s in senders for cid in s.acked}
         unacked = [cid for s in senders for cid in s.unacked]
-        stats = f"seed={seed} sent={sent} AA'd={len(acked)} un-ACKed at kill={len(unacked)}"
+        stats = (f"seed={seed} sent={sent} AA'd={len(acked)} un-ACKed at kill={len(unacked)} "
+                 f"unapplied at kill={backlog_at_kill}")
         print(f"\ncrash test ({url.split(':')[0]}): {stats}")
         assert acked, stats
+        assert sum(backlog_at_kill) > 0, f"no kill caught the projector behind the journal ({stats})"
+        assert wait_applied(d.http_port, 60), f"apply lag did not reach 0 after restart ({stats})"
 
         # 1. every AA'd control ID is in the journal, applied exactly once
         seen = journal_outcomes(url)
@@ -182,6 +212,9 @@ def crash_and_recover(tmp_path: Path, url: str, seed: int) -> None:
         stats += f" resent={resent} duplicates suppressed={int(dup_metric)}"
         print(f"crash test ({url.split(':')[0]}): {stats}")
         assert not not_aa, f"resends not AA ({stats}): {not_aa[:10]}"
+        assert wait_applied(d.http_port, 60), f"apply lag did not reach 0 after the resends ({stats})"
+        events = applied_events(url)
+        assert all(n == 1 for n in events.values()), f"a row's events applied twice ({stats})"
 
         # 3. per control ID: exactly one applied row, every other row a duplicate
         seen = journal_outcomes(url)
@@ -200,6 +233,19 @@ def crash_and_recover(tmp_path: Path, url: str, seed: int) -> None:
         duplicates = sum(o.count("duplicate") for o in seen.values())
         assert duplicates >= len(answers) - len(unacked), stats
         assert dup_metric == sum(1 for cid, _ in answers if seen[cid].count("duplicate")), stats
+
+        # 4. resending everything ever sent changes nothing: no new applied row, no new event
+        before_events, before_rows = applied_events(url), journal_outcomes(url)
+        again: list[tuple[str, str]] = []
+        for s in senders:
+            again += s.resend(d.port, list(s.messages))
+        assert all(code == "AA" for _, code in again), f"a resend of everything not AA ({stats})"
+        assert wait_applied(d.http_port, 60), stats
+        after_rows = journal_outcomes(url)
+        assert applied_events(url) == before_events, f"resending everything changed the referral events ({stats})"
+        for cid, outcomes in after_rows.items():
+            new = outcomes[len(before_rows.get(cid, [])):]
+            assert set(new) <= {"duplicate"}, f"{cid}: a resend was applied again: {new} ({stats})"
     finally:
         if d.proc.poll() is None:
             d.proc.send_signal(signal.SIGTERM)

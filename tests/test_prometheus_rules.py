@@ -28,7 +28,7 @@ TEMPLATE_LABELS = frozenset({"instance", "job", "sender", "task", "code", "type"
 REQUIRED_ALERTS = frozenset({
     "RefloopListenerDown", "RefloopDatabaseDown", "RefloopAckErrorRatioHigh", "RefloopDuplicatesSurge",
     "RefloopSenderSilent", "RefloopStorageFailures", "RefloopSchedulerStale", "RefloopOutboxDeadLetters",
-    "RefloopTlsCertificateExpiring",
+    "RefloopTlsCertificateExpiring", "RefloopApplyLagHigh",
 })
 
 

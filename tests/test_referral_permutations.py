@@ -1,6 +1,6 @@
 """Delivery order must not matter: the same messages in any order give the same referral.
 
-Runs the real ingest path (journal, dedup, handlers) on a real SQLite file, one transaction per message,
+Runs the real ingest path (the ACK path's journal group, then the projector) on a real SQLite file,
 without sockets, so hypothesis can try many orders quickly. Every message carries an explicit referral
 ID (the placer ID or the specialist's alias), which is what makes parking deterministic; see linking.py
 for why an unkeyed message that arrives before its referral cannot be placed.
@@ -21,12 +21,14 @@ from sqlalchemy import Engine, event, func, select
 from refloop.clock import FixedClock
 from refloop.config import DatabaseSettings, Settings
 from refloop.daemon.ingest import FRAME, Ingestor, Job
+from refloop.daemon.projector import Core
 from refloop.daemon.replay import replay
 from refloop.routes.router import Router
 from refloop.routes.table import DEFAULT_ROUTES
 from refloop.store import migrate
 from refloop.store import referrals as repo
 from refloop.store.engine import make_engine
+from refloop.store.models import Message as Journal
 from refloop.store.models import Referral, ReferralEvent
 from tests.samples import mdm_msg, oru_msg, ref_msg, rri_msg, siu_msg
 
@@ -52,17 +54,27 @@ LOOP: tuple[str, ...] = (
 class Harness:
     """The daemon's ingest path on a real SQLite file, minus sockets and the writer thread."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, batch_size: int = 200) -> None:
         self.settings = Settings(database=DatabaseSettings(url=url))
         self.engine: Engine = make_engine(self.settings.database)
         self.clock = FixedClock(NOW)
         self.ingestor = Ingestor(self.settings, Router(DEFAULT_ROUTES), self.clock)
+        self.core = Core(self.settings, Router(DEFAULT_ROUTES), self.clock, batch_size=batch_size)
+
+    def journal(self, messages: list[str]) -> list[int]:
+        """One group commit of the ACK path; every message must be accepted (AA)."""
+        jobs = [self.ingestor.prepare(Job(FRAME, m.encode(), "test", self.clock.now())) for m in messages]
+        with self.engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
+            results = self.ingestor.journal_group(conn, jobs)
+        assert all(r.ack_code == "AA" for r in results), [r.outcome for r in results]
+        return [r.message_id or 0 for r in results]
 
     def send(self, message: str) -> str:
-        with self.engine.begin() as conn:
-            result = self.ingestor.process(conn, Job(FRAME, message.encode(), "test", self.clock.now()))
-        assert result.ack_code == "AA", result.outcome
-        return result.outcome
+        """Journal one message, let the projector catch up, and return the row's final outcome."""
+        (mid,) = self.journal([message])
+        self.core.drain(self.engine)
+        with self.engine.connect() as conn:
+            return str(conn.execute(select(Journal.outcome).where(Journal.id == mid)).scalar_one())
 
     def state(self, key: str = "P100") -> dict[str, Any]:
         with self.engine.connect() as conn:
@@ -93,10 +105,10 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def fresh(template: Path, directory: Path, name: str) -> Harness:
+def fresh(template: Path, directory: Path, name: str, batch_size: int = 200) -> Harness:
     target = directory / f"{name}.db"
     shutil.copy(template, target)
-    return Harness(f"sqlite:///{target}")
+    return Harness(f"sqlite:///{target}", batch_size)
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +231,94 @@ def test_unrelated_siu_costs_two_indexed_queries(template: Path, tmp_path: Path)
     assert statements == ["SELECT", "SELECT"]
     assert h.counts()[0] == 1
     h.close()
+
+
+#: Three feeds, as three MLLP connections would deliver them: each keeps its own order.
+FEEDS: tuple[tuple[str, ...], ...] = (
+    (LOOP[0], LOOP[1]),  # the referrer's REF, the specialist's RRI
+    (LOOP[2], LOOP[3], LOOP[4], LOOP[5]),  # the scheduler
+    (LOOP[6], LOOP[7], LOOP[8]),  # the document system
+)
+
+
+@st.composite
+def interleavings(draw: st.DrawFn) -> tuple[list[str], list[int], int]:
+    """An interleaving of the feeds (each feed's order kept), cut into group commits, and a batch size."""
+    queues = [list(f) for f in FEEDS]
+    order: list[str] = []
+    while any(queues):
+        i = draw(st.sampled_from([n for n, q in enumerate(queues) if q]))
+        order.append(queues[i].pop(0))
+    cuts = draw(st.lists(st.integers(1, 4), min_size=len(order), max_size=len(order)))
+    return order, cuts, draw(st.integers(1, 5))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=interleavings())
+def test_groups_and_batches_give_the_one_by_one_state(
+    case: tuple[list[str], list[int], int], template: Path, tmp_path: Path
+) -> None:
+    """However the connections' messages interleave into group commits, and however the projector cuts
+    its batches, the final referral state is the one of applying them one by one in journal order."""
+    order, cuts, batch = case
+    grouped = fresh(template, tmp_path, "grouped", batch_size=batch)
+    single = fresh(template, tmp_path, "single")
+    try:
+        i = 0
+        for size in cuts:
+            if i >= len(order):
+                break
+            grouped.journal(order[i:i + size])
+            i += size
+            if size % 2:  # the projector sometimes catches up between groups, sometimes not
+                grouped.core.drain(grouped.engine)
+        grouped.core.drain(grouped.engine)
+        for message in order:  # the reference: journal order, one message applied at a time
+            single.send(message)
+        assert grouped.state() == single.state()
+        assert grouped.counts() == single.counts()
+    finally:
+        grouped.close()
+        single.close()
+        (tmp_path / "grouped.db").unlink()
+        (tmp_path / "single.db").unlink()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_connections_interleaved_over_real_sockets(seed: int, template: Path, tmp_path: Path,
+                                                   in_order: dict[str, Any]) -> None:
+    """The three feeds on three MLLP connections at once (journal mode, random pauses): once the apply lag is
+    0, the referral is in the state of applying the messages one by one in order."""
+    import random
+    import threading
+    import time
+
+    from tests.utils import MllpClient, make_settings, msa, running_daemon
+
+    target = tmp_path / "sockets.db"
+    shutil.copy(template, target)
+    rng = random.Random(seed)
+    pauses = [[rng.uniform(0, 0.01) for _ in feed] for feed in FEEDS]
+    codes: list[str] = []
+    with running_daemon(make_settings(f"sqlite:///{target}", ack_after="journal"), clock=FixedClock(NOW)) as d:
+        def feed(n: int) -> None:
+            with MllpClient(d.port) as c:
+                for message, pause in zip(FEEDS[n], pauses[n], strict=True):
+                    time.sleep(pause)
+                    codes.append(msa(c.send(message))[0])
+
+        threads = [threading.Thread(target=feed, args=(n,)) for n in range(len(FEEDS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        d.settle()
+    assert codes == ["AA"] * len(LOOP)
+    h = Harness(f"sqlite:///{target}")
+    try:
+        state = h.state()
+    finally:
+        h.close()
+    for link in state["links"]:
+        assert link["matched_by"] in ("appointment", "document") or link in in_order["links"]
+    assert {k: v for k, v in state.items() if k != "links"} == {k: v for k, v in in_order.items() if k != "links"}

@@ -99,3 +99,25 @@ def test_serve_refuses_stale_postgres_schema(pg_url: str, tmp_path) -> None:  # 
     r = subprocess.run([sys.executable, "-m", "refloop", "db", "current"], env=env, cwd=tmp_path,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
+
+
+def test_group_statements_keep_order_and_claim_once(engine) -> None:  # type: ignore[no-untyped-def]
+    """The ACK path's group statements on both databases: ids come back in row order (across several
+    multi-row statements), claims win once, and the lag counts exactly the unapplied rows."""
+    n = journal.CHUNK * 2 + 7
+    rows = [{"received_at": T0, "control_id": f"G{i:05d}", "outcome": "queued" if i % 2 else "processed"}
+            for i in range(n)]
+    with engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
+        ids = journal.insert_many(conn, rows)
+        claims = [{"sending_application": "A", "sending_facility": "F", "control_id": f"G{i:05d}",
+                   "content_hash": "h", "message_id": mid, "ack_code": "AA", "err_code": None, "err_text": "",
+                   "err_location": ""} for i, mid in enumerate(ids)]
+        assert journal.claim_many(conn, claims[:10]) == set(ids[:10])
+        assert journal.claim_many(conn, claims[5:15]) == set(ids[10:15])  # 5..9 were claimed already
+        found = journal.find_keys_many(conn, [f"G{i:05d}" for i in range(n)])
+    assert len(ids) == n and ids == sorted(ids)
+    with engine.connect() as conn:
+        got = dict(conn.execute(select(Message.id, Message.control_id)).all())
+        assert [got[mid] for mid in ids] == [r["control_id"] for r in rows]
+        assert journal.apply_lag(conn, T0 + timedelta(seconds=30)) == (n // 2, 30.0)
+    assert sorted(k.message_id for k in found) == ids[:15]

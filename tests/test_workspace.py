@@ -196,7 +196,7 @@ def test_weekly_figures_add_up_to_the_report(conn_of: Any, store: str) -> None:
             a = weekly.week_start(NOW - timedelta(days=back), zone)
             b = a + timedelta(days=7)
             week = weekly.figures(conn, settings, a, b)
-            if week["totals"]["sent"] > 0 and week["totals"]["new_leaks"] > 0 or back > 200:
+            if (week["totals"]["sent"] > 0 and week["totals"]["new_leaks"] > 0) or back > 200:
                 break
             back += 7
         assert {k: week["totals"][k] for k in ("sent", "scheduled", "completed", "closed", "recovered")} == \

@@ -66,8 +66,13 @@ def require_tool(name: str, debian_package: str) -> str:
 
 
 def make_settings(db_url: str, **mllp: Any) -> Settings:
-    """Settings for a test daemon: ephemeral ports on loopback, the given database."""
+    """Settings for a test daemon: ephemeral ports on loopback, the given database.
+
+    Most socket tests read the referral state right after the ACK, which is what ``ack_after = "applied"``
+    promises, so that is their default here; journal-mode tests pass ``ack_after="journal"`` and wait for
+    the lag to reach 0 (:meth:`DaemonThread.settle`) before reading state."""
     busy = mllp.pop("busy_timeout_ms", 2000)
+    mllp.setdefault("ack_after", "applied")
     return Settings(
         mllp=MllpSettings(host="127.0.0.1", port=0, **mllp),
         http=HttpSettings(host="127.0.0.1", port=0),
@@ -125,6 +130,10 @@ class DaemonThread:
     def http_port(self) -> int:
         return self.server.http_port
 
+    def settle(self, timeout: float = 20.0) -> None:
+        """Wait until every journaled message is applied (``apply_lag_messages`` 0 on /readyz)."""
+        assert wait_applied(self.http_port, timeout), "apply lag did not reach 0"
+
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
         return self.registry.get_sample_value(name, labels or {}) or 0.0
 
@@ -141,6 +150,18 @@ def http_get(port: int, path: str) -> tuple[int, Any]:
     except urllib.error.HTTPError as err:
         body, status, ctype = err.read(), err.code, err.headers.get("Content-Type", "")
     return status, json.loads(body) if "json" in ctype else body.decode()
+
+
+def wait_applied(http_port: int, timeout: float = 20.0) -> bool:
+    """Poll /readyz until the daemon reports no journaled message waiting for the projector."""
+    def done() -> bool:
+        try:
+            _status, body = http_get(http_port, "/readyz")
+        except OSError:
+            return False
+        return isinstance(body, dict) and body.get("apply_lag_messages") == 0
+
+    return wait_for(done, timeout=timeout, interval=0.02)
 
 
 @contextlib.contextmanager

@@ -150,6 +150,20 @@ class MllpSettings:
         "'reject' (AR 200/201).",
         _one_of("accept", "reject"),
     )
+    # -- journal-first ingest (docs/ingest.md) --
+    ack_after: str = setting(
+        "journal",
+        "Which commit releases the ACK: 'journal' (the frame is durably journaled; its effects are applied "
+        "right after, in journal order) or 'applied' (the projector has committed its effects; handler "
+        "failures are answered AE).",
+        _one_of("journal", "applied"),
+    )
+    max_apply_lag: int = setting(
+        10000,
+        "Messages journaled but not yet applied at most; past this the listener stops reading sockets until "
+        "the projector has caught up to half of it (back-pressure; never AR for lag).",
+        _at_least(1),
+    )
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from refloop.store import report_queries as rq
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
 
-    from refloop.daemon.server import Server
+    from refloop.daemon.app import AppContext
 
 COOKIE = "refloop_token"
 #: The dashboard shows the most overdue few; the full list, filters and paging are on /worklist.
@@ -84,7 +84,7 @@ def histogram(values: list[float], bins: int = 10) -> list[dict[str, Any]]:
             for i, c in enumerate(counts)]
 
 
-def add_routes(app: web.Application, server: Server) -> None:
+def add_routes(app: web.Application, server: AppContext) -> None:
     """Register the dashboard, its form actions, ``/login`` and ``GET /api/report``."""
     env = _env()
 

@@ -13,14 +13,18 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from refloop.daemon.dashboard import add_routes as add_dashboard_routes
+from refloop.daemon.http_messages import add_routes as add_message_routes
+from refloop.daemon.http_referrals import add_routes
 from refloop.daemon.identity import REQUEST_KEY, Resolver, actor
+from refloop.daemon.workspace import add_routes as add_workspace_routes
 
 if TYPE_CHECKING:
-    from refloop.daemon.server import Server
+    from refloop.daemon.app import AppContext
 
 
 class HttpApi:
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: AppContext) -> None:
         self.server = server
         self.identity = Resolver(server.settings.http)
         self.app = web.Application(middlewares=[self.auth])  # type: ignore[list-item]  # bound method
@@ -29,11 +33,11 @@ class HttpApi:
             web.get("/readyz", self.readyz),
             web.get("/metrics", self.metrics),
         ])
-        from refloop.daemon.http_messages import add_routes as add_message_routes; add_message_routes(self.app, server)  # noqa: E702, I001
-        from refloop.daemon.http_referrals import add_routes; add_routes(self.app, server)  # noqa: E702, I001
+        add_message_routes(self.app, server)
+        add_routes(self.app, server)
         from refloop.daemon.http_worklist import add_routes as add_worklist_routes; add_worklist_routes(self.app, server)  # noqa: E501, E702, I001
-        from refloop.daemon.dashboard import add_routes as add_dashboard_routes; add_dashboard_routes(self.app, server)  # noqa: E702, I001
-        from refloop.daemon.workspace import add_routes as add_workspace_routes; add_workspace_routes(self.app, server)  # noqa: E702, I001
+        add_dashboard_routes(self.app, server)
+        add_workspace_routes(self.app, server)
         self.runner: web.AppRunner | None = None
 
     OPEN = frozenset({"/healthz", "/readyz", "/metrics", "/login", "/static/dashboard.css", "/static/dashboard.js"})
@@ -117,8 +121,12 @@ class HttpApi:
         listening = self.server.listening
         ok = db and listening
         self.server.metrics.database_up.set(1 if db else 0)
+        lag = await asyncio.to_thread(self.server.apply_lag) if db else None
         return web.json_response(
-            {"status": "ready" if ok else "not ready", "database": db, "listener": listening},
+            {"status": "ready" if ok else "not ready", "database": db, "listener": listening,
+             "apply_lag_messages": lag[0] if lag else None,
+             "apply_lag_seconds": round(lag[1], 3) if lag else None,
+             "backpressure": self.server.lag_paused},
             status=200 if ok else 503,
         )
 

@@ -25,12 +25,12 @@ from refloop.store import message_search as ms
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from refloop.daemon.server import Server
+    from refloop.daemon.app import AppContext
 
 _TEMPLATES = Path(__file__).parent / "templates"
 
 
-def add_routes(app: web.Application, server: Server) -> None:
+def add_routes(app: web.Application, server: AppContext) -> None:
     env = Environment(loader=FileSystemLoader(_TEMPLATES), autoescape=select_autoescape(["html"]),
                       trim_blocks=True, lstrip_blocks=True)
 

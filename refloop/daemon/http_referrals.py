@@ -18,10 +18,10 @@ from refloop.store import referrals as repo
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from refloop.daemon.server import Server
+    from refloop.daemon.app import AppContext
 
 
-def add_routes(app: web.Application, server: Server) -> None:
+def add_routes(app: web.Application, server: AppContext) -> None:
     """Register the referral API on *app*; handlers read ``server.engine`` when called (set at start-up)."""
 
     def engine() -> Engine:

@@ -24,7 +24,7 @@ from refloop.store import referrals as repo
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from refloop.daemon.server import Server
+    from refloop.daemon.app import AppContext
 
 
 def parse_until(value: Any) -> datetime | None:
@@ -35,7 +35,7 @@ def parse_until(value: Any) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def add_routes(app: web.Application, server: Server) -> None:
+def add_routes(app: web.Application, server: AppContext) -> None:
     """Register the worklist API on *app*; handlers read ``server.engine`` when called."""
 
     def engine() -> Engine:

@@ -14,21 +14,17 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from aiohttp import web
+
 from refloop.daemon.access import in_networks, networks
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from refloop.config.settings import HttpSettings
 
 #: What a person's name may look like in the audit log (no control characters, bounded length).
 _NAME: Final = re.compile(r"[^\x00-\x1f\x7f]{1,64}")
-try:  # a typed request key (aiohttp >= 3.12); a plain string key before that
-    from aiohttp.web import RequestKey
-
-    REQUEST_KEY: Final = RequestKey("refloop_person", str)
-except ImportError:  # pragma: no cover
-    REQUEST_KEY = "refloop_person"  # type: ignore[misc, assignment]
+#: Where the auth middleware leaves the signed-in person on the request (typed keys: aiohttp >= 3.14).
+REQUEST_KEY: Final = web.RequestKey("refloop_person", str)
 
 
 @dataclass(frozen=True)

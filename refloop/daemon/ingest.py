@@ -1,28 +1,34 @@
-"""What happens to one frame inside the writer's transaction: journal, check, dedup, route, ACK.
+"""The ACK path: what happens to a frame between "complete" and "ACK written", on the writer thread.
 
-This runs on the writer thread (see ``writer.py``), inside a SAVEPOINT per message, so one failing
-message never undoes the others committed in the same group. The ACK text is built here, before the
-commit, and stored in the journal row; the writer releases it to the socket only after COMMIT returned.
+Journal-first: every check that needs no referral state runs here (the decision table's rows down to
+"unsupported type", plus each type's structural validator, so content errors still get AE with the ERR
+location in the same exchange); then the whole group commit is journaled with a few statements (one dedup
+lookup, one multi-row journal insert, one claim insert) and committed. No referral table is touched here:
+accepted frames are journaled ``queued`` and the projector (``projector.py``) applies them in journal order.
+``mllp.ack_after`` only chooses which commit releases the ACK: this one ("journal") or the projector's
+("applied", which answers AE for handler failures as before).
 
-Decision table (docs/hl7.md, "ACK decision table"):
+Decision table (docs/ingest.md and docs/hl7.md have it with both modes):
 
-========================================  ==============  ==================
-situation                                  original mode   enhanced (MSH-15)
-========================================  ==============  ==================
-routed, effects committed                  AA              CA
-well-formed, no route (``unsupported``)    AA (ignored)    CA
-... or with ``unsupported = "reject"``     AR 200/201      CR 200/201
-MSH-12 version not accepted                AR 203          CR 203
-MSH-11 processing id not accepted          AR 202          CR 202
-batch (FHS/BHS)                            AR 200          CR 200
-MSH-9 or MSH-10 empty                      AR 101          CR 101
-no parseable MSH                           AR 100          CR 100
-oversize frame                             AR 207          CR 207
-content error raised by a handler          AE 1xx          CE 1xx
-handler crashed (bug): rolled back         AE 207          CE 207
-database failure (nothing committed)       AR 207          CE 207
-resend of a committed message              stored code     stored code (C*)
-========================================  ==============  ==================
+========================================  ==============  ==================  ==================
+situation                                  original mode   enhanced (MSH-15)   ack_after
+========================================  ==============  ==================  ==================
+routed, journaled (queued)                 AA              CA                  journal
+routed, effects committed                  AA              CA                  applied
+well-formed, no route (``unsupported``)    AA (ignored)    CA                  both
+... or with ``unsupported = "reject"``     AR 200/201      CR 200/201          both
+MSH-12 version not accepted                AR 203          CR 203              both
+MSH-11 processing id not accepted          AR 202          CR 202              both
+batch (FHS/BHS)                            AR 200          CR 200              both
+MSH-9 or MSH-10 empty                      AR 101          CR 101              both
+no parseable MSH                           AR 100          CR 100              both
+oversize frame                             AR 207          CR 207              both
+structural content error (validator)       AE 101          CE 101              both
+content error raised by a handler          AE 1xx          CE 1xx              applied
+handler crashed (bug): rolled back         AE 207          CE 207              applied
+database failure (nothing committed)       AR 207          CE 207              both
+resend of a committed message              stored code     stored code (C*)    both
+========================================  ==============  ==================  ==================
 """
 
 from __future__ import annotations
@@ -31,21 +37,19 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import count
 from typing import Any
 
 from sqlalchemy import Connection
-from sqlalchemy.exc import DBAPIError
 
 from refloop.clock import Clock
 from refloop.config import SenderProfile, Settings
+from refloop.daemon.access import in_networks, networks
 from refloop.daemon.ack import AckError, build_ack
 from refloop.daemon.framing import CR, FS, VT
 from refloop.message import Message, MessageError, decode_payload, recover_control_id
-from refloop.routes.context import ContentError, HandlerContext, HandlerResult
 from refloop.routes.router import Router
 from refloop.store import journal
 from refloop.store.models import Message as Journal
@@ -94,6 +98,11 @@ class Result:
     flags: tuple[str, ...] = ()
     decode_fallback: bool = False
     app_ack_requested: bool = False
+    #: ``ack_after = "applied"``: the ACK waits for the projector's commit of row ``awaits`` (this message's
+    #: own row, or for a resend the original's, while that is still queued).
+    await_apply: bool = False
+    awaits: int | None = None
+    queued: bool = False  # journaled for the projector (counts towards the apply lag)
 
 
 @dataclass
@@ -105,46 +114,33 @@ class Decision:
     duplicate_of: int | None = None
     flags: list[str] = field(default_factory=list)
     claim: bool = False  # accepted: claim the dedup key so resends are answered, not re-applied
-    unlinked_patient: str = ""  # see HandlerResult.unlinked_patient
 
 
-class _LazyRow:
-    """The journal row of the message being processed, inserted on first need: when a handler asks for
-    the message id (its effects cite it), or at the end with its final values (one INSERT, no UPDATE)."""
+@dataclass
+class Prepared:
+    """One job after the checks that need no database: its journal row and its (tentative) decision."""
 
-    def __init__(self, conn: Connection, values: dict[str, Any]) -> None:
-        self.conn = conn
-        self.values = values
-        self.id: int | None = None
-
-    def ensure(self) -> int:
-        if self.id is None:
-            self.id = journal.insert_message(self.conn, {**self.values, "outcome": "processing"})
-        return self.id
-
-    def finish(self, final: dict[str, Any]) -> int:
-        if self.id is None:
-            self.id = journal.insert_message(self.conn, {**self.values, **final})
-        else:
-            journal.update_message(self.conn, self.id, final)
-        return self.id
+    job: Job
+    row: dict[str, Any]
+    result: Result
+    decision: Decision
+    msg: Message | None = None
+    hint: str = ""  # MSA-2 recovered from a frame without a usable MSH
+    codec: str = "latin-1"
+    key: tuple[str, str, str] | None = None  # dedup key, when the decision accepts the message
+    digest: str = ""
+    send: bool = True
+    ack_text: str = ""
+    in_group_of: int | None = None  # index of an earlier identical message in the same group
+    wait_for: int | None = None  # applied mode, a resend of a queued original: that row's id
 
 
 def _reject(code: int, text: str, location: str) -> Decision:
     return Decision(Outcome.REJECTED, "AR", AckError(code, text, location, "E"))
 
 
-class HandlerFailed(Exception):
-    """The handler raised: its writes must be rolled back with the message's savepoint, then the message
-    is journaled again with this decision (AE) without running the handler."""
-
-    def __init__(self, decision: Decision) -> None:
-        super().__init__(decision.detail)
-        self.decision = decision
-
-
 class LostRace(Exception):
-    """Another daemon committed the same message while we processed it: redo it as a duplicate."""
+    """Another daemon committed one of this group's messages meanwhile: redo the group (now a duplicate)."""
 
 
 class StorageError(Exception):
@@ -184,25 +180,23 @@ class AckIds:
         return f"{self._prefix}{next(self._n):010d}"
 
 
-class Ingestor:
-    """Turns jobs into journal rows, effects and ACKs. Holds no connection: the writer passes one in."""
+class Acks:
+    """Builds ACK text the same way for the ACK path and the projector (``ack_after = "applied"``)."""
 
-    def __init__(self, settings: Settings, router: Router, clock: Clock) -> None:
+    def __init__(self, settings: Settings, clock: Clock) -> None:
         self.settings = settings
-        self.router = router
         self.clock = clock
-        self.ack_ids = AckIds()
+        self.ids = AckIds()
 
-    # -- helpers -------------------------------------------------------------------------------
-    def _ack(self, msg: Message | None, code: str, error: AckError | None, hint: str = "") -> str:
+    def text(self, msg: Message | None, code: str, error: AckError | None, hint: str = "") -> str:
         m = self.settings.mllp
         return build_ack(
-            msg, code, ack_control_id=self.ack_ids(), now=self.clock.now(), app=m.ack_application,
+            msg, code, ack_control_id=self.ids(), now=self.clock.now(), app=m.ack_application,
             facility=m.ack_facility, error=error, control_id_hint=hint,
         )
 
     @staticmethod
-    def _mode_code(msg: Message | None, code: str, retryable: bool) -> tuple[str, bool]:
+    def mode_code(msg: Message | None, code: str, retryable: bool) -> tuple[str, bool]:
         """Map an original-mode decision to what is actually sent, and whether to send at all."""
         accept = (msg.accept_ack_type.strip().upper() if msg is not None else "")
         if not accept:
@@ -218,52 +212,37 @@ class Ingestor:
             send = True
         return enhanced, send
 
+
+class Ingestor:
+    """Turns a group of jobs into journal rows and ACKs. Holds no connection: the writer passes one in."""
+
+    def __init__(self, settings: Settings, router: Router, clock: Clock) -> None:
+        self.settings = settings
+        self.router = router
+        self.clock = clock
+        self.acks = Acks(settings, clock)
+
+    def reconfigure(self, settings: Settings) -> None:
+        self.settings = settings
+        self.acks.settings = settings
+
     @staticmethod
-    def _journal_row(job: Job, values: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "received_at": job.received_at, "peer": _clip(job.peer, 64), "raw": job.payload,
-            "size": job.received_size or len(job.payload), **values,
-        }
+    def _row(job: Job, **values: Any) -> dict[str, Any]:
+        return {"received_at": job.received_at, "peer": _clip(job.peer, 64), "raw": job.payload,
+                "size": job.received_size or len(job.payload), **values}
 
-    def _insert_journal(self, conn: Connection, job: Job, **values: Any) -> int:
-        row = {
-            "received_at": job.received_at,
-            "peer": _clip(job.peer, 64),
-            "raw": job.payload,
-            "size": job.received_size or len(job.payload),
-            "outcome": values.pop("outcome", "processing"),
-            **values,
-        }
-        return journal.insert_message(conn, row)
-
-    # -- the entry points ----------------------------------------------------------------------
-    def process(self, conn: Connection, job: Job, forced: Decision | None = None) -> Result:
-        """Journal and apply one job. ``forced``: the handler already failed on this job in a rolled-back
-        savepoint; journal that outcome without running the handler again."""
+    # -- phase 1: no database ------------------------------------------------------------------
+    def prepare(self, job: Job) -> Prepared:
+        """Every check that needs neither the database nor referral state."""
         if job.kind == BROKEN:
-            mid = self._insert_journal(
-                conn, job, outcome=Outcome.BROKEN_FRAME, content_hash=content_hash(job.payload),
-                detail=f"truncated: {job.reason}", control_id=_clip(recover_control_id(job.payload), 199),
-            )
-            return Result(outcome=Outcome.BROKEN_FRAME, message_id=mid)
+            hint = recover_control_id(job.payload)
+            row = self._row(job, content_hash=content_hash(job.payload), detail=f"truncated: {job.reason}",
+                            control_id=_clip(hint, 199))
+            return Prepared(job, row, Result(outcome=Outcome.BROKEN_FRAME),
+                            Decision(Outcome.BROKEN_FRAME, ""), hint=hint, send=False)
         if job.kind == OVERSIZE:
-            return self._oversize(conn, job)
-        return self._frame(conn, job, forced)
-
-    def storage_failure(self, job: Job) -> Result:
-        """The group commit failed: nothing of this job is stored. Answer AR (CE in enhanced mode),
-        which tells the sender to try again later: never AA for what was not committed."""
-        if job.kind == BROKEN:
-            return Result(outcome="lost_broken_frame")
-        msg, hint = self._header(job.payload)
-        code, send = self._mode_code(msg, "AR", retryable=True)
-        err = AckError(207, "Storage unavailable, resend later", "", "E")
-        text = self._ack(msg, code, err, hint)
-        return Result(
-            ack=frame(text) if send else None, close=job.kind == OVERSIZE, outcome="storage_failure",
-            ack_code=code, err_code=207, message_type=msg.message_type if msg else "",
-            control_id=msg.control_id if msg else hint,
-        )
+            return self._oversize(job)
+        return self._frame(job)
 
     def _header(self, payload: bytes) -> tuple[Message | None, str]:
         try:
@@ -272,35 +251,41 @@ class Ingestor:
         except MessageError:
             return None, recover_control_id(payload)
 
-    def _oversize(self, conn: Connection, job: Job) -> Result:
+    def storage_failure(self, job: Job) -> Result:
+        """The group commit failed: nothing of this job is stored. Answer AR (CE in enhanced mode),
+        which tells the sender to try again later: never AA for what was not committed."""
+        if job.kind == BROKEN:
+            return Result(outcome="lost_broken_frame")
+        msg, hint = self._header(job.payload)
+        code, send = self.acks.mode_code(msg, "AR", retryable=True)
+        err = AckError(207, "Storage unavailable, resend later", "", "E")
+        text = self.acks.text(msg, code, err, hint)
+        return Result(
+            ack=frame(text) if send else None, close=job.kind == OVERSIZE, outcome="storage_failure",
+            ack_code=code, err_code=207, message_type=msg.message_type if msg else "",
+            control_id=msg.control_id if msg else hint,
+        )
+
+    def _oversize(self, job: Job) -> Prepared:
         hint = recover_control_id(job.payload)
         msg, _ = self._header(job.payload)
         if msg is not None and msg.control_id != hint:
             msg = None  # the head was cut inside MSH: trust only the recovered ID
         limit = self.settings.mllp.max_frame_bytes
         err = AckError(207, f"Message exceeds the receiver's limit of {limit} bytes", "", "E")
-        code, send = self._mode_code(msg, "AR", retryable=False)
-        text = self._ack(msg, code, err, hint)
-        mid = self._insert_journal(
-            conn, job, outcome=Outcome.OVERSIZE, control_id=_clip(hint, 199), ack_code=code, err_code=207,
-            ack=text, detail=f"oversize: {job.received_size}+ bytes, limit {limit}",
-        )
-        return Result(
-            ack=frame(text) if send else None, close=True, outcome=Outcome.OVERSIZE, ack_code=code,
-            err_code=207, control_id=hint, message_id=mid,
-        )
+        row = self._row(job, control_id=_clip(hint, 199), detail=f"oversize: {job.received_size}+ bytes, limit {limit}")
+        return Prepared(job, row, Result(close=True, outcome=Outcome.OVERSIZE, control_id=hint),
+                        Decision(Outcome.OVERSIZE, "AR", err), msg=msg, hint=hint)
 
-    def _frame(self, conn: Connection, job: Job, forced: Decision | None = None) -> Result:
+    def _parse(self, payload: bytes) -> tuple[Message | None, str, str, bool, SenderProfile]:
         settings = self.settings
-        payload = job.payload
-        digest = content_hash(payload)
         default = settings.default_profile
         text, codec, fallback = decode_payload(payload, default.encoding)
         try:
             msg: Message | None = Message.parse(text, default.segment_terminators)
+            parse_error = ""
         except MessageError as exc:
-            msg = None
-            parse_error = str(exc)
+            msg, parse_error = None, str(exc)
         profile = default
         if msg is not None:
             profile = settings.profile_for(msg.sending_application, msg.sending_facility)
@@ -313,20 +298,19 @@ class Ingestor:
                     msg = Message.parse(text, profile.segment_terminators)
                 except MessageError as exc:  # pragma: no cover - same first segment as above
                     msg, parse_error = None, str(exc)
+        return msg, codec, parse_error, fallback, profile
+
+    def _frame(self, job: Job) -> Prepared:
+        payload = job.payload
+        digest = content_hash(payload)
+        msg, codec, parse_error, fallback, profile = self._parse(payload)
         if msg is None:
             hint = recover_control_id(payload)
-            err = AckError(100, "No valid MSH segment", "MSH^1", "E")
-            ack_text = self._ack(None, "AR", err, hint)
-            mid = self._insert_journal(
-                conn, job, outcome=Outcome.UNPARSEABLE, content_hash=digest, encoding=codec,
-                control_id=_clip(hint, 199), ack_code="AR", err_code=100, ack=ack_text,
-                detail=_clip(f"unparseable: {parse_error}", 255),
-            )
-            return Result(
-                ack=frame(ack_text), outcome=Outcome.UNPARSEABLE, ack_code="AR", err_code=100,
-                control_id=hint, message_id=mid, decode_fallback=fallback,
-            )
-
+            row = self._row(job, content_hash=digest, encoding=codec, control_id=_clip(hint, 199),
+                            detail=_clip(f"unparseable: {parse_error}", 255))
+            return Prepared(job, row, Result(outcome=Outcome.UNPARSEABLE, control_id=hint, decode_fallback=fallback),
+                            Decision(Outcome.UNPARSEABLE, "AR", AckError(100, "No valid MSH segment", "MSH^1", "E")),
+                            hint=hint, codec=codec, digest=digest)
         base = {
             "content_hash": digest,
             "encoding": codec,
@@ -344,29 +328,11 @@ class Ingestor:
             profile=profile.name, decode_fallback=fallback,
             app_ack_requested=msg.app_ack_type.strip().upper() not in ("", "NE"),
         )
-        row = _LazyRow(conn, self._journal_row(job, base))
-        d = self._decide(conn, job, msg, profile, row, base, forced)
-        sent_code, send = self._mode_code(msg, d.code, retryable=False)
-        ack_text = self._ack(msg, sent_code, d.error)
-        mid = row.finish({
-            "outcome": d.outcome, "ack_code": sent_code, "err_code": d.error.code if d.error else None,
-            "ack": ack_text, "detail": _clip(result_detail(d.outcome, d.error, d.detail), 255),
-            "flags": ",".join(d.flags), "duplicate_of": d.duplicate_of, "patient_key": d.unlinked_patient or None,
-        })
-        result.message_id = mid
-        if d.claim:
-            key = (base["sending_application"], base["sending_facility"], base["control_id"])
-            self._claim(conn, key, base["content_hash"], mid, d.code, d.error)
-        result.ack = frame(ack_text, codec) if send else None
-        result.outcome, result.ack_code, result.duplicate_of = d.outcome, sent_code, d.duplicate_of
-        result.err_code = d.error.code if d.error else None
-        result.flags = tuple(d.flags)
-        return result
+        d = self._decide(job, msg, profile)
+        key = (base["sending_application"], base["sending_facility"], base["control_id"]) if d.claim else None
+        return Prepared(job, self._row(job, **base), result, d, msg=msg, codec=codec, key=key, digest=digest)
 
-    def _decide(
-        self, conn: Connection, job: Job, msg: Message, profile: SenderProfile, row: _LazyRow,
-        base: dict[str, str], forced: Decision | None = None,
-    ) -> Decision:
+    def _decide(self, job: Job, msg: Message, profile: SenderProfile) -> Decision:
         if msg.is_batch():
             return _reject(200, "Batch messages (FHS/BHS) are not supported; send one message per frame", "")
         if not msg.message_type:
@@ -383,82 +349,116 @@ class Ingestor:
             d.flags = ["sender_not_permitted"]
             return d
         route = self.router.resolve(msg.message_type, msg.trigger_event)
-        if route is None and self.settings.mllp.unsupported == "reject":
-            if self.router.knows_type(msg.message_type):
-                return _reject(201, "Unsupported event code", "MSH^1^9^1^2")
-            return _reject(200, "Unsupported message type", "MSH^1^9^1^1")
+        if route is None:
+            if self.settings.mllp.unsupported == "reject":
+                if self.router.knows_type(msg.message_type):
+                    return _reject(201, "Unsupported event code", "MSH^1^9^1^2")
+                return _reject(200, "Unsupported message type", "MSH^1^9^1^1")
+            return Decision(Outcome.IGNORED, "AA", None, "no route", claim=True)
+        error = route.validate(profile, msg) if route.validate is not None else None
+        if error is not None:
+            return Decision(Outcome.ERROR, "AE", error, f"content error {error.code} {error.location}", claim=True)
+        return Decision(Outcome.QUEUED, "AA", None, "queued", claim=True)
 
-        # Dedup: (sender, MSH-10) + content hash. Only committed, accepted outcomes hold keys.
-        key = (base["sending_application"], base["sending_facility"], base["control_id"])
-        rows = journal.find_keys(conn, *key)
-        for content, message_id, ack_code, err_code, err_text, err_location in rows:
-            if content == base["content_hash"]:
-                err = AckError(err_code, err_text, err_location, "E") if err_code else None
-                return Decision(Outcome.DUPLICATE, ack_code, err, f"resend of message {message_id}",
-                                duplicate_of=message_id)
-        flags = ["control_id_reused"] if rows else []
-        if forced is not None:
-            d = forced
-            d.flags = flags
-        elif route is None:
-            d = Decision(Outcome.IGNORED, "AA", None, "no route", flags=flags)
-        else:
-            d = self._run_handler(conn, job, msg, profile, row, route.handler)
-            d.flags = flags
-        d.claim = True  # accepted (AA/AE): later resends are answered from this claim
-        return d
+    # -- phase 2: the group's statements, inside the writer's transaction -----------------------
+    def journal_group(self, conn: Connection, preps: list[Prepared]) -> list[Result]:
+        """Dedup, journal and claim a whole group with one statement each; ACK texts are built here.
 
-    def _run_handler(
-        self, conn: Connection, job: Job, msg: Message, profile: SenderProfile, row: _LazyRow,
-        handler: Callable[[HandlerContext, Message], HandlerResult],
-    ) -> Decision:
-        ctx = HandlerContext(
-            settings=self.settings, conn=conn, clock=self.clock, profile=profile, message_ref=row.ensure,
-            control_id=msg.control_id, received_at=job.received_at,
-        )
-        # No savepoint of its own (two statements per message saved): if the handler fails, the writer
-        # rolls back this message's savepoint and journals the failure with ``forced``.
-        try:
-            res = handler(ctx, msg)
-        except ContentError as exc:
-            raise HandlerFailed(Decision(
-                Outcome.ERROR, "AE", exc.error, f"content error {exc.error.code} {exc.error.location}")) from None
-        except DBAPIError:
-            raise  # storage trouble: the writer fails the whole group with AR
-        except Exception as exc:
-            # A bug, not the sender's fault and not retryable by resending: AE keeps the engine's queue
-            # moving; the frame is in the journal with outcome=failed for `refloop replay` after a fix.
-            log.error(
-                "handler failed", extra={"control_id": msg.control_id, "message_id": row.id,
-                                         "error_type": type(exc).__name__},
-            )
-            raise HandlerFailed(Decision(Outcome.FAILED, "AE", AckError(207, "Application internal error", "", "E"),
-                                         f"handler raised {type(exc).__name__}")) from None
-        if res.outcome == Outcome.ERROR:
-            return Decision(Outcome.ERROR, "AE", res.error, res.detail)
-        return Decision(res.outcome, "AA", None, res.detail, unlinked_patient=res.unlinked_patient)
+        Raises :class:`LostRace` when another daemon claimed one of these keys after our lookup: the
+        writer rolls the group back and runs it again, when the lookup finds that claim."""
+        self._dedup(conn, preps)
+        applied_mode = self.settings.mllp.ack_after == "applied"
+        rows: list[dict[str, Any]] = []
+        for p in preps:
+            d = p.decision
+            deferred = applied_mode and (d.outcome == Outcome.QUEUED or p.wait_for is not None or (
+                p.in_group_of is not None and preps[p.in_group_of].decision.outcome == Outcome.QUEUED))
+            if d.code:
+                sent, send = self.acks.mode_code(p.msg, d.code, retryable=False)
+                p.send = p.send and send
+                if not deferred:
+                    p.ack_text = self.acks.text(p.msg, sent, d.error, p.hint)
+                p.result.ack_code = sent
+            p.result.await_apply = deferred
+            p.result.queued = d.outcome == Outcome.QUEUED
+            rows.append({
+                **p.row, "outcome": d.outcome, "ack_code": p.result.ack_code,
+                "err_code": d.error.code if d.error else None, "ack": p.ack_text,
+                "detail": _clip(p.row.get("detail") or result_detail(d.outcome, d.error, d.detail), 255),
+                "flags": ",".join(d.flags),
+                "duplicate_of": d.duplicate_of,
+            })
+        ids = journal.insert_many(conn, rows)
+        claims = []
+        for i, (p, mid) in enumerate(zip(preps, ids, strict=True)):
+            d = p.decision
+            p.result.message_id = mid
+            if p.result.await_apply:
+                first = p.in_group_of
+                p.result.awaits = p.wait_for or (ids[first] if first is not None else mid)
+            if p.in_group_of is not None:
+                d.duplicate_of = ids[p.in_group_of]
+                journal.update_message(conn, mid, {**rows[i], "duplicate_of": d.duplicate_of})
+            if d.claim and p.key is not None:
+                err = d.error
+                claims.append({
+                    "sending_application": p.key[0], "sending_facility": p.key[1], "control_id": p.key[2],
+                    "content_hash": p.digest, "message_id": mid, "ack_code": d.code,
+                    "err_code": err.code if err else None, "err_text": _clip(err.text, 255) if err else "",
+                    "err_location": _clip(err.location, 64) if err else "",
+                })
+        if claims and len(journal.claim_many(conn, claims)) != len(claims):
+            raise LostRace()
+        out = []
+        for p in preps:
+            r, d = p.result, p.decision
+            r.outcome, r.duplicate_of = d.outcome, d.duplicate_of
+            r.err_code = d.error.code if d.error else None
+            r.flags = tuple(d.flags)
+            if p.ack_text and p.send:
+                r.ack = frame(p.ack_text, p.codec)
+            out.append(r)
+        return out
 
-    @staticmethod
-    def _claim(conn: Connection, key: tuple[str, str, str], digest: str, mid: int, code: str,
-               err: AckError | None) -> None:
-        values = {
-            "sending_application": key[0], "sending_facility": key[1], "control_id": key[2],
-            "content_hash": digest, "message_id": mid, "ack_code": code,
-            "err_code": err.code if err else None, "err_text": _clip(err.text, 255) if err else "",
-            "err_location": _clip(err.location, 64) if err else "",
-        }
-        # ON CONFLICT DO NOTHING RETURNING: a row back means we won (rowcount is -1 on PostgreSQL).
-        if not journal.claim_key(conn, values):
-            raise LostRace(mid)
+    def _dedup(self, conn: Connection, preps: list[Prepared]) -> None:
+        """(sender, MSH-10) + content hash. Only committed, accepted outcomes hold keys; a message repeated
+        inside one group is a duplicate of its first copy."""
+        keyed = [p for p in preps if p.key is not None]
+        if not keyed:
+            return
+        found: dict[tuple[str, str, str], list[Any]] = {}
+        for k in journal.find_keys_many(conn, sorted({p.key[2] for p in keyed if p.key})):
+            found.setdefault((k.sending_application, k.sending_facility, k.control_id), []).append(k)
+        first: dict[tuple[str, str, str, str], int] = {}
+        for i, p in enumerate(preps):
+            if p.key is None:
+                continue
+            claims = found.get(p.key, [])
+            same = next((c for c in claims if c.content_hash == p.digest), None)
+            if same is not None:
+                err = AckError(same.err_code, same.err_text, same.err_location, "E") if same.err_code else None
+                p.decision = Decision(Outcome.DUPLICATE, same.ack_code, err, f"resend of message {same.message_id}",
+                                      duplicate_of=same.message_id)
+                if same.outcome == Outcome.QUEUED and self.settings.mllp.ack_after == "applied":
+                    p.wait_for = int(same.message_id)  # answer what the original will be answered
+                p.key = None
+                continue
+            ident = (*p.key, p.digest)
+            if ident in first:
+                earlier = preps[first[ident]].decision
+                p.decision = Decision(Outcome.DUPLICATE, earlier.code, earlier.error, "resend in the same group")
+                p.in_group_of = first[ident]
+                p.key = None
+                continue
+            first[ident] = i
+            if claims or any(q.key is not None and q.key == p.key and q is not p for q in preps[:i]):
+                p.decision.flags.append("control_id_reused")
 
 
 def peer_may_be(profile: SenderProfile, peer: str, subject: str) -> bool:
     """Is this peer (address, certificate CN) allowed to speak as this sender profile?"""
-    if profile.allowed_peers:
-        from refloop.daemon.access import in_networks, networks
-
-        if not in_networks(peer, networks(profile.allowed_peers)):
-            return False
+    if profile.allowed_peers and not in_networks(peer, networks(profile.allowed_peers)):
+        return False
     return not (profile.allowed_subjects and subject not in profile.allowed_subjects)
 
 

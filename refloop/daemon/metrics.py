@@ -149,6 +149,25 @@ class Metrics:
         self.outbox_dead_letters = Gauge(
             "refloop_outbox_dead_letters", "Notifications that used up their attempts (see the worklist).", registry=r
         )
+        self.applied = Counter(
+            "refloop_applied_total", "Journal rows applied by the projector, by outcome (processed, ignored, "
+            "error, failed).", ["outcome"], registry=r,
+        )
+        self.apply_lag_messages = Gauge(
+            "refloop_apply_lag_messages", "Messages journaled (and acknowledged) but not yet applied.", registry=r
+        )
+        self.apply_lag_seconds = Gauge(
+            "refloop_apply_lag_seconds", "Age of the oldest journaled message not yet applied (0 when none).",
+            registry=r,
+        )
+        self.apply_cpu = Counter(
+            "refloop_apply_cpu_seconds", "CPU time the projector thread spent applying batches (the rest of the "
+            "process's CPU is the ACK path, HTTP and background jobs).", registry=r,
+        )
+        self.backpressure = Gauge(
+            "refloop_backpressure", "1 while the listener has stopped reading sockets because the apply lag "
+            "reached mllp.max_apply_lag.", registry=r,
+        )
         self.referrals = Gauge("refloop_referrals", "Referrals by status, as of the last scan.", ["status"], registry=r)
         self.build = Info("refloop_build", "refloop version.", registry=r)
         self.build.info({"version": __version__})
@@ -157,6 +176,8 @@ class Metrics:
             self.frames.labels(reason)
         for code in sorted(ACK_CODES):
             self.acks.labels(code)
+        for outcome in ("processed", "ignored", "error", "failed"):
+            self.applied.labels(outcome)
 
     def certificate_expiry(self) -> Gauge:
         if self._tls_cert_expiry is None:

@@ -11,29 +11,29 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
+from refloop.daemon import tls
+from refloop.daemon.connections import ConnContext
 from refloop.daemon.framing import Frame, Framer, Junk, Oversize, Truncated
 from refloop.daemon.ingest import BROKEN, FRAME, OVERSIZE, Job, Result
 from refloop.daemon.metrics import type_label
-
-if TYPE_CHECKING:
-    from refloop.daemon.server import Server
-    from refloop.daemon.writer import Writer
+from refloop.daemon.writer import Writer
 
 log = logging.getLogger("refloop.mllp")
 
 
 class MllpProtocol(asyncio.Protocol):
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        limits = server.settings.mllp
+    def __init__(self, ctx: ConnContext) -> None:
+        self.ctx = ctx
+        limits = ctx.live.settings.mllp
         self.framer = Framer(max_frame_bytes=limits.max_frame_bytes)
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self.pending: deque[Job] = deque()
         self.pump: asyncio.Task[None] | None = None
-        self.paused = False
+        self.paused = False  # reading paused: too many frames pending on this connection, or oversize
+        self.lag_paused = False  # reading paused: the apply lag reached mllp.max_apply_lag (back-pressure)
         self.closing = False
         self.draining = False
         self.last_activity = time.monotonic()
@@ -50,8 +50,8 @@ class MllpProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
-        reason = self.server.admit(self)
-        m = self.server.metrics
+        reason = self.ctx.hub.admit(self)
+        m = self.ctx.metrics
         if reason is not None:
             m.connections.labels(f"rejected_{reason}").inc()
             log.warning("connection refused", extra={"reason": reason})
@@ -61,51 +61,49 @@ class MllpProtocol(asyncio.Protocol):
         m.connections.labels("accepted").inc()
         m.connections_open.inc()
         self._arm_idle()
-        if self.server.tls_context is not None:
+        if self.ctx.hub.lag_paused:
+            self.pause_for_lag(True)
+        if self.ctx.live.tls_context is not None:
             self._plain = self.transport
             self.transport.pause_reading()  # no plaintext byte may reach the framer before the handshake
-            self.server.spawn(self._upgrade())
+            self.ctx.hub.spawn(self._upgrade())
 
     async def _upgrade(self) -> None:
         """Plain TCP first, then TLS, so every failed handshake is counted with its reason."""
-        ctx = self.server.tls_context
-        assert ctx is not None and self.transport is not None
+        context = self.ctx.live.tls_context
+        assert context is not None and self.transport is not None
         raw = self.transport
         try:
-            tls = await self.server.loop.start_tls(
-                raw, self, ctx, server_side=True,
-                ssl_handshake_timeout=self.server.settings.mllp.tls_handshake_timeout,
+            secure = await self.ctx.loop.start_tls(
+                raw, self, context, server_side=True,
+                ssl_handshake_timeout=self.ctx.live.settings.mllp.tls_handshake_timeout,
             )
         except Exception as exc:  # ssl.SSLError, TimeoutError, ConnectionError...
-            from refloop.daemon.tls import failure_reason
-
-            reason = failure_reason(exc)
-            self.server.metrics.tls_failures.labels(reason).inc()
+            reason = tls.failure_reason(exc)
+            self.ctx.metrics.tls_failures.labels(reason).inc()
             log.warning("TLS handshake failed", extra={"reason": reason, "error_type": type(exc).__name__})
             raw.abort()
             return
-        if tls is None:  # pragma: no cover - the peer went away during the handshake
+        if secure is None:  # pragma: no cover - the peer went away during the handshake
             raw.abort()
             return
-        from refloop.daemon.tls import peer_subject_cn
-
-        self.transport = tls
+        self.transport = secure
         self._plain = None  # start_tls owns the TCP transport now: nothing can bypass it any more
-        self.peer_subject = peer_subject_cn(tls.get_extra_info("peercert"))
+        self.peer_subject = tls.peer_subject_cn(secure.get_extra_info("peercert"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self._cancel_timers()
         for ev in self.framer.eof():
             if isinstance(ev, Truncated):
-                self.server.metrics.frames.labels("disconnect").inc()
+                self.ctx.metrics.frames.labels("disconnect").inc()
                 self._enqueue(self._job(BROKEN, ev.payload, reason="disconnect"))
             elif isinstance(ev, Junk):
-                self.server.metrics.junk_bytes.inc(ev.nbytes)
+                self.ctx.metrics.junk_bytes.inc(ev.nbytes)
         if self._counted:
             self._counted = False
-            self.server.metrics.connections_open.dec()
-            self.server.release(self)
+            self.ctx.metrics.connections_open.dec()
+            self.ctx.hub.release(self)
 
     def abandon_partial(self, reason: str) -> None:
         """Journal a half-received frame as broken (shutdown, deadline) before the connection goes."""
@@ -113,31 +111,61 @@ class MllpProtocol(asyncio.Protocol):
             if isinstance(ev, Truncated):
                 self._enqueue(self._job(BROKEN, ev.payload, reason=reason))
             elif isinstance(ev, Junk):
-                self.server.metrics.junk_bytes.inc(ev.nbytes)
+                self.ctx.metrics.junk_bytes.inc(ev.nbytes)
 
     def close(self, reason: str) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.server.metrics.connections_closed.labels(reason).inc()
+            self.ctx.metrics.connections_closed.labels(reason).inc()
             log.info("closing connection", extra={"reason": reason})
             self.transport.close()
         self.closing = True
 
+    async def shutdown(self, deadline: float) -> int:
+        """Daemon shutdown: finish (commit and ACK) the frames already received, start no new one, then
+        journal a half-received frame as broken and close. Returns the frames cut by the deadline."""
+        self.draining = True
+        loop = self.ctx.loop
+        if self.pump is not None:
+            await asyncio.wait([self.pump], timeout=max(deadline - loop.time(), 0.0))
+        cut = len(self.pending) + (1 if self.framer.in_frame else 0)
+        self.abandon_partial("shutdown")
+        self.close("shutdown")
+        for _ in range(3):
+            await asyncio.sleep(0)  # connection_lost queues a frame cut by the peer as broken
+        while self.pump is not None and loop.time() < deadline + 1.0:
+            await asyncio.wait([self.pump], timeout=max(deadline + 1.0 - loop.time(), 0.05))
+        return cut
+
+    def pause_for_lag(self, pause: bool) -> None:
+        """Back-pressure: stop (or resume) reading this socket; frames already read are still journaled."""
+        if self.transport is None or self.closing or pause == self.lag_paused:
+            return
+        self.lag_paused = pause
+        if pause:
+            if not self.paused:
+                self.transport.pause_reading()
+            self._cancel_deadline()  # bytes waiting in the kernel are our delay, not the sender's
+        elif not self.paused:
+            self.transport.resume_reading()
+            if self.framer.in_frame:
+                self._arm_deadline()
+
     # -- timers --------------------------------------------------------------------------------
     def _arm_idle(self) -> None:
-        timeout = self.server.settings.mllp.idle_timeout
-        self._idle_handle = self.server.loop.call_later(timeout, self._idle_check)
+        timeout = self.ctx.live.settings.mllp.idle_timeout
+        self._idle_handle = self.ctx.loop.call_later(timeout, self._idle_check)
 
     def _idle_check(self) -> None:
-        timeout = self.server.settings.mllp.idle_timeout
+        timeout = self.ctx.live.settings.mllp.idle_timeout
         idle = time.monotonic() - self.last_activity
         if self.pump is None and not self.pending and idle >= timeout:
             self.close("idle_timeout")
             return
-        self._idle_handle = self.server.loop.call_later(max(timeout - idle, 0.05), self._idle_check)
+        self._idle_handle = self.ctx.loop.call_later(max(timeout - idle, 0.05), self._idle_check)
 
     def _on_deadline(self) -> None:
         self._deadline_handle = None
-        self.server.metrics.frames.labels("deadline").inc()
+        self.ctx.metrics.frames.labels("deadline").inc()
         self.abandon_partial("deadline")
         self.close("deadline")
 
@@ -150,7 +178,7 @@ class MllpProtocol(asyncio.Protocol):
     # -- data ----------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
-        m = self.server.metrics
+        m = self.ctx.metrics
         m.received_bytes.inc(len(data))
         if self._plain is not None and self._plain.get_protocol() is self:
             # Bytes straight off the TCP transport of a TLS port: the pause in connection_made did not hold
@@ -181,7 +209,7 @@ class MllpProtocol(asyncio.Protocol):
                 if self.transport is not None:
                     self.transport.pause_reading()  # nothing more is read; close after the AR
                     self.paused = True
-        if self.framer.in_frame and not self.paused:
+        if self.framer.in_frame and not self.paused and not self.lag_paused:
             if self._deadline_handle is None or ended:
                 self._arm_deadline()  # the deadline is per frame: a new frame gets a fresh one
         else:
@@ -189,7 +217,7 @@ class MllpProtocol(asyncio.Protocol):
 
     def _arm_deadline(self) -> None:
         self._cancel_deadline()
-        self._deadline_handle = self.server.loop.call_later(self.server.settings.mllp.frame_deadline,
+        self._deadline_handle = self.ctx.loop.call_later(self.ctx.live.settings.mllp.frame_deadline,
                                                             self._on_deadline)
 
     def _cancel_deadline(self) -> None:
@@ -198,18 +226,19 @@ class MllpProtocol(asyncio.Protocol):
             self._deadline_handle = None
 
     def _job(self, kind: str, payload: bytes, *, reason: str = "", received_size: int = 0) -> Job:
-        return Job(kind, payload, self.peer, self.server.clock.now(), reason=reason, received_size=received_size,
+        return Job(kind, payload, self.peer, self.ctx.clock.now(), reason=reason, received_size=received_size,
                    peer_subject=self.peer_subject)
 
     def _enqueue(self, job: Job) -> None:
         self.pending.append(job)
         if (not self.paused and self.transport is not None and not self.closing
-                and len(self.pending) >= self.server.settings.mllp.max_pending_frames):
-            self.transport.pause_reading()
+                and len(self.pending) >= self.ctx.live.settings.mllp.max_pending_frames):
+            if not self.lag_paused:
+                self.transport.pause_reading()
             self.paused = True
             self._cancel_deadline()  # bytes waiting in the kernel are our delay, not the sender's
         if self.pump is None:
-            self.pump = self.server.spawn(self._pump())
+            self.pump = self.ctx.hub.spawn(self._pump())
 
     async def _pump(self) -> None:
         """Process queued frames one at a time: commit, then ACK, then the next frame."""
@@ -217,12 +246,19 @@ class MllpProtocol(asyncio.Protocol):
             while self.pending:
                 job = self.pending.popleft()
                 if self.writer is None:
-                    self.writer = self.server.writer_for_connection()
+                    self.writer = self.ctx.writer_for_connection()
                 result = await self.writer.submit(job)
+                if result.await_apply and result.awaits is not None:
+                    # ack_after = "applied": the projector's COMMIT releases this ACK.
+                    applied = await self.ctx.wait_applied(result.awaits)
+                    result.ack, result.ack_code, result.err_code = applied.ack, applied.ack_code, applied.err_code
+                    if result.awaits == result.message_id:
+                        result.outcome = applied.outcome  # a resend stays a duplicate
                 self._after(job, result)
                 if (self.paused and not result.close and not self.draining and self.transport is not None
-                        and len(self.pending) < self.server.settings.mllp.max_pending_frames // 2 + 1):
-                    self.transport.resume_reading()
+                        and len(self.pending) < self.ctx.live.settings.mllp.max_pending_frames // 2 + 1):
+                    if not self.lag_paused:
+                        self.transport.resume_reading()
                     self.paused = False
                     if self.framer.in_frame:
                         self._arm_deadline()
@@ -230,8 +266,8 @@ class MllpProtocol(asyncio.Protocol):
             self.pump = None
 
     def _after(self, job: Job, result: Result) -> None:
-        m = self.server.metrics
-        self.server.observe(job, result)
+        m = self.ctx.metrics
+        self.ctx.observe(job, result)
         if result.ack is not None and self.transport is not None and not self.transport.is_closing():
             self.transport.write(result.ack)
             self.last_activity = time.monotonic()

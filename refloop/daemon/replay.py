@@ -1,79 +1,91 @@
 """`refloop replay`: run stored messages through the current routes and profiles again.
 
-Used after an upgrade that adds or fixes a handler. Idempotent because every handler keys its effects
-on the journal row (``ctx.message_id``), so running a message twice replaces, never adds. Only messages
-that were accepted (processed, ignored, error, failed) are replayed: a rejected (AR) message was never
-accepted and its sender resends it; duplicates and broken frames have nothing to apply.
+Used after an upgrade that adds or fixes a handler (a ``failed`` row, for instance). Replay does not run
+handlers itself: it marks the rows ``requeued`` and the projector applies them through the one dispatch,
+exactly as it applies a message that just arrived, except that a re-application first forgets what the
+row produced before (every effect is keyed by its journal row), so running a message twice replaces,
+never adds. Only messages that were accepted (processed, ignored, error, failed) are replayed: a rejected
+(AR) message was never accepted and its sender resends it; duplicates and broken frames have nothing to
+apply.
+
+SQLite: this process projects the rows itself (a running daemon may take some of the batches; SQLite's
+write lock keeps each batch whole). PostgreSQL: when a daemon holds the projector lock, it applies them
+and this command waits for it.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import time
 from datetime import datetime
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, func, select, text, update
 
 from refloop.clock import Clock
 from refloop.config import Settings
-from refloop.daemon.ingest import Decision
-from refloop.message import Message, MessageError, decode_payload
-from refloop.routes.context import ContentError, HandlerContext
+from refloop.daemon.projector import ADVISORY_KEY, Core
 from refloop.routes.router import Router
 from refloop.store.models import Message as Journal
-from refloop.store.models import MessageKey, Outcome
+from refloop.store.models import Outcome
 
 REPLAYABLE = (Outcome.PROCESSED, Outcome.IGNORED, Outcome.ERROR, Outcome.FAILED)
+_CHUNK = 500
+REPLAY_BATCH = 20
 
 
-def replay(engine: Engine, settings: Settings, router: Router, clock: Clock, *,
-           since: datetime | None = None, message_id: int | None = None) -> dict[str, object]:
+def mark(engine: Engine, *, since: datetime | None = None, message_id: int | None = None) -> list[int]:
+    """Mark accepted rows for re-application; returns their ids (short transactions, in chunks)."""
     stmt = select(Journal.id).where(Journal.outcome.in_(REPLAYABLE), Journal.raw.is_not(None))
     if since is not None:
         stmt = stmt.where(Journal.received_at >= since)
     if message_id is not None:
         stmt = stmt.where(Journal.id == message_id)
     with engine.connect() as conn:
-        ids = [r[0] for r in conn.execute(stmt.order_by(Journal.id))]
-    outcomes: Counter[str] = Counter()
-    for mid in ids:
+        ids = [int(r[0]) for r in conn.execute(stmt.order_by(Journal.id))]
+    for i in range(0, len(ids), _CHUNK):
         with engine.begin() as conn:
-            row = conn.execute(select(Journal).where(Journal.id == mid)).one()
-            d = _replay_one(conn, row, settings, router, clock)
-            now = clock.now()
-            conn.execute(update(Journal).where(Journal.id == mid).values(
-                outcome=d.outcome, err_code=d.error.code if d.error else None, replayed_at=now,
-                detail=(d.detail or d.outcome)[:255],
-            ))
-            conn.execute(update(MessageKey).where(MessageKey.message_id == mid).values(
-                ack_code=d.code, err_code=d.error.code if d.error else None,
-                err_text=d.error.text[:255] if d.error else "", err_location=d.error.location[:64] if d.error else "",
-            ))
-        outcomes[d.outcome] += 1
-    return {"replayed": len(ids), "outcomes": dict(outcomes)}
+            conn.execute(update(Journal).where(Journal.id.in_(ids[i:i + _CHUNK]),
+                                               Journal.outcome.in_(REPLAYABLE)).values(outcome=Outcome.REQUEUED))
+    return ids
 
 
-def _replay_one(conn, row, settings: Settings, router: Router, clock: Clock) -> Decision:  # type: ignore[no-untyped-def]
-    profile = settings.profile_for(row.sending_application, row.sending_facility)
-    text, _codec, _fb = decode_payload(row.raw, profile.encoding)
-    try:
-        msg = Message.parse(text, profile.segment_terminators)
-    except MessageError:
-        return Decision(Outcome.FAILED, "AE", None, "unparseable on replay")
-    route = router.resolve(msg.message_type, msg.trigger_event)
-    if route is None:
-        return Decision(Outcome.IGNORED, "AA", None, "no route")
-    ctx = HandlerContext(settings=settings, conn=conn, clock=clock, profile=profile, message_ref=row.id,
-                         control_id=msg.control_id, received_at=row.received_at, replay=True)
-    nested = conn.begin_nested()
-    try:
-        res = route.handler(ctx, msg)
-    except ContentError as exc:
-        nested.rollback()
-        return Decision(Outcome.ERROR, "AE", exc.error, f"content error {exc.error.code}")
-    except Exception as exc:
-        nested.rollback()
-        return Decision(Outcome.FAILED, "AE", None, f"handler raised {type(exc).__name__}")
-    nested.commit()
-    if res.outcome == Outcome.ERROR:
-        return Decision(Outcome.ERROR, "AE", res.error, res.detail)
-    return Decision(res.outcome, "AA", None, res.detail)
+def replay(engine: Engine, settings: Settings, router: Router, clock: Clock, *,
+           since: datetime | None = None, message_id: int | None = None, wait_seconds: float = 600.0,
+           ) -> dict[str, object]:
+    ids = mark(engine, since=since, message_id=message_id)
+    # Small batches: a daemon on the same SQLite file waits for each one's write lock (no in-process gate).
+    core = Core(settings, router, clock, batch_size=REPLAY_BATCH)
+    if engine.dialect.name == "sqlite":
+        core.drain(engine)
+    else:
+        with engine.connect() as lock:
+            leader = bool(lock.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": ADVISORY_KEY}).scalar())
+            lock.commit()
+            if leader:
+                core.drain(engine)
+                lock.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": ADVISORY_KEY})
+                lock.commit()
+    _wait_applied(engine, ids, wait_seconds)
+    return {"replayed": len(ids), "outcomes": _outcomes(engine, ids)}
+
+
+def _wait_applied(engine: Engine, ids: list[int], seconds: float) -> None:
+    """Until the projecting daemon has applied every marked row (PostgreSQL with a daemon running)."""
+    end = time.monotonic() + seconds
+    while ids and time.monotonic() < end:
+        with engine.connect() as conn:
+            left = conn.execute(select(func.count()).select_from(Journal).where(
+                Journal.id.in_(ids[:_CHUNK]), Journal.outcome == Outcome.REQUEUED)).scalar_one()
+        if not left:
+            ids = ids[_CHUNK:]
+            continue
+        time.sleep(0.1)
+
+
+def _outcomes(engine: Engine, ids: list[int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    with engine.connect() as conn:
+        for i in range(0, len(ids), _CHUNK):
+            for outcome, n in conn.execute(select(Journal.outcome, func.count()).where(
+                    Journal.id.in_(ids[i:i + _CHUNK])).group_by(Journal.outcome)):
+                out[outcome] = out.get(outcome, 0) + int(n)
+    return out

@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING, Any
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 if TYPE_CHECKING:
-    from refloop.daemon.server import Server
+    from refloop.daemon.app import AppContext
 
 log = logging.getLogger("refloop.scheduler")
 
-JobFn = Callable[["Server"], Awaitable[object]]
+JobFn = Callable[["AppContext"], Awaitable[object]]
 JobRun = Callable[[], Coroutine[Any, Any, None]]
 
 
 class Jobs:
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: AppContext) -> None:
         self.server = server
         self.scheduler = AsyncIOScheduler(event_loop=server.loop, timezone="UTC")
         self._jobs: list[tuple[str, float, JobFn]] = []
@@ -59,7 +59,7 @@ class Jobs:
         return run
 
 
-async def purge_job(server: Server) -> None:
+async def purge_job(server: AppContext) -> None:
     days = server.settings.retention.days
     if days <= 0:
         return
@@ -72,7 +72,7 @@ async def purge_job(server: Server) -> None:
         log.info("purged payloads", extra={"count": res["messages"] + res["documents"]})
 
 
-async def status_job(server: Server) -> None:
+async def status_job(server: AppContext) -> None:
     """STATUS= for `systemctl status`: counts only, never PHI."""
     m = server.metrics
     total = sum(s.value for s in _samples(m.registry, "refloop_messages_total"))

@@ -1,8 +1,10 @@
 """The daemon's lifecycle, read top to bottom: startup -> serve -> shutdown.
 
-Resources are acquired in order (engine, schema check, writer, HTTP, MLLP listener) and released in
-reverse. READY=1 goes to systemd only when all of them are up. SIGTERM stops accepting, lets every
-connection finish and ACK the frames it already received (bounded by ``shutdown_grace``), then closes.
+Resources are acquired in order (engine, schema check, projector, writers, HTTP, MLLP listener) on an
+``AsyncExitStack`` and released in reverse, also when start-up fails half-way (a port already in use
+must not leave writer threads behind). READY=1 goes to systemd only when all of them are up. SIGTERM
+stops accepting and asks every connection to finish and ACK the frames it already received (bounded by
+``shutdown_grace``) and close; then the resources go in reverse order.
 SIGHUP re-reads the configuration and applies sender profiles and limits without dropping connections.
 """
 
@@ -15,7 +17,6 @@ import os
 import signal
 import ssl
 import time
-from collections import Counter as Tally
 from collections.abc import Coroutine, Mapping
 from dataclasses import replace
 from typing import Any
@@ -25,16 +26,18 @@ from sqlalchemy import Engine, text
 
 from refloop.clock import Clock, SystemClock
 from refloop.config import Settings, load_settings
-from refloop.daemon.access import in_networks as _in_networks
 from refloop.daemon.access import networks as _networks
+from refloop.daemon.connections import ConnContext, Connection, Hub, Live
+from refloop.daemon.gate import WriteGate
 from refloop.daemon.ingest import Ingestor, Job, Result
 from refloop.daemon.metrics import Metrics, type_label
+from refloop.daemon.projector import Core, Lag, Projector
 from refloop.daemon.protocol import MllpProtocol
 from refloop.daemon.systemd import Notifier, listen_fds, watchdog_interval, watchdog_loop
 from refloop.daemon.writer import Writer
 from refloop.routes.router import Route, Router
 from refloop.routes.table import DEFAULT_ROUTES
-from refloop.store import migrate
+from refloop.store import journal, migrate
 from refloop.store.engine import is_sqlite, make_engine
 
 log = logging.getLogger("refloop.server")
@@ -67,21 +70,21 @@ class Server:
         self.writers: list[Writer] = []  # set in startup; one per database.writers
         self._next_writer = 0
         self.ingestor = Ingestor(settings, self.router, self.clock)
-        self.connections: set[MllpProtocol] = set()
-        self.per_ip: Tally[str] = Tally()
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.projector: Projector = None  # type: ignore[assignment]  # set in startup
+        self.live = Live(settings, None, _networks(settings.mllp.allow_cidrs))
+        self.hub: Hub = None  # type: ignore[assignment]  # set in startup (needs the running loop)
         self.mllp_server: asyncio.base_events.Server | None = None
         self.http: Any = None
         self.mllp_port = 0
         self.http_port = 0
         self.started_at = time.time()
         self._stop: asyncio.Event | None = None
-        self.tls_context: ssl.SSLContext | None = None
-        self.allowed_networks = _networks(settings.mllp.allow_cidrs)
+        self._stack: contextlib.AsyncExitStack | None = None
         self.jobs: Any = None
         self.extra_jobs: list[tuple[str, float, Any]] = []
-        self._accepting = False
         self._listening = False
+        self._inherited: list[Any] = []  # socket-activated listeners (systemd)
+        self._deadline = 0.0  # monotonic end of shutdown_grace, once shutdown has begun
 
     # -- public --------------------------------------------------------------------------------
     async def serve(self) -> None:
@@ -106,34 +109,29 @@ class Server:
     def listening(self) -> bool:
         return self._listening
 
+    @property
+    def connections(self) -> set[Connection]:
+        return self.hub.connections if self.hub is not None else set()
+
+    @property
+    def lag_paused(self) -> bool:
+        return self.hub is not None and self.hub.lag_paused
+
+    @property
+    def tls_context(self) -> ssl.SSLContext | None:
+        return self.live.tls_context
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        return self.hub.spawn(coro)
+
     # -- startup -------------------------------------------------------------------------------
     async def startup(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.hub = Hub(self.loop, self.live)
+        async with contextlib.AsyncExitStack() as stack:
+            await self._acquire(stack)
+            self._stack = stack.pop_all()  # success: shutdown() releases them
         s = self.settings
-        self._load_tls(s)
-        self.engine = make_engine(s.database)
-        await asyncio.to_thread(self._check_schema, self.engine)
-        self.metrics.database_up.set(1)
-        self.writers = [Writer(self.engine, self.ingestor, self.metrics, self.loop, name=f"refloop-writer-{i}")
-                        for i in range(s.database.writer_count())]
-        for writer in self.writers:
-            writer.start()
-        from refloop.daemon.http import HttpApi  # aiohttp import kept off the CLI's fast paths
-
-        self.http = HttpApi(self)
-        self.http_port = await self.http.start(s.http.host, s.http.port)
-        inherited = listen_fds(self.environ, unset_environment=True).get("mllp", [])
-        if inherited:
-            sock = inherited[0]
-            sock.setblocking(False)
-            self.mllp_server = await self.loop.create_server(lambda: MllpProtocol(self), sock=sock)
-        else:
-            self.mllp_server = await self.loop.create_server(
-                lambda: MllpProtocol(self), s.mllp.host, s.mllp.port, reuse_address=True, backlog=512
-            )
-        sockname = self.mllp_server.sockets[0].getsockname()
-        self.mllp_port = int(sockname[1])
-        self._listening = self._accepting = True
         self._install_signals()
         self._start_jobs()
         interval = watchdog_interval(self.environ)
@@ -141,7 +139,55 @@ class Server:
             self.spawn(watchdog_loop(self.notifier, interval))
         self.notifier.ready(f"listening on MLLP port {self.mllp_port}, HTTP port {self.http_port}")
         log.info("refloop ready", extra={"mllp_port": self.mllp_port, "http_port": self.http_port,
-                                         "socket_activated": bool(inherited)})
+                                         "socket_activated": bool(self._inherited), "ack_after": s.mllp.ack_after})
+
+    async def _acquire(self, stack: contextlib.AsyncExitStack) -> None:
+        """Every resource in order, each with its release on ``stack`` (unwound if a later one fails)."""
+        s = self.settings
+        self._load_tls(s)
+        self.engine = engine = make_engine(s.database)
+        stack.callback(engine.dispose)
+        await asyncio.to_thread(self._check_schema, engine)
+        self.metrics.database_up.set(1)
+        gate = WriteGate(enabled=is_sqlite(s.database.url))
+        core = Core(s, self.router, self.clock, self.ingestor.acks, gate, self.metrics)
+        self.projector = Projector(engine, core, self.metrics, self.loop, on_lag=self.on_lag)
+        self.projector.start()  # resumes from the oldest unapplied row
+        # What was acknowledged is applied before we go, within what is left of shutdown_grace (systemd's
+        # TimeoutStopSec counts on it); what is left is safe in the journal and applied at the next start.
+        stack.push_async_callback(lambda: self.projector.stop(self._grace_left()))
+        self.writers = [Writer(engine, self.ingestor, self.metrics, self.loop, name=f"refloop-writer-{i}",
+                               gate=gate, projector=self.projector)
+                        for i in range(s.database.writer_count())]
+        for writer in self.writers:
+            writer.start()
+            stack.push_async_callback(writer.stop)
+        from refloop.daemon.http import HttpApi  # aiohttp import kept off the CLI's fast paths
+
+        self.http = HttpApi(self)
+        self.http_port = await self.http.start(s.http.host, s.http.port)
+        stack.push_async_callback(self.http.stop)
+        ctx = ConnContext(self.live, self.hub, self.metrics, self.clock, self.loop, self.writer_for_connection,
+                          self.projector.waiters.wait, self.observe)
+        self._inherited = listen_fds(self.environ, unset_environment=True).get("mllp", [])
+        if self._inherited:
+            sock = self._inherited[0]
+            sock.setblocking(False)
+            self.mllp_server = await self.loop.create_server(lambda: MllpProtocol(ctx), sock=sock)
+        else:
+            self.mllp_server = await self.loop.create_server(
+                lambda: MllpProtocol(ctx), s.mllp.host, s.mllp.port, reuse_address=True, backlog=512
+            )
+        stack.push_async_callback(self._close_listener)
+        sockname = self.mllp_server.sockets[0].getsockname()
+        self.mllp_port = int(sockname[1])
+        self._listening = self.hub.accepting = True
+
+    async def _close_listener(self) -> None:
+        if self.mllp_server is not None:
+            self.mllp_server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.mllp_server.wait_closed(), 1.0)
 
     def _start_jobs(self) -> None:
         from refloop.daemon.scheduler import Jobs, purge_job, status_job
@@ -162,7 +208,7 @@ class Server:
         from refloop.daemon.tls import TlsConfigError, certificate_expiry, server_context
 
         try:
-            self.tls_context = server_context(s.mllp)
+            self.live.tls_context = server_context(s.mllp)
         except TlsConfigError as exc:
             raise StartupError(str(exc)) from None
         if s.mllp.tls_cert:
@@ -190,34 +236,6 @@ class Server:
             self.loop.add_signal_handler(signal.SIGHUP, lambda: self.spawn(self.reload()))
 
     # -- connections ---------------------------------------------------------------------------
-    def admit(self, proto: MllpProtocol) -> str | None:
-        limits = self.settings.mllp
-        if not self._accepting:
-            return "shutting_down"
-        if len(self.connections) >= limits.max_connections:
-            return "max_connections"
-        if self.per_ip[proto.peer] >= limits.max_connections_per_ip:
-            return "max_per_ip"
-        if self.allowed_networks and not _in_networks(proto.peer, self.allowed_networks):
-            return "not_allowed"
-        self.connections.add(proto)
-        self.per_ip[proto.peer] += 1
-        return None
-
-    def release(self, proto: MllpProtocol) -> None:
-        if proto in self.connections:
-            self.connections.discard(proto)
-            self.per_ip[proto.peer] -= 1
-            if self.per_ip[proto.peer] <= 0:
-                del self.per_ip[proto.peer]
-
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        """Tasks are held strongly until done (the loop only keeps weak references)."""
-        task = self.loop.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
-
     def observe(self, job: Job, result: Result) -> None:
         """Metrics and the one log line per message: IDs, codes and durations only, never content."""
         m = self.metrics
@@ -251,6 +269,22 @@ class Server:
             },
         )
 
+    def on_lag(self, lag: Lag) -> None:
+        """Back-pressure, on the event loop: past ``mllp.max_apply_lag`` no socket is read until the
+        projector is down to half of it. Frames already read are journaled and ACKed as usual: a sender
+        sees a slower peer, never an AR for lag."""
+        limit = self.settings.mllp.max_apply_lag
+        if not self.hub.lag_paused and lag.messages >= limit:
+            log.warning("apply lag at its limit; pausing reads", extra={"lag": lag.messages, "limit": limit})
+            self.hub.set_lag_paused(True)
+        elif self.hub.lag_paused and lag.messages <= limit // 2:
+            log.info("apply lag down; reading again", extra={"lag": lag.messages})
+            self.hub.set_lag_paused(False)
+        else:
+            return
+        self.projector.paused = self.hub.lag_paused
+        self.metrics.backpressure.set(1 if self.hub.lag_paused else 0)
+
     # -- reload --------------------------------------------------------------------------------
     async def reload(self) -> None:
         """SIGHUP: new profiles and limits; addresses and the database need a restart."""
@@ -272,53 +306,46 @@ class Server:
             log.error("reload failed; keeping the running configuration", extra={"error": str(exc)})
             self.notifier.ready("reload failed; running configuration kept")
             return
-        self.settings = kept
-        self.ingestor.settings = kept
-        self.allowed_networks = _networks(kept.mllp.allow_cidrs)
+        self.settings = self.live.settings = kept
+        self.ingestor.reconfigure(kept)
+        if self.projector is not None:
+            self.projector.core.settings = kept
+            self.projector.limit = kept.mllp.max_apply_lag
+        self.live.allowed_networks = _networks(kept.mllp.allow_cidrs)
         self.metrics.profiles = frozenset(p.name for p in kept.profiles)
         log.info("configuration reloaded", extra={"profiles": len(kept.profiles)})
         self.notifier.ready("configuration reloaded")
 
     # -- shutdown ------------------------------------------------------------------------------
     async def shutdown(self) -> None:
-        self._accepting = False
         self.notifier.stopping("draining connections")
         if self.jobs is not None:
             self.jobs.shutdown()
         if self.mllp_server is not None:
-            self.mllp_server.close()
-        for proto in list(self.connections):
-            proto.draining = True
-        grace = self.settings.mllp.shutdown_grace
-        deadline = self.loop.time() + grace
-        # Frames already received are committed and ACKed (no new frame starts: protocols are draining).
-        in_flight = [p.pump for p in self.connections if p.pump is not None]
-        if in_flight:
-            await asyncio.wait(in_flight, timeout=grace)
-        cut = sum(len(p.pending) + (1 if p.framer.in_frame else 0) for p in self.connections)
-        for proto in list(self.connections):
-            # A frame half-received when we stop is journaled as broken, so nothing is lost silently.
-            proto.abandon_partial("shutdown")
-            proto.close("shutdown")
-        for _ in range(3):
-            await asyncio.sleep(0)  # connection_lost callbacks queue the broken frames
-        pumps = [p.pump for p in list(self.connections) if p.pump is not None]
-        pumps += [t for t in self.tasks if t.get_coro().__qualname__.endswith("_pump")]  # type: ignore[union-attr]
-        if pumps:
-            await asyncio.wait(pumps, timeout=max(deadline - self.loop.time(), 1.0))
-        for writer in self.writers:
-            await writer.stop()
-        if self.http is not None:
-            await self.http.stop()
-        if self.mllp_server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.mllp_server.wait_closed(), 1.0)
-        for task in list(self.tasks):
-            task.cancel()
-        if self.engine is not None:
-            self.engine.dispose()
+            self.mllp_server.close()  # no new connections; the open ones are asked to finish below
+        # Frames already received are committed and ACKed; a half-received one is journaled as broken.
+        self._deadline = time.monotonic() + self.settings.mllp.shutdown_grace
+        cut = await self.hub.shutdown(self.settings.mllp.shutdown_grace) if self.hub is not None else 0
+        if self._stack is not None:
+            await self._stack.aclose()  # listener, HTTP, writers, projector, engine: the reverse of start-up
+        if self.hub is not None:
+            self.hub.cancel_tasks()
         self._listening = False
         log.info("refloop stopped", extra={"frames_cut": cut})
+
+    def _grace_left(self) -> float:
+        return max(self._deadline - time.monotonic(), 1.0) if self._deadline else self.settings.mllp.shutdown_grace
+
+    def apply_lag(self) -> tuple[int, float] | None:
+        """For /readyz: (messages journaled but not applied, age of the oldest in seconds), read now."""
+        assert self.engine is not None
+        if self.projector is not None and self.projector.file_missing():
+            return None
+        try:
+            with self.engine.connect() as conn:
+                return journal.apply_lag(conn, self.clock.now())
+        except Exception:
+            return None
 
     def database_ping(self) -> bool:
         """For /readyz: a fresh connection and a trivial query (not the writer's)."""

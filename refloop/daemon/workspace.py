@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
 
     from refloop.config import Settings
-    from refloop.daemon.server import Server
+    from refloop.daemon.app import AppContext
 
 _HERE = Path(__file__).parent
 BULK_ACTIONS: Final = ("acknowledge", "snooze", "assign")
@@ -125,7 +125,7 @@ def _parse_until(value: str, zone: ZoneInfo) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=zone)
 
 
-def add_routes(app: web.Application, server: Server) -> None:
+def add_routes(app: web.Application, server: AppContext) -> None:
     """Register ``/worklist`` (+ ``.csv``, bulk), ``/referrals/{id}`` (+ actions), ``/weekly``, ``/leaks.csv``
     and ``GET /api/worklist`` (+ ``/counts``)."""
     settings = server.settings

@@ -1,10 +1,11 @@
-"""The single writer: group commit on its own thread, ACKs released only after COMMIT returned.
+"""The journal writer: group commit on its own thread, ACKs released only after COMMIT returned.
 
-Why this shape (measured, docs/performance.md): one fsync per message caps SQLite at ~3k msg/s; committing every
+Why this shape: one fsync per message caps SQLite at ~3k msg/s (docs/performance.md); committing every
 message that queued up while the previous commit ran (drain, no timer) gives ~4x at 16 connections;
-doing it on a thread keeps the event loop free for framing and sockets. Each message gets a SAVEPOINT,
-so one bad message never undoes its neighbours; a failed COMMIT fails the whole group, and every
-message in it is answered AR (never AA for what was not stored).
+doing it on a thread keeps the event loop free for framing and sockets. The group is journaled with a few
+statements for all its messages (``Ingestor.journal_group``) and touches no referral table, so there is
+nothing for one message to undo for another; a failed COMMIT fails the whole group, and every message in
+it is answered AR (never AA for what was not stored). Accepted frames wait for the projector.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
-from refloop.daemon.ingest import HandlerFailed, Ingestor, Job, LostRace, Result, StorageError
+from refloop.daemon.gate import WriteGate
+from refloop.daemon.ingest import Ingestor, Job, LostRace, Result, StorageError
 from refloop.daemon.metrics import Metrics
-from refloop.store import rawsql
+from refloop.daemon.projector import Projector
 from refloop.store.engine import is_sqlite, sqlite_path
 
 log = logging.getLogger("refloop.writer")
@@ -35,8 +37,11 @@ Item = tuple[Job, asyncio.Future[Result]]
 
 class Writer:
     def __init__(self, engine: Engine, ingestor: Ingestor, metrics: Metrics,
-                 loop: asyncio.AbstractEventLoop, name: str = "refloop-writer") -> None:
+                 loop: asyncio.AbstractEventLoop, name: str = "refloop-writer", *,
+                 gate: WriteGate | None = None, projector: Projector | None = None) -> None:
         self.engine = engine
+        self.gate = gate or WriteGate(enabled=False)
+        self.projector = projector
         self.ingestor = ingestor
         self.metrics = metrics
         self.loop = loop
@@ -109,17 +114,23 @@ class Writer:
     def _commit_group(self, items: list[Item]) -> None:
         t0 = time.perf_counter()
         results: list[Result] = []
+        preps = [self.ingestor.prepare(job) for job, _ in items]  # no database: parse, checks, validators
+        waiting: list[int] = []
         try:
             self._check_file()
             conn = self._connection()
-            try:
-                # A group of one (every message at one connection) needs no savepoint: if its handler
-                # fails, or another daemon wins its dedup key, the whole transaction is the savepoint.
-                with conn.begin():
-                    results = [self._one(conn, job, savepoint=len(items) > 1) for job, _ in items]
-            except _Redo:
-                with conn.begin():
-                    results = [self._one(conn, job) for job, _ in items]
+            for _attempt in range(4):
+                try:
+                    with self.gate.writer(), conn.begin():
+                        results = self.ingestor.journal_group(conn, preps)
+                        waiting = [r.awaits for r in results if r.await_apply and r.awaits is not None]
+                        if waiting and self.projector is not None:
+                            self.projector.waiters.expect(waiting)  # before COMMIT: the projector cannot be faster
+                    break
+                except LostRace:  # another daemon committed one of these meanwhile: the retry sees its claim
+                    preps = [self.ingestor.prepare(job) for job, _ in items]
+            else:
+                raise StorageError("dedup race did not settle")
             ok = True
         except (SQLAlchemyError, StorageError, OSError) as exc:
             ok = False
@@ -133,6 +144,10 @@ class Writer:
         if not ok:
             self._drop_connection()  # reconnect next time: the database may be back by then
             results = [self.ingestor.storage_failure(job) for job, _ in items]
+            if waiting and self.projector is not None:
+                self.projector.waiters.forget(waiting)  # rolled back: those ids will never be applied
+        elif self.projector is not None:
+            self.projector.journaled(sum(1 for r in results if r.queued))
         self.healthy = ok
         self.metrics.database_up.set(1 if ok else 0)
         self.metrics.commit_seconds.observe(time.perf_counter() - t0)
@@ -155,52 +170,10 @@ class Writer:
             except Exception as exc:  # already broken: nothing more to release
                 log.debug("closing a broken connection failed", extra={"error_type": type(exc).__name__})
 
-    def _one(self, conn: Connection, job: Job, savepoint: bool = True) -> Result:
-        """One message in its own SAVEPOINT, so a failing message never undoes its neighbours.
-
-        Plain SQL savepoints rather than ``begin_nested()``: the same statements for a sixth of the CPU,
-        and this runs once per message. ``savepoint=False`` (a group of one): no savepoint; anything that
-        would roll back to it raises :class:`_Redo` and the group runs again with savepoints."""
-        forced = None
-        for _attempt in range(4):
-            if savepoint:
-                rawsql.execute(conn, "SAVEPOINT msg")
-            try:
-                res = self.ingestor.process(conn, job, forced)
-            except HandlerFailed as failed:
-                if not savepoint:
-                    raise _Redo from None
-                rawsql.rollback_to(conn, "msg")  # undo the handler's partial writes with the journal row, journal again
-                forced = failed.decision
-                continue
-            except LostRace:
-                if not savepoint:
-                    raise _Redo from None
-                rawsql.rollback_to(conn, "msg")  # another daemon committed it meanwhile: the retry sees its key
-                continue
-            except DBAPIError as exc:
-                if not (exc.connection_invalidated or _is_operational(exc)):
-                    log.error("message could not be stored", extra={"error_type": type(exc).__name__})
-                raise  # the whole group fails with AR; the transaction is rolled back
-            if savepoint:
-                rawsql.execute(conn, "RELEASE SAVEPOINT msg")
-            return res
-        raise StorageError("dedup race did not settle")
-
     # -- used by replay and tests --------------------------------------------------------------
     def run_sync(self, fn: Callable[[Connection], object]) -> object:  # pragma: no cover - helper
         with self.engine.begin() as conn:
             return fn(conn)
-
-
-class _Redo(Exception):
-    """A group run without savepoints needs one: roll the transaction back and run the group with them."""
-
-
-def _is_operational(exc: DBAPIError) -> bool:
-    from sqlalchemy.exc import InterfaceError, InternalError, OperationalError
-
-    return isinstance(exc, (OperationalError, InterfaceError, InternalError))
 
 
 def _resolve_all(futures: list[asyncio.Future[Result]], results: list[Result]) -> None:

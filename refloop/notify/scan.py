@@ -17,8 +17,8 @@ from refloop.store import alerts
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from refloop.daemon.app import AppContext
     from refloop.daemon.metrics import Metrics
-    from refloop.daemon.server import Server
 
 log = logging.getLogger("refloop.scan")
 
@@ -36,7 +36,7 @@ def update_gauges(engine: Engine, metrics: Metrics) -> None:
     metrics.outbox_dead_letters.set(g["outbox"]["dead"])
 
 
-async def scan_job(server: Server) -> None:
+async def scan_job(server: AppContext) -> None:
     engine = server.engine
     assert engine is not None
     now = server.clock.now()
@@ -49,14 +49,14 @@ async def scan_job(server: Server) -> None:
     await asyncio.to_thread(update_gauges, engine, server.metrics)
 
 
-async def dispatch_job(server: Server) -> None:
+async def dispatch_job(server: AppContext) -> None:
     engine = server.engine
     assert engine is not None
     await asyncio.to_thread(dispatch_once, engine, server.settings, server.clock.now(),
                             counter=server.metrics.notifications)
 
 
-async def digest_job(server: Server) -> None:
+async def digest_job(server: AppContext) -> None:
     engine = server.engine
     assert engine is not None
 

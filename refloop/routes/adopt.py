@@ -19,14 +19,12 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from sqlalchemy import select, update
-from sqlalchemy.exc import DBAPIError
 
 from refloop.message import Message, MessageError, decode_payload
 from refloop.routes import linking
-from refloop.routes.context import ContentError, HandlerContext, HandlerResult
+from refloop.routes.context import HandlerContext
 from refloop.routes.extract import Provider
-from refloop.store import identity, rawsql
-from refloop.store import referrals as repo
+from refloop.store import identity
 from refloop.store.models import Message as Journal
 from refloop.store.models import Outcome, Referral
 
@@ -36,15 +34,13 @@ J = Journal.__table__
 REFERRALS = Referral.__table__
 
 
-Handler = Callable[[HandlerContext, Message], HandlerResult]
 Providers = Callable[[Message], list[Provider]]
 
 
-def _handlers() -> dict[str, tuple[Handler, Providers]]:
+def _providers() -> dict[str, Providers]:
     from refloop.routes import notes, siu
 
-    return {"SIU": (siu.handle_siu, siu.providers), "MDM": (notes.handle_mdm, notes.mdm_providers),
-            "ORU": (notes.handle_oru, notes.oru_providers)}
+    return {"SIU": siu.providers, "MDM": notes.mdm_providers, "ORU": notes.oru_providers}
 
 
 def adopt_earlier(ctx: HandlerContext, referral_id: int, patient_keys: list[str]) -> int:
@@ -66,15 +62,14 @@ def adopt_earlier(ctx: HandlerContext, referral_id: int, patient_keys: list[str]
         select(J.c.id, J.c.raw, J.c.sending_application, J.c.sending_facility, J.c.control_id, J.c.received_at,
                J.c.message_type)
         .where(J.c.id.in_(ids), J.c.raw.is_not(None)).order_by(J.c.id)).all()
-    handlers = _handlers()
+    handlers = _providers()
     referral = ctx.conn.execute(select(REFERRALS.c.referred_to, REFERRALS.c.referred_to_id)
                                 .where(REFERRALS.c.id == referral_id)).one()
     adopted = 0
     for row in rows:
-        found = handlers.get(row.message_type)
-        if found is None:
+        providers_of = handlers.get(row.message_type)
+        if providers_of is None:
             continue
-        handler, providers_of = found
         profile = ctx.settings.profile_for(row.sending_application, row.sending_facility)
         try:
             msg = Message.parse(decode_payload(row.raw, profile.encoding)[0], profile.segment_terminators)
@@ -82,25 +77,14 @@ def adopt_earlier(ctx: HandlerContext, referral_id: int, patient_keys: list[str]
             continue
         if not linking.provider_match(referral, providers_of(msg)):
             continue
-        sub = HandlerContext(settings=ctx.settings, conn=ctx.conn, clock=ctx.clock, profile=profile,
-                             message_ref=int(row.id), control_id=row.control_id,
-                             received_at=repo.aware(row.received_at) or ctx.received_at, replay=True)
-        # Its own savepoint: whatever goes wrong with an old message must not cost the referral its REF.
-        rawsql.execute(ctx.conn, "SAVEPOINT adopt")
-        try:
-            res = handler(sub, msg)
-        except DBAPIError:
-            raise  # storage trouble: the writer fails the whole group with AR
-        except Exception as exc:  # a content error or a bug: the message stays unrelated
-            rawsql.rollback_to(ctx.conn, "adopt")
-            if not isinstance(exc, ContentError):
-                log.error("adopting an earlier message failed",
-                          extra={"message_id": int(row.id), "error_type": type(exc).__name__})
+        if ctx.reapply is None:  # pragma: no cover - every dispatch gives one
             continue
+        # The one dispatch, in a savepoint of its own: whatever goes wrong with an old message must not cost
+        # the referral its REF (a content error or a bug leaves the message unrelated).
+        res = ctx.reapply(row)
         if res.outcome == Outcome.PROCESSED:
             ctx.conn.execute(update(Journal).where(Journal.id == row.id).values(
                 outcome=Outcome.PROCESSED, detail=f"adopted: {res.detail}"[:255], patient_key=None,
                 replayed_at=ctx.clock.now()))
             adopted += 1
-        rawsql.execute(ctx.conn, "RELEASE SAVEPOINT adopt")
     return adopted

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import Connection
 
@@ -31,6 +31,9 @@ class HandlerContext:
     control_id: str
     received_at: datetime
     replay: bool = False
+    #: Apply another journal row again through the one dispatch (adoption of earlier messages), in a
+    #: savepoint of its own inside this transaction; given by :mod:`refloop.routes.dispatch`.
+    reapply: Reapply | None = None
 
     @property
     def message_id(self) -> int:
@@ -47,6 +50,10 @@ class HandlerResult:
     error: AckError | None = None  # with outcome ERROR: the ACK is AE with this ERR
     detail: str = ""  # IDs and codes only; stored in the journal and logged
     unlinked_patient: str = ""  # unrelated to any referral yet: the patient key a later referral adopts by
+
+
+class Reapply(Protocol):
+    def __call__(self, other: Any) -> HandlerResult: ...
 
 
 class ContentError(Exception):

@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from refloop import referral as rf
-from refloop.daemon.ack import AckError
 from refloop.message import Message
-from refloop.routes import linking
+from refloop.routes import linking, validate
 from refloop.routes.context import ContentError, HandlerContext, HandlerResult
 from refloop.routes.extract import NoteBody, Provider, note_body, occurred_at, xcn
 from refloop.store import referrals as repo
@@ -70,7 +69,7 @@ def handle_mdm(ctx: HandlerContext, msg: Message) -> HandlerResult:
     trigger = msg.trigger_event.upper()
     doc_id = (msg.get("TXA-13.1") if trigger in ("T09", "T10") else "") or msg.get("TXA-12.1")
     if not doc_id:
-        raise ContentError(AckError(101, "Required field missing", "TXA^1^12^1", "E"))
+        raise ContentError(validate.missing(validate.MDM_KEY))
     kind = rf.NOTE_RECEIVED if trigger in _RECEIVED else rf.NOTE_REPLACED if trigger in _REPLACED \
         else rf.NOTE_RETRACTED
     status = msg.get("TXA-17.1").upper()
@@ -99,7 +98,7 @@ def handle_oru(ctx: HandlerContext, msg: Message) -> HandlerResult:
         return linking.disabled()
     doc_id = msg.get("OBR-3.1")
     if not doc_id:
-        raise ContentError(AckError(101, "Required field missing", "OBR^1^3^1", "E"))
+        raise ContentError(validate.missing(validate.ORU_KEY))
     status = (msg.get("OBR-25.1") or msg.get("OBX-11.1")).upper()
     withdrawn = status == "X" or any(o.get("11.1").upper() == "W" for o in msg.segments_named("OBX"))
     kind = rf.NOTE_RETRACTED if withdrawn else rf.NOTE_REPLACED if status == "C" else rf.NOTE_RECEIVED

@@ -9,9 +9,8 @@ NW creates it and CA/OC/DC cancels it. Most order feeds are lab or imaging order
 from __future__ import annotations
 
 from refloop import referral as rf
-from refloop.daemon.ack import AckError
 from refloop.message import Message
-from refloop.routes import linking
+from refloop.routes import linking, validate
 from refloop.routes.context import ContentError, HandlerContext, HandlerResult
 from refloop.routes.extract import occurred_at, orders_are_referrals, prd, xcn
 from refloop.routes.ref import apply_referral
@@ -28,7 +27,7 @@ def handle_order(ctx: HandlerContext, msg: Message) -> HandlerResult:
         return linking.disabled()
     placer = msg.get("ORC-2.1") or msg.get("OBR-2.1")
     if not placer:
-        raise ContentError(AckError(101, "Required field missing", "ORC^1^2^1", "E"))
+        raise ContentError(validate.missing(validate.ORDER_KEY))
     authority = msg.get("ORC-2.2") or msg.get("OBR-2.2")
     control = msg.get("ORC-1.1").upper()
     kind = rf.REFERRAL_CREATED if control == "NW" else rf.REFERRAL_CANCELLED if control in _CANCELS \

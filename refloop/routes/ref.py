@@ -9,9 +9,8 @@ until that referral's REF arrives.
 from __future__ import annotations
 
 from refloop import referral as rf
-from refloop.daemon.ack import AckError
 from refloop.message import Message
-from refloop.routes import adopt, linking
+from refloop.routes import adopt, linking, validate
 from refloop.routes.context import ContentError, HandlerContext, HandlerResult
 from refloop.routes.extract import occurred_at, prd, values_at
 from refloop.store import identity
@@ -32,7 +31,7 @@ _ANSWERS = {"A": rf.ANSWER_ACCEPTED, "R": rf.ANSWER_DECLINED, "RJ": rf.ANSWER_DE
 def _required(msg: Message, path: str, location: str) -> str:
     value = msg.get(path).strip()
     if not value:
-        raise ContentError(AckError(101, "Required field missing", location, "E"))
+        raise ContentError(validate.missing(location))
     return value
 
 
@@ -65,7 +64,7 @@ def apply_referral(ctx: HandlerContext, msg: Message, *, placer_id: str, authori
 def handle_ref(ctx: HandlerContext, msg: Message) -> HandlerResult:
     if not linking.family_enabled(ctx, msg):
         return linking.disabled()
-    placer = _required(msg, "RF1-6.1", "RF1^1^6^1")
+    placer = _required(msg, "RF1-6.1", validate.REF_KEY)
     kind = _REF_KINDS.get(msg.trigger_event.upper(), rf.REFERRAL_UPDATED)
     referred_to = prd(msg, "RT")
     data: dict[str, str] = {}
@@ -85,7 +84,7 @@ def handle_ref(ctx: HandlerContext, msg: Message) -> HandlerResult:
 def handle_rri(ctx: HandlerContext, msg: Message) -> HandlerResult:
     if not linking.family_enabled(ctx, msg):
         return linking.disabled()
-    placer = _required(msg, "RF1-6.1", "RF1^1^6^1")
+    placer = _required(msg, "RF1-6.1", validate.REF_KEY)
     code = msg.get("RF1-1.1").upper()
     reps = msg.repetitions("RF1-11")
     alias_paths = tuple(f"RF1-11({n}).1" for n in range(1, len(reps) + 1))

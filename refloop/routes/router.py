@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from refloop.routes.context import Handler
+from refloop.routes.validate import Validator
 
 
 @dataclass(frozen=True)
@@ -14,6 +15,8 @@ class Route:
     trigger: str  # MSH-9.2, e.g. "S12"; "*" matches any trigger of the type
     handler: Handler
     name: str = ""
+    #: Structural check run on the ACK path (AE with ERR location before journaling); None: nothing to check.
+    validate: Validator | None = None
 
     def __repr__(self) -> str:
         return f"Route({self.message_type}^{self.trigger} -> {self.name or self.handler!r})"

@@ -9,9 +9,8 @@ not agree on case.
 from __future__ import annotations
 
 from refloop import referral as rf
-from refloop.daemon.ack import AckError
 from refloop.message import Message
-from refloop.routes import linking
+from refloop.routes import linking, validate
 from refloop.routes.context import ContentError, HandlerContext, HandlerResult
 from refloop.routes.extract import Provider, appointment_id, appointment_start, occurred_at, xcn
 from refloop.store import referrals as repo
@@ -53,7 +52,7 @@ def handle_siu(ctx: HandlerContext, msg: Message) -> HandlerResult:
         return linking.disabled()
     appt = appointment_id(msg)
     if not appt:
-        raise ContentError(AckError(101, "Required field missing", "SCH^1^2^1", "E"))
+        raise ContentError(validate.missing(validate.SIU_KEY))
     kind = _TRIGGERS.get(msg.trigger_event.upper(), rf.APPOINTMENT_MODIFIED)
     filler = _FILLER_STATUS.get(msg.get("SCH-25.1").strip().casefold())
     if filler is not None and kind in _OVERRIDABLE:

@@ -17,9 +17,8 @@ from typing import Any
 
 from refloop import referral as rf
 from refloop import x360
-from refloop.daemon.ack import AckError
 from refloop.message import Message
-from refloop.routes import linking
+from refloop.routes import linking, validate
 from refloop.routes.context import ContentError, HandlerContext, HandlerResult
 from refloop.routes.extract import occurred_at, orders_are_referrals
 from refloop.store import referrals as repo
@@ -33,17 +32,11 @@ def handle_osu(ctx: HandlerContext, msg: Message) -> HandlerResult:
         return HandlerResult(Outcome.IGNORED, detail="order_mode off")
     if not linking.family_enabled(ctx, msg):
         return linking.disabled()
-    if msg.segment("ORC") is None:
-        raise ContentError(AckError(100, "Segment sequence error", "ORC", "E"))
-    if not msg.get("ORC-2.1") and not msg.get("OBR-2.1"):
-        raise ContentError(AckError(101, "Required field missing", "ORC^1^2^1", "E"))
-    control, status = msg.get("ORC-1.1"), msg.get("ORC-5.1")
-    if not control:
-        raise ContentError(AckError(101, "Required field missing", "ORC^1^1", "E"))
-    rule = x360.osu_rule(control, status, ctx.profile.osu_states)
-    if rule is None:
-        location = "ORC^1^5" if control.strip().upper() == "SC" else "ORC^1^1"
-        raise ContentError(AckError(103, "Table value not found", location, "E"))
+    error = validate.osu_status(ctx.profile, msg)
+    if error is not None:
+        raise ContentError(error)
+    rule = x360.osu_rule(msg.get("ORC-1.1"), msg.get("ORC-5.1"), ctx.profile.osu_states)
+    assert rule is not None  # osu_status checked it
     data: dict[str, Any] = {"x360": rule.state}
     subject = ""
     if rule.kind == rf.REFERRAL_ANSWERED:

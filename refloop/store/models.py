@@ -54,8 +54,12 @@ class Outcome:
     UNPARSEABLE = "unparseable"  # no usable MSH: AR with ERR, MSA-2 as recovered
     BROKEN_FRAME = "broken_frame"  # truncated frame (new VT inside, disconnect, deadline): no ACK possible
     OVERSIZE = "oversize"  # frame over the limit: a marker with the head bytes, AR, connection closed
+    QUEUED = "queued"  # journaled and acknowledged, waiting for the projector (becomes one of the above)
+    REQUEUED = "requeued"  # applied before, marked for re-application (`refloop replay`)
 
-    ALL = (PROCESSED, IGNORED, REJECTED, ERROR, FAILED, DUPLICATE, UNPARSEABLE, BROKEN_FRAME, OVERSIZE)
+    ALL = (PROCESSED, IGNORED, REJECTED, ERROR, FAILED, DUPLICATE, UNPARSEABLE, BROKEN_FRAME, OVERSIZE, QUEUED,
+           REQUEUED)
+    UNAPPLIED = (QUEUED, REQUEUED)
 
 
 class Message(Base):
@@ -89,6 +93,8 @@ class Message(Base):
     # Set only while a scheduling/document message is unrelated to any referral: a referral for this
     # patient that arrives later adopts it (``SenderProfile.adopt_earlier_days``). SHA-256, never the MRN.
     patient_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # When the projector committed this row's effects (migration 0010); NULL while queued or never applied.
+    applied_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     __table_args__ = (
         Index("ix_messages_sender_control", "sending_application", "sending_facility", "control_id"),
@@ -96,6 +102,8 @@ class Message(Base):
         Index("ix_messages_control_id", "control_id"),
         Index("ix_messages_unlinked_patient", "patient_key", "received_at",
               sqlite_where=text("patient_key IS NOT NULL"), postgresql_where=text("patient_key IS NOT NULL")),
+        Index("ix_messages_unapplied", "id", sqlite_where=text("outcome IN ('queued', 'requeued')"),
+              postgresql_where=text("outcome IN ('queued', 'requeued')")),
     )
 
 

@@ -36,7 +36,7 @@ from refloop.message import Message, MessageError, decode_payload
 from refloop.patient import patient_ids
 
 revision = '0011'
-down_revision = '0009'
+down_revision = '0010'
 branch_labels = None
 depends_on = None
 
