@@ -14,7 +14,7 @@ Status mix, sent dates uniform over the year before ``AS_OF`` and each story cut
 referrals are naturally still sent/scheduled): ~50 % closed by a final note, ~25 % seen but the note never
 came back, ~6 % no-shows, ~5 % cancelled, ~9 % never booked, ~5 % booked but the visit never reported.
 
-Measured with the real functions, at the instant ``AS_OF``: (a) :func:`refloop.store.alerts.run_scan` (what
+Measured with the real functions, at the instant ``AS_OF``: (a) :func:`refloop.store.stall_scan.run_scan` (what
 ``refloop scan --as-of`` runs) twice: the first raises every genuinely overdue alert, the second at the same
 instant is the steady state and should be (nearly) a no-op; (b) :func:`refloop.store.alerts.worklist`;
 (c) :func:`refloop.store.report_queries.build_report` for the default one-year cohort (``refloop report``);
@@ -390,6 +390,7 @@ def measure(base: Path, n: int, *, check: bool) -> dict[str, Any]:
     from refloop.store import alerts
     from refloop.store import referrals as repo
     from refloop.store import report_queries as rq
+    from refloop.store import scan as stall_scan
     from refloop.store.engine import make_engine
 
     work = base.with_name(f"work-{n}.db")
@@ -402,11 +403,11 @@ def measure(base: Path, n: int, *, check: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"n": n}
     try:
         sys.stderr.write(f"  scan #1 at {AS_OF:%Y-%m-%d} ({n:,} referrals) ...\n")
-        t, first = _timed(lambda: alerts.run_scan(engine, settings, AS_OF), 1)
+        t, first = _timed(lambda: stall_scan.run_scan(engine, settings, AS_OF), 1)
         out["scan_first_s"] = t
         out["scan_first"] = {"raised": len(first.raised), "escalated": len(first.escalated),
                              "resolved": len(first.resolved)}
-        t, again = _timed(lambda: alerts.run_scan(engine, settings, AS_OF), 3)
+        t, again = _timed(lambda: stall_scan.run_scan(engine, settings, AS_OF), 3)
         out["scan_second_s"] = t
         out["scan_second"] = {"raised": len(again.raised), "escalated": len(again.escalated),
                               "resolved": len(again.resolved)}

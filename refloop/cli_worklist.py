@@ -29,12 +29,12 @@ def _time(value: str | None, flag: str) -> datetime | None:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from refloop.store import alerts
+    from refloop.store import scan as stall_scan
 
     settings = _settings(args)
     now = _time(args.as_of, "--as-of") or SystemClock().now()
     with _engine(args) as engine:
-        result = alerts.run_scan(engine, settings, now)
+        result = stall_scan.run_scan(engine, settings, now)
     if result is None:
         print(json.dumps({"skipped": True}) if args.json else "scan skipped: another daemon is scanning")
         return EXIT_OK

@@ -520,9 +520,14 @@ def evaluate(inp: ClockInput | ReferralState, now: datetime, windows: Windows, p
     """The stages of one referral that are past their window at ``now``, in :data:`STAGES` order."""
     if isinstance(inp, ReferralState):
         inp = ClockInput.of_state(inp, pauses)
+    return stalls_at(inp, clocks(inp, windows), now, windows)
+
+
+def stalls_at(inp: ClockInput, found: Iterable[StageClock], now: datetime, windows: Windows) -> list[Stall]:
+    """:func:`evaluate` from clocks already computed (a scan computes them once for the stall and the next due)."""
     calendar = Calendar(windows)
     stalls: list[Stall] = []
-    for clock in clocks(inp, windows):
+    for clock in found:
         level = clock.level(now)
         if level >= 1:
             days = elapsed(calendar, clock.started_at, now, inp.pauses) / _DAY

@@ -28,7 +28,7 @@ from refloop.config.notify import NotifySettings, WorklistSettings
 from refloop.config.windows import WindowSettings
 from refloop.daemon.metrics import Metrics
 from refloop.notify.dispatch import dispatch_once
-from refloop.store import alerts, outbox
+from refloop.store import alerts, digest, outbox
 from tests.samples import CANARY_NAME, mdm_msg, ref_msg, siu_msg
 from tests.test_scan import T0, engine_for, new_referral, scan, settings_for
 from tests.utils import FS, VT, MllpClient, free_port, make_settings, msa, running_daemon, wait_for
@@ -346,11 +346,11 @@ def test_no_show_reminds_the_patient_and_a_second_no_show_escalates(db_url: str)
 
 
 def test_daily_digest_one_mail_per_owner_per_day(db_url: str) -> None:
-    """digest mode: no per-alert mail; after digest_hour_utc one mail per owner listing new and open alerts."""
+    """digest mode: no per-alert mail; after digest_hour one mail per owner listing new and open alerts."""
     engine = engine_for(db_url)
     with smtp_receiver() as (sink, port):
         settings = settings_for(db_url, smtp_host="127.0.0.1", smtp_port=port,
-                                worklist=WorklistSettings(mode="active", digest="digest", digest_hour_utc=7,
+                                worklist=WorklistSettings(mode="active", digest="digest", digest_hour=7,
                                                           owners=("practice:CLINIC=alice@test.invalid",)))
         new_referral(engine, "R1")
         new_referral(engine, "R2", sent=T0 - timedelta(days=3))
@@ -358,9 +358,9 @@ def test_daily_digest_one_mail_per_owner_per_day(db_url: str) -> None:
         scan(engine, settings, day.replace(hour=6))
         assert statuses(engine) == []  # no immediate mail in digest mode
         with engine.begin() as conn:
-            assert alerts.digest(conn, settings, day.replace(hour=6)) == 0  # before the hour
-            assert alerts.digest(conn, settings, day.replace(hour=8)) == 1
-            assert alerts.digest(conn, settings, day.replace(hour=9)) == 0  # once a day
+            assert digest.digest(conn, settings, day.replace(hour=6)) == 0  # before the hour
+            assert digest.digest(conn, settings, day.replace(hour=8)) == 1
+            assert digest.digest(conn, settings, day.replace(hour=9)) == 0  # once a day
         assert dispatch_once(engine, settings, day.replace(hour=8))["delivered"] == 1
     [(rcpts, msg)] = sink.messages
     assert rcpts == ["alice@test.invalid"]

@@ -53,8 +53,8 @@ def inputs(draw: st.DrawFn) -> tuple[ClockInput, Windows, datetime]:
     later = st.integers(min_value=0, max_value=90 * 86400).map(lambda s: sent + timedelta(seconds=s))
     pauses: list[stall.Pause] = []
     for lo in draw(st.lists(later, max_size=2)):
-        end = draw(st.none() | st.integers(min_value=1, max_value=20 * 86400).map(lambda s: lo + timedelta(seconds=s)))
-        pauses.append((lo, end))
+        length = draw(st.none() | st.integers(min_value=1, max_value=20 * 86400))
+        pauses.append((lo, None if length is None else lo + timedelta(seconds=length)))
     windows = Windows(stage_days={stage: draw(st.sampled_from((0.5, 1.0, 3.0, 7.0, 14.0, 45.0)))
                                   for stage in stall.STAGES},
                       max_level=draw(st.integers(min_value=1, max_value=4)))

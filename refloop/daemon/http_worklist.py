@@ -117,7 +117,7 @@ def add_routes(app: web.Application, server: Server) -> None:
     async def scan(req: web.Request) -> web.Response:
         """Run one stall scan now, or as of ``?as_of=ISO8601`` (like `refloop scan --as-of`)."""
         from refloop.notify.scan import update_gauges
-        from refloop.store import alerts
+        from refloop.store import scan as stall_scan
 
         as_of = server.clock.now()
         if req.query.get("as_of"):
@@ -128,7 +128,7 @@ def add_routes(app: web.Application, server: Server) -> None:
             if parsed is None:
                 return web.json_response({"error": "as_of must be an ISO 8601 time"}, status=400)
             as_of = parsed
-        result = await asyncio.to_thread(alerts.run_scan, engine(), server.settings, as_of)
+        result = await asyncio.to_thread(stall_scan.run_scan, engine(), server.settings, as_of)
         await asyncio.to_thread(update_gauges, engine(), server.metrics)
         if result is None:
             return web.json_response({"skipped": True, "as_of": as_of.isoformat()})

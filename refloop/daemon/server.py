@@ -25,6 +25,7 @@ from sqlalchemy import Engine, text
 
 from refloop.clock import Clock, SystemClock
 from refloop.config import Settings, load_settings
+from refloop.config.windows import windows_from_settings
 from refloop.daemon.access import in_networks as _in_networks
 from refloop.daemon.access import networks as _networks
 from refloop.daemon.ingest import Ingestor, Job, Result
@@ -153,7 +154,7 @@ class Server:
 
         self.jobs.add("stall_scan", self.settings.stall.scan_minutes * 60, scan_job)
         self.jobs.add("outbox_dispatch", self.settings.notify.dispatch_seconds, dispatch_job)
-        self.jobs.add("digest", 900.0, digest_job)
+        self.jobs.add_daily("digest", self.settings.worklist.digest_hour, self.settings.stall.timezone, digest_job)
         for name, every, fn in self.extra_jobs:
             self.jobs.add(name, every, fn)
         self.jobs.start()
@@ -272,8 +273,14 @@ class Server:
             log.error("reload failed; keeping the running configuration", extra={"error": str(exc)})
             self.notifier.ready("reload failed; running configuration kept")
             return
+        version = windows_from_settings(self.settings.stall).version
+        windows_changed = windows_from_settings(kept.stall).version != version
         self.settings = kept
         self.ingestor.settings = kept
+        if windows_changed and self.jobs is not None:
+            # stale due times are recomputed by the scan in short chunks (rows are evaluated on read till then)
+            log.info("stall windows changed; recomputing due times", extra={"outcome": "recompute"})
+            self.jobs.run_now("stall_scan")
         self.allowed_networks = _networks(kept.mllp.allow_cidrs)
         self.metrics.profiles = frozenset(p.name for p in kept.profiles)
         log.info("configuration reloaded", extra={"profiles": len(kept.profiles)})

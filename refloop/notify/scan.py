@@ -12,7 +12,8 @@ import logging
 from typing import TYPE_CHECKING
 
 from refloop.notify.dispatch import dispatch_once
-from refloop.store import alerts
+from refloop.store import alerts, digest
+from refloop.store import scan as stall_scan
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -40,7 +41,7 @@ async def scan_job(server: Server) -> None:
     engine = server.engine
     assert engine is not None
     now = server.clock.now()
-    result = await asyncio.to_thread(alerts.run_scan, engine, server.settings, now)
+    result = await asyncio.to_thread(stall_scan.run_scan, engine, server.settings, now)
     if result is None:
         log.info("stall scan skipped", extra={"outcome": "skipped"})
     else:
@@ -62,7 +63,7 @@ async def digest_job(server: Server) -> None:
 
     def run() -> int:
         with engine.begin() as conn:
-            return alerts.digest(conn, server.settings, server.clock.now())
+            return digest.digest(conn, server.settings, server.clock.now())
 
     if n := await asyncio.to_thread(run):
         log.info("digest enqueued", extra={"count": n})

@@ -162,6 +162,21 @@ class Referral(Base):
     # ``stall.latest_no_show`` of the fold (when the current no-show run began) and ``no_show_count``.
     no_show_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     no_show_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The stage clock kept on write (migration 0012; ``refloop.stall.clocks`` of the fold, see
+    # ``refloop.store.referrals.clock_values``): the running stage whose next level comes first, its start,
+    # the next instant a level is reached (the scan reads ``next_due_at <= now``), where and when the referral
+    # leaks, and the windows' version these were computed under (another version: evaluated on read).
+    clock_stage: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    stage_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    next_due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    leak_stage: Mapped[str] = mapped_column(String(24), default="", server_default="")
+    leak_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    clock_version: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    # Milestone durations in whole seconds (None until both milestones are known), for the report.
+    sent_to_scheduled_s: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    sent_to_appointment_s: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    appointment_to_note_s: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    sent_to_closed_s: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     __table_args__ = (
         UniqueConstraint("placer_id", "authority", name="uq_referrals_placer"),
@@ -296,7 +311,10 @@ class Alert(Base):
     level: Mapped[int] = mapped_column(Integer, default=1)
     status: Mapped[str] = mapped_column(String(16), default="open")  # open|acknowledged|snoozed|resolved
     owner: Mapped[str] = mapped_column(String(128), default="")
-    overdue_days: Mapped[float] = mapped_column(Float, default=0.0)
+    overdue_days: Mapped[float] = mapped_column(Float, default=0.0)  # when raised or escalated; see due_at
+    # When the stage's window ended (its level-1 due instant, migration 0012): how overdue it is now is
+    # computed on read from this, so a scan never rewrites alerts just because time passed.
+    due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     raised_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     escalated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -365,3 +383,9 @@ Index("ix_outbox_alert", OutboxEntry.alert_id)  # the worklist's delivery state 
 Index("ix_referrals_patient_first", Referral.patient_key, Referral.sent_at, Referral.status,
       Referral.note_received_at)
 Index("ix_referral_events_kind_subject", ReferralEvent.kind, ReferralEvent.referral_id, ReferralEvent.subject)
+
+# -- the stage clock (migration 0012) ------------------------------------------------------------------
+# The scan is an index range over the next due instants; rows computed under other windows are found by
+# version (two ranges around the current one) until the background recompute has rewritten them.
+Index("ix_referrals_next_due", Referral.next_due_at)
+Index("ix_referrals_clock_version", Referral.clock_version)
