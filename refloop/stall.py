@@ -464,25 +464,21 @@ class ClockInput:
 class StageClock:
     """One running stage: when it started, its window, and the instant each level is reached.
 
-    ``due[k - 1]`` is when level ``k`` is reached (None: never while a hold is open); ``forced`` is a level
-    held from the start (a second no-show).
+    ``due[k - 1]`` is when level ``k`` is reached (None: never while a hold is open). A level held from
+    the start (a second no-show's level 2) is due at the stage's start.
     """
 
     stage: str
     started_at: datetime
     window_days: float
     due: tuple[datetime | None, ...]
-    forced: int = 0
 
     def level(self, now: datetime) -> int:
-        reached = sum(1 for d in self.due if d is not None and d <= now)
-        return max(reached, min(self.forced, len(self.due)))
+        return sum(1 for d in self.due if d is not None and d <= now)
 
     def next_due(self, after: datetime | None) -> datetime | None:
-        """The first due instant after ``after`` (of a level above the forced one), or the first at all."""
-        found = [d for k, d in enumerate(self.due, 1)
-                 if d is not None and k > self.forced and (after is None or d > after)]
-        return min(found, default=None)
+        """The first due instant after ``after``, or the first at all."""
+        return min((d for d in self.due if d is not None and (after is None or d > after)), default=None)
 
 
 def _starts(inp: ClockInput) -> list[tuple[str, datetime]]:
@@ -509,9 +505,10 @@ def clocks(inp: ClockInput, windows: Windows) -> list[StageClock]:
         start = _utc(started, "stage start")
         window = windows.window_days(stage, inp)
         running = _running(inp.pauses, start)
-        due = tuple(_reach(calendar, running, _need(k, window)) for k in range(1, windows.max_level + 1))
         forced = 2 if stage == REBOOKING and inp.no_show_count >= 2 else 0
-        out.append(StageClock(stage, start, window, due, forced))
+        due = tuple(start if k <= forced else _reach(calendar, running, _need(k, window))
+                    for k in range(1, windows.max_level + 1))
+        out.append(StageClock(stage, start, window, due))
     return out
 
 
