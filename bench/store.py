@@ -43,7 +43,7 @@ from refloop import referral as rf
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-GEN_VERSION = 2  # bump when the generated rows change (the cache key also has the schema revision)
+GEN_VERSION = 3  # bump when the generated rows change (the cache key also has the schema revision)
 AS_OF = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 YEAR = timedelta(days=365)
 SPECIALTIES = ("CARD", "DERM", "ENDO", "GAST", "NEUR", "ONC", "ORTH", "PULM", "RHEU", "URO")
@@ -96,7 +96,14 @@ class _Gen:
         self.docs: list[tuple[Any, ...]] = []
         assert self.ev_cols == ("referral_id", "message_id", "origin", "seq", "kind", "occurred_at", "control_id",
                                 "subject", "pending_key", "data"), self.ev_cols
-        assert self.ref_cols[-3:] == ("updated_at", "no_show_at", "no_show_count"), self.ref_cols
+        assert self.ref_cols[19:22] == ("updated_at", "no_show_at", "no_show_count"), self.ref_cols
+        self.clock_cols = self.ref_cols[22:]
+        assert set(self.clock_cols) == {"clock_stage", "stage_started_at", "next_due_at", "leak_stage", "leak_at",
+                                        "clock_version", "sent_to_scheduled_s", "sent_to_appointment_s",
+                                        "appointment_to_note_s", "sent_to_closed_s"}, self.ref_cols
+        from refloop.config.windows import WindowSettings, windows_from_settings
+
+        self.windows = windows_from_settings(WindowSettings())
         assert self.link_cols == ("message_id", "referral_id", "state", "matched_by", "control_id", "message_type",
                                   "candidates"), self.link_cols
         base = dict(self.msg_defaults)
@@ -220,7 +227,7 @@ class _Gen:
                           *(None if proj[k] is None else _ts(proj[k]) for k in
                             ("accepted_at", "scheduled_at", "appointment_at", "completed_at", "note_received_at",
                              "closed_at")), "", _ts(last), None if no_show_at is None else _ts(no_show_at),
-                          no_show_count))
+                          no_show_count, *self._clock(status, sent, proj, no_show_at, no_show_count, details)))
         for _, fn in applied:
             fn()
         if status == "closed":
@@ -228,6 +235,19 @@ class _Gen:
                               b"consult note (synthetic)" if AS_OF - note_at < timedelta(days=30) else None,
                               "text/plain", _ts(note_at)))
         self.counts[status] = self.counts.get(status, 0) + 1
+
+    def _clock(self, status: str, sent: datetime, proj: dict[str, Any], no_show_at: datetime | None,
+               no_show_count: int, details: dict[str, str]) -> list[Any]:
+        """The clock columns exactly as ``recompute`` writes them (the same functions on the same values)."""
+        from types import SimpleNamespace
+
+        from refloop import stall
+        from refloop.store import referrals as repo
+
+        inp = stall.ClockInput(status, sent, proj["completed_at"], no_show_at, no_show_count, details["priority"],
+                               details["referred_to"], details["specialty"])
+        values = {**repo.clock_columns(inp, self.windows), **repo.durations(SimpleNamespace(sent_at=sent, **proj))}
+        return [_ts(v) if isinstance(v, datetime) else v for v in (values[c] for c in self.clock_cols)]
 
     def flush(self) -> None:
         db = self.db
@@ -294,12 +314,15 @@ def generate(path: Path, n: int, seed: int = 20261102) -> dict[str, Any]:
 
 
 def verify_projection(path: Path, sample: int = 2000) -> int:
-    """Re-fold a sample with the real fold and compare with the generated projection (recompute's rule)."""
+    """Re-fold a sample with the real fold and compare with the generated projection (recompute's rule,
+    the stage clock's columns included)."""
     from refloop.config import DatabaseSettings
+    from refloop.config.windows import WindowSettings, windows_from_settings
     from refloop.store import referrals as repo
     from refloop.store.engine import make_engine
 
     engine = make_engine(DatabaseSettings(url=f"sqlite:///{path}"))
+    windows = windows_from_settings(WindowSettings())
     bad = 0
     with engine.connect() as conn:
         n = conn.exec_driver_sql("SELECT max(id) FROM referrals").scalar_one()
@@ -310,7 +333,10 @@ def verify_projection(path: Path, sample: int = 2000) -> int:
             values: dict[str, Any] = {name: repo.utc(getattr(state, name)) for name in repo._MILESTONES}
             values.update(status=state.status.value, priority=state.priority[:64], referred_to=state.referred_to[:255],
                           referring_provider=state.referring_provider[:255], specialty=state.specialty[:64],
-                          **repo.no_show_values(state))
+                          **repo.no_show_values(state), **repo.durations(state))
+            pauses = rf.paused_intervals(repo.event_of(r) for r in rows)
+            values.update(repo.clock_values(state, pauses, windows, AS_OF, before=ref.clock_stage,
+                                            presume_hours=ref.presume_hours))
             if not all(repo._same(getattr(ref, k), v) for k, v in values.items()):
                 bad += 1
                 if bad <= 3:

@@ -442,25 +442,29 @@ def clock_values(state: rf.ReferralState, pauses: list[stall.Pause], windows: st
     level of the first stage; the scan moves it on as it raises levels), a presumed attendance or a hold's
     ``resume_at`` turns the status, or ``now`` when a running stage stopped (``before``: the stored
     ``clock_stage``), so its open alert is resolved by the next look (or at once by the apply's alert sync).
-    A final answer (cancelled, declined, expired) leaks at once: its leak instant is ``sent_at``.
     """
     if windows is None:
         return {"clock_version": ""}
-    inp = stall.ClockInput.of_state(state, pauses)
-    found = stall.clocks(inp, windows)
-    stages = ",".join(c.stage for c in found)
-    due = stall.next_due(found)
-    candidates = [d for d in (due, state.hold_resume_at if state.on_hold else None) if d is not None]
+    extra = [state.hold_resume_at] if state.on_hold and state.hold_resume_at is not None else []
     if presume_hours:
-        candidates += [a.start + timedelta(hours=presume_hours) for a in state.live_appointments
-                       if a.status is rf.ApptStatus.BOOKED and a.start is not None]
-    if set(before.split(",")) - set(stages.split(",")) - {""}:
-        candidates.append(now)
+        extra += [a.start + timedelta(hours=presume_hours) for a in state.live_appointments
+                  if a.status is rf.ApptStatus.BOOKED and a.start is not None]
+    values = clock_columns(stall.ClockInput.of_state(state, pauses), windows, extra)
+    if set(before.split(",")) - set(values["clock_stage"].split(",")) - {""}:
+        values["next_due_at"] = min(filter(None, (values["next_due_at"], utc(now))))
+    return values
+
+
+def clock_columns(inp: stall.ClockInput, windows: stall.Windows, extra: Iterable[datetime] = ()) -> dict[str, Any]:
+    """The clock columns of one referral from what the clock reads (``extra``: other instants to look
+    again). A final answer (cancelled, declined, expired) leaks at once: its leak instant is ``sent_at``."""
+    found = stall.clocks(inp, windows)
     first = min(found, key=lambda c: c.next_due(None) or _FAR, default=None)
-    leak_stage, leak_at = stall.leak(state.status.value, found, state.sent_at)
-    return {"clock_stage": stages, "stage_started_at": utc(first.started_at) if first else None,
-            "next_due_at": utc(min(candidates, default=None)), "leak_stage": leak_stage, "leak_at": utc(leak_at),
-            "clock_version": windows.version}
+    leak_stage, leak_at = stall.leak(inp.status, found, inp.sent_at)
+    due = min((d for d in (stall.next_due(found), *extra) if d is not None), default=None)
+    return {"clock_stage": ",".join(c.stage for c in found),
+            "stage_started_at": utc(first.started_at) if first else None, "next_due_at": utc(due),
+            "leak_stage": leak_stage, "leak_at": utc(leak_at), "clock_version": windows.version}
 
 
 _FAR = datetime.max.replace(tzinfo=UTC)
