@@ -98,9 +98,10 @@ class _Gen:
                                 "subject", "pending_key", "data"), self.ev_cols
         assert self.ref_cols[19:22] == ("updated_at", "no_show_at", "no_show_count"), self.ref_cols
         self.clock_cols = self.ref_cols[22:]
-        assert set(self.clock_cols) == {"clock_stage", "stage_started_at", "next_due_at", "leak_stage", "leak_at",
-                                        "clock_version", "sent_to_scheduled_s", "sent_to_appointment_s",
-                                        "appointment_to_note_s", "sent_to_closed_s"}, self.ref_cols
+        assert set(self.clock_cols) == {
+            "clock_stage", "stage_started_at", "next_due_at", "leak_stage", "leak_at", "clock_version",
+            "scheduling_due_at", "visit_due_at", "sent_to_scheduled_s", "sent_to_appointment_s",
+            "appointment_to_note_s", "sent_to_closed_s"}, self.ref_cols
         from refloop.config.windows import WindowSettings, windows_from_settings
 
         self.windows = windows_from_settings(WindowSettings())

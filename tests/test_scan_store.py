@@ -68,7 +68,8 @@ def expected_levels(url: str, settings: Settings, at: object) -> dict[tuple[int,
 def open_levels(url: str) -> dict[tuple[int, str], int]:
     db = sqlite3.connect(url.removeprefix("sqlite:///"))
     try:
-        return {(r, s): lv for r, s, lv in db.execute("SELECT referral_id, stage, level FROM alerts WHERE open_key = 0")}
+        rows = db.execute("SELECT referral_id, stage, level FROM alerts WHERE open_key = 0")
+        return {(r, s): lv for r, s, lv in rows}
     finally:
         db.close()
 

@@ -172,6 +172,10 @@ class Referral(Base):
     leak_stage: Mapped[str] = mapped_column(String(24), default="", server_default="")
     leak_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     clock_version: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    # When the scheduling and visit windows end, counted from sent_at whatever the status: the report's
+    # "within window" figures (booked / seen by then) and their maturity (the window is over at now).
+    scheduling_due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    visit_due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # Milestone durations in whole seconds (None until both milestones are known), for the report.
     sent_to_scheduled_s: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     sent_to_appointment_s: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -462,7 +462,10 @@ def clock_columns(inp: stall.ClockInput, windows: stall.Windows, extra: Iterable
     first = min(found, key=lambda c: c.next_due(None) or _FAR, default=None)
     leak_stage, leak_at = stall.leak(inp.status, found, inp.sent_at)
     due = min((d for d in (stall.next_due(found), *extra) if d is not None), default=None)
+    # the report's windows: both stages counted from sent_at as while the referral is still "sent"
+    sent = {c.stage: c.due[0] for c in stall.clocks(replace(inp, status=rf.Status.SENT.value), windows)}
     return {"clock_stage": ",".join(c.stage for c in found),
+            "scheduling_due_at": utc(sent.get(stall.SCHEDULING)), "visit_due_at": utc(sent.get(stall.VISIT)),
             "stage_started_at": utc(first.started_at) if first else None, "next_due_at": utc(due),
             "leak_stage": leak_stage, "leak_at": utc(leak_at), "clock_version": windows.version}
 

@@ -32,6 +32,8 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('leak_stage', sa.String(length=24), server_default='', nullable=False))
         batch_op.add_column(sa.Column('leak_at', sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column('clock_version', sa.String(length=16), server_default='', nullable=False))
+        batch_op.add_column(sa.Column('scheduling_due_at', sa.DateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column('visit_due_at', sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column('sent_to_scheduled_s', sa.BigInteger(), nullable=True))
         batch_op.add_column(sa.Column('sent_to_appointment_s', sa.BigInteger(), nullable=True))
         batch_op.add_column(sa.Column('appointment_to_note_s', sa.BigInteger(), nullable=True))
@@ -50,5 +52,5 @@ def downgrade() -> None:
         batch_op.drop_index('ix_referrals_clock_version')
         batch_op.drop_index('ix_referrals_next_due')
         for name in ('sent_to_closed_s', 'appointment_to_note_s', 'sent_to_appointment_s', 'sent_to_scheduled_s',
-                     'clock_version', 'leak_at', 'leak_stage', 'next_due_at', 'stage_started_at', 'clock_stage'):
+                     'visit_due_at', 'scheduling_due_at', 'clock_version', 'leak_at', 'leak_stage', 'next_due_at', 'stage_started_at', 'clock_stage'):
             batch_op.drop_column(name)
