@@ -43,7 +43,7 @@ from refloop import referral as rf
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-GEN_VERSION = 3  # bump when the generated rows change (the cache key also has the schema revision)
+GEN_VERSION = 4  # bump when the generated rows change (the cache key also has the schema revision)
 AS_OF = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 YEAR = timedelta(days=365)
 SPECIALTIES = ("CARD", "DERM", "ENDO", "GAST", "NEUR", "ONC", "ORTH", "PULM", "RHEU", "URO")
@@ -166,10 +166,10 @@ class _Gen:
         placer = f"P{rid:08d}"
         appt, doc = f"A{rid:08d}", f"D{rid:08d}"
         appt_subject, doc_subject = f"appt:SCHED^FAC|{appt}", f"doc:DOCS^FAC|{doc}"
-        booked = sent + timedelta(days=rng.uniform(0.5, 12))
+        booked = (sent + timedelta(days=rng.uniform(0.5, 12))).replace(microsecond=0)  # times in whole seconds
         start = (booked + timedelta(days=rng.uniform(3, 35))).replace(minute=0, second=0, microsecond=0)
         outcome_at = start + timedelta(hours=2)
-        note_at = outcome_at + timedelta(days=rng.uniform(0.5, 9))
+        note_at = (outcome_at + timedelta(days=rng.uniform(0.5, 9))).replace(microsecond=0)
         appt_data = _json({"appointment_id": appt, "start": start.isoformat()})
         proj: dict[str, Any] = {name: None for name in ("accepted_at", "scheduled_at", "appointment_at",
                                                         "completed_at", "note_received_at", "closed_at")}
@@ -185,7 +185,7 @@ class _Gen:
 
         steps.append((sent, ev(sent, "EHR", "REF", "I12", rf.REFERRAL_CREATED, _json(details), "", "referral_id")))
         if story == "cancelled":
-            cancel_at = sent + timedelta(days=rng.uniform(1, 20))
+            cancel_at = (sent + timedelta(days=rng.uniform(1, 20))).replace(microsecond=0)
             steps.append((cancel_at, ev(cancel_at, "EHR", "REF", "I14", rf.REFERRAL_CANCELLED, "{}", "",
                                         "referral_id")))
         elif story != "unbooked":
