@@ -28,6 +28,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from refloop.config import load_settings
     from refloop.config.windows import windows_from_settings
     from refloop.store import report_queries as rq
+    from refloop.store import scan as stall_scan
     from refloop.store.engine import make_engine
 
     settings = load_settings(args.config or os.environ.get("REFLOOP_CONFIG") or None, os.environ)
@@ -40,9 +41,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"refloop report: {exc}", file=sys.stderr)
         return EXIT_USAGE
     engine = make_engine(settings.database)
+    windows = windows_from_settings(settings.stall)
     try:
+        # rows no daemon has brought to the current windows yet (after an upgrade): rewritten first, in chunks
+        stall_scan.recompute_stale(engine, windows, now)
         with engine.connect() as conn:
-            doc = rq.build_report(conn, params, windows_from_settings(settings.stall))
+            doc = rq.build_report(conn, params, windows)
     finally:
         engine.dispose()
     if args.format == "json":

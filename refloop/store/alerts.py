@@ -204,6 +204,8 @@ def _notify_owner(conn: Connection, settings: Settings, ref: Any, row: dict[str,
                "level": level, "level_name": level_name(settings, level),
                "overdue_days": round(float(row["overdue_days"]), 2), "owner": row["owner"]}
     target = escalation_owner(settings, level, row["owner"])
+    if target != row["owner"]:
+        payload["escalated_to"] = target
     channels = policy.owner_channels(settings.notify, settings.worklist, target)
     return _fan_out(conn, settings, ref, channels, event, key, payload, now, alert_id=row["id"])
 

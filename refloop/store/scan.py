@@ -142,6 +142,25 @@ def _fold_one(conn: Connection, settings: Settings, windows: stall.Windows, ref:
     return min(later, default=None)
 
 
+def recompute_stale(engine: Engine, windows: stall.Windows, now: datetime) -> int:
+    """Rewrite the clock columns of every row computed under other windows, in short chunks, without
+    touching alerts (the next scan diffs them): what ``refloop report`` does first on a store no daemon has
+    brought up to date (after migration 0012, or a window change while it was down). Returns the count."""
+    version, done = windows.version, 0
+    with engine.connect() as conn:
+        writer = conn.execution_options(sqlite_begin="IMMEDIATE")
+        stale = _read(writer, lambda: sorted(rid for (rid,) in writer.execute(select(REFERRALS.c.id).where(
+            or_(REFERRALS.c.clock_version < version, REFERRALS.c.clock_version > version)))))
+        for start in range(0, len(stale), CHUNK):
+            def chunk(ids: list[int] = stale[start:start + CHUNK]) -> None:
+                for rid in ids:
+                    repo.recompute(writer, rid, now, documents=False, windows=windows)
+
+            _write(writer, chunk)
+            done += len(stale[start:start + CHUNK])
+    return done
+
+
 def _wake_snoozed(conn: Connection, now: datetime) -> None:
     """Snoozed alerts whose date has come are open again (one indexed statement, not a per-alert pass)."""
     conn.execute(update(ALERTS).where(ALERTS.c.status == alerts.SNOOZED, ALERTS.c.snoozed_until <= repo.utc(now))
