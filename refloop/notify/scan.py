@@ -8,7 +8,10 @@ lock, the dispatcher claims rows with SKIP LOCKED, and the digest is idempotent 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from refloop.notify.dispatch import dispatch_once
@@ -41,13 +44,28 @@ async def scan_job(server: Server) -> None:
     engine = server.engine
     assert engine is not None
     now = server.clock.now()
-    result = await asyncio.to_thread(stall_scan.run_scan, engine, server.settings, now)
+    result = await asyncio.to_thread(functools.partial(stall_scan.run_scan, pause=_ingest_first(server)),
+                                     engine, server.settings, now)
     if result is None:
         log.info("stall scan skipped", extra={"outcome": "skipped"})
     else:
         log.info("stall scan", extra={"outcome": "done", "count": len(result.raised) + len(result.escalated)
                                       + len(result.resolved), "messages": result.notifications})
     await asyncio.to_thread(update_gauges, engine, server.metrics)
+
+
+def _ingest_first(server: Server) -> Callable[[], None]:
+    """Before each scan chunk: wait (briefly, bounded) while a writer has frames to commit."""
+    def pause() -> None:
+        deadline = time.monotonic() + _MAX_YIELD
+        while not all(w.idle() for w in server.writers) and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    return pause
+
+
+#: The longest a scan chunk waits for ingest to go quiet: under sustained load the scan still progresses.
+_MAX_YIELD = 0.5
 
 
 async def dispatch_job(server: Server) -> None:
