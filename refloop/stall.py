@@ -377,6 +377,13 @@ class Calendar:
         return moment if moment >= lo else lo
 
 
+def business_hours(windows: Windows, moment: datetime, start_hour: int = 8, end_hour: int = 18) -> bool:
+    """Whether *moment* is within local business hours (a local weekday, not a holiday, ``start_hour`` to
+    ``end_hour``): what the shipped alert rules read, so "business hours" means the clinic's, DST included."""
+    local = _utc(moment, "moment").astimezone(windows.tz)
+    return _counts(local.date(), windows._off) and start_hour <= local.hour < end_hour  # type: ignore[attr-defined]
+
+
 def elapsed(calendar: Calendar, start: datetime, now: datetime, pauses: Iterable[Pause] = ()) -> timedelta:
     """Clock time from ``start`` to ``now`` minus holds; zero if ``now`` is before ``start``."""
     lo, hi = _utc(start, "start"), _utc(now, "now")

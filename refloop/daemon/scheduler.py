@@ -18,6 +18,9 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from refloop import stall
+from refloop.config.windows import windows_from_settings
+
 if TYPE_CHECKING:
     from refloop.daemon.server import Server
 
@@ -87,6 +90,8 @@ async def purge_job(server: Server) -> None:
 async def status_job(server: Server) -> None:
     """STATUS= for `systemctl status`: counts only, never PHI."""
     m = server.metrics
+    m.business_hours.set(1 if stall.business_hours(windows_from_settings(server.settings.stall),
+                                                   server.clock.now()) else 0)
     total = sum(s.value for s in _samples(m.registry, "refloop_messages_total"))
     server.notifier.status(f"{len(server.connections)} connection(s), {int(total)} message(s) since start")
 
