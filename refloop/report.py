@@ -64,8 +64,8 @@ import csv
 import io
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Final
 
 #: Fields a cohort can be filtered or grouped by (``month`` only groups).
@@ -97,6 +97,45 @@ class LeakRow:
     referred_to: str
     specialty: str
     sent_at: datetime
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    """What the CLI and the API both accept, so that both produce the same numbers."""
+
+    start: datetime
+    end: datetime
+    now: datetime
+    by: str | None = None
+    filters: Mapping[str, str] = field(default_factory=dict)
+    cms50_year: int | None = None
+    leak_limit: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.by is not None and self.by not in GROUP_FIELDS:
+            raise ValueError(f"by must be one of {', '.join(GROUP_FIELDS)}")
+        unknown = set(self.filters) - set(FILTER_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown filter(s): {', '.join(sorted(unknown))}")
+        if self.end <= self.start:
+            raise ValueError("'to' must be after 'from'")
+
+
+def parse_day(text: str) -> datetime:
+    """``YYYY-MM-DD`` (or a full ISO time) as an aware UTC instant; dates mean 00:00 UTC."""
+    text = text.strip()
+    if len(text) == 10:
+        return datetime.combine(date.fromisoformat(text), time(), UTC)
+    moment = datetime.fromisoformat(text)
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+
+
+def default_params(now: datetime, *, start: str | None = None, end: str | None = None, by: str | None = None,
+                   filters: Mapping[str, str] | None = None, year: int | None = None) -> ReportParams:
+    """The default cohort is the 365 days up to and including today (UTC)."""
+    stop = parse_day(end) if end else datetime.combine(now.astimezone(UTC).date() + timedelta(days=1), time(), UTC)
+    begin = parse_day(start) if start else stop - timedelta(days=365)
+    return ReportParams(begin, stop, now, by or None, {k: v for k, v in (filters or {}).items() if v}, year)
 
 
 def ratio(num: int, den: int) -> dict[str, Any]:

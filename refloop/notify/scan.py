@@ -11,11 +11,16 @@ import asyncio
 import functools
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import Connection, func, select
+
+from refloop import referral as rf
 from refloop.notify.dispatch import dispatch_once
-from refloop.store import alerts, digest
+from refloop.store import alerts, digest, outbox
+from refloop.store import referrals as repo
 from refloop.store import scan as stall_scan
 
 if TYPE_CHECKING:
@@ -27,10 +32,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("refloop.scan")
 
 
+def gauges(conn: Connection) -> dict[str, Any]:
+    """Counts for the Prometheus gauges, refreshed at the end of each scan."""
+    a, r = alerts.ALERTS, repo.REFERRALS
+    summed: dict[tuple[str, str], int] = defaultdict(int)
+    for stage, level, n in conn.execute(select(a.c.stage, a.c.level, func.count())
+                                        .where(a.c.open_key == 0).group_by(a.c.stage, a.c.level)):
+        summed[(stage, alerts.level_label(int(level)))] += int(n)  # levels 3, 4, ... share the "3+" label
+    statuses: dict[str, int] = dict(conn.execute(select(r.c.status, func.count()).group_by(r.c.status)).all())
+    return {"alerts": [(stage, label, n) for (stage, label), n in sorted(summed.items())],
+            "referrals": {s.value: int(statuses.get(s.value, 0)) for s in rf.Status},
+            "outbox": outbox.counts(conn)}
+
+
 def update_gauges(engine: Engine, metrics: Metrics) -> None:
     """Alert, referral and outbox gauges from the database, so every daemon reports the same truth."""
     with engine.connect() as conn:
-        g = alerts.gauges(conn)
+        g = gauges(conn)
     metrics.alerts_open.clear()
     for stage, level, n in g["alerts"]:
         metrics.alerts_open.labels(stage, level).set(n)

@@ -13,27 +13,26 @@ rewritten just because time passed. Levels are bounded (``stall.max_level``) and
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 from typing import Any, Final
 
-from sqlalchemy import Connection, Table, func, insert, select, update
+from sqlalchemy import Connection, Table, insert, select, update
 
 from refloop import referral as rf
 from refloop import stall
 from refloop.config import Settings
-from refloop.config.notify import parse_escalation
 from refloop.config.windows import level_name as _level_name
 from refloop.config.windows import windows_from_settings
 from refloop.notify import policy
-from refloop.store import audit, outbox
+from refloop.store import audit, notices, outbox
 from refloop.store import referrals as repo
 from refloop.store.models import Alert
 
 ALERTS: Table = Alert.__table__  # type: ignore[assignment]
-REFERRALS, DOCUMENTS = repo.REFERRALS, repo.DOCUMENTS
+REFERRALS = repo.REFERRALS
 EVENTS: Table = repo.EVENTS
 
 OPEN: Final = "open"
@@ -42,9 +41,6 @@ SNOOZED: Final = "snoozed"
 RESOLVED: Final = "resolved"
 UNRESOLVED: Final = (OPEN, ACKNOWLEDGED, SNOOZED)
 
-#: Loop-closed notices are only sent for loops closed this recently, so enabling notifications on an old
-#: database does not mail every referrer about years of history.
-LOOP_CLOSED_LOOKBACK: Final = timedelta(days=14)
 ACTIONS: Final = ("acknowledge", "snooze", "assign", "note", "close")
 _CHUNK: Final = 500
 
@@ -94,15 +90,6 @@ def _expired(until: datetime | None, now: datetime) -> bool:
     return until is None or repo.aware(until) <= now  # type: ignore[operator]
 
 
-def escalation_owner(settings: Settings, level: int, owner: str) -> str:
-    """Who is told that an alert reached *level*: ``worklist.escalation_owners``, else its owner."""
-    for text in settings.worklist.escalation_owners:
-        at, who = parse_escalation(text)
-        if at == level:
-            return who
-    return owner
-
-
 def _raise(conn: Connection, settings: Settings, ref: Any, found: stall.Stall, due_at: datetime | None,
            now: datetime, result: ScanResult) -> dict[str, Any]:
     parties = policy.Parties.of(ref)
@@ -112,10 +99,10 @@ def _raise(conn: Connection, settings: Settings, ref: Any, found: stall.Stall, d
               "last_action": "raised", "last_action_at": repo.utc(now), "open_key": 0}
     alert_id = int(conn.execute(insert(ALERTS).values(values).returning(ALERTS.c.id)).scalar_one())
     row = {**values, "id": alert_id}
-    result.notifications += _notify_owner(conn, settings, ref, row, "alert_raised", f"alert:{alert_id}:1", now)
+    result.notifications += notices.notify_owner(conn, settings, ref, row, "alert_raised", f"alert:{alert_id}:1", now)
     if found.stage == stall.SCHEDULING:
-        result.notifications += _notify_patient(conn, settings, ref, "booking_reminder", f"patient:booking:{alert_id}",
-                                                now, alert_id=alert_id)
+        result.notifications += notices.notify_patient(conn, settings, ref, "booking_reminder",
+                                                       f"patient:booking:{alert_id}", now, alert_id=alert_id)
     return _row_json(settings, row, ref, now)
 
 
@@ -132,7 +119,7 @@ def _escalate(conn: Connection, settings: Settings, ref: Any, old: Any, found: s
     conn.execute(update(ALERTS).where(ALERTS.c.id == old.id).values(**values))
     row = {**old._mapping, **values}
     if not snoozed:
-        result.notifications += _notify_owner(conn, settings, ref, row, "alert_escalated",
+        result.notifications += notices.notify_owner(conn, settings, ref, row, "alert_escalated",
                                               f"alert:{old.id}:{found.level}", now)
     return _row_json(settings, row, ref, now)
 
@@ -176,81 +163,6 @@ def sync_referral(conn: Connection, settings: Settings, ref: Any, inp: stall.Clo
     return stall.next_due(found, now)
 
 
-# -- notifications ------------------------------------------------------------------------------------
-def _base_payload(settings: Settings, ref: Any, event: str, now: datetime) -> dict[str, Any]:
-    """IDs and statuses only; provider names and specialty only with ``webhook_phi``."""
-    payload: dict[str, Any] = {"event": event, "referral_id": ref.id, "placer_id": ref.placer_id,
-                               "status": ref.status, "at": now.isoformat()}
-    if settings.notify.webhook_phi:
-        payload.update(referred_to=ref.referred_to, referring_provider=ref.referring_provider,
-                       specialty=ref.specialty)
-    return payload
-
-
-def _fan_out(conn: Connection, settings: Settings, ref: Any, channels: list[tuple[str, str]], event: str,
-             key: str, payload: dict[str, Any], now: datetime, alert_id: int | None = None) -> int:
-    suppressed = policy.mode_for(settings.worklist, policy.Parties.of(ref)) != policy.ACTIVE
-    n = 0
-    for channel, target in channels:
-        n += outbox.enqueue(conn, key=f"{key}:{channel}", channel=channel, target=target, event=event, now=now,
-                            payload=payload, referral_id=ref.id, alert_id=alert_id, suppressed=suppressed)
-    return n
-
-
-def _notify_owner(conn: Connection, settings: Settings, ref: Any, row: dict[str, Any], event: str, key: str,
-                  now: datetime) -> int:
-    level = int(row["level"])
-    payload = {**_base_payload(settings, ref, event, now), "alert_id": row["id"], "stage": row["stage"],
-               "level": level, "level_name": level_name(settings, level),
-               "overdue_days": round(float(row["overdue_days"]), 2), "owner": row["owner"]}
-    target = escalation_owner(settings, level, row["owner"])
-    if target != row["owner"]:
-        payload["escalated_to"] = target
-    channels = policy.owner_channels(settings.notify, settings.worklist, target)
-    return _fan_out(conn, settings, ref, channels, event, key, payload, now, alert_id=row["id"])
-
-
-def _notify_patient(conn: Connection, settings: Settings, ref: Any, event: str, key: str, now: datetime,
-                    alert_id: int | None = None) -> int:
-    """The patient-engagement system resolves the patient from the placer ID; refloop holds no contact data."""
-    payload = {"event": event, "referral_id": ref.id, "placer_id": ref.placer_id, "at": now.isoformat()}
-    return _fan_out(conn, settings, ref, policy.patient_channels(settings.notify), event, key, payload, now,
-                    alert_id=alert_id)
-
-
-def no_show_reminder(conn: Connection, settings: Settings, ref: Any, no_show_count: int, now: datetime) -> int:
-    """One re-engagement reminder per no-show (keyed by the count, so a resent no-show is not re-sent;
-    the scan's catch-up looks for the same key)."""
-    return _notify_patient(conn, settings, ref, "no_show_reminder", f"patient:no_show:{ref.id}:{no_show_count}", now)
-
-
-def loop_closed_catch_up(conn: Connection, settings: Settings, now: datetime) -> int:
-    """Catch-up for :func:`on_projection_change`: referrals closed by a consult note (not by hand) since the
-    lookback and not yet announced (e.g. a status reached through a replay or an older version)."""
-    if not policy.referrer_channels(settings.notify):
-        return 0  # nothing to enqueue (and nothing marks them announced): skip the per-referral lookups
-    announced = select(outbox.OUTBOX.c.referral_id).where(outbox.OUTBOX.c.event == "loop_closed",
-                                                          outbox.OUTBOX.c.referral_id.is_not(None))
-    rows = list(conn.execute(select(REFERRALS).where(
-        REFERRALS.c.status == rf.Status.CLOSED.value, REFERRALS.c.note_received_at.is_not(None),
-        REFERRALS.c.closed_at <= repo.utc(now), REFERRALS.c.closed_at >= repo.utc(now - LOOP_CLOSED_LOOKBACK),
-        REFERRALS.c.id.not_in(announced))))
-    return sum(_announce_loop_closed(conn, settings, ref, now) for ref in rows)
-
-
-def _announce_loop_closed(conn: Connection, settings: Settings, ref: Any, now: datetime) -> int:
-    """Tell the referrer (webhook, e-mail, and the note forwarded over MLLP); keyed per referral, once."""
-    payload = _base_payload(settings, ref, "loop_closed", now)
-    payload["closed_at"] = repo.iso(repo.aware(ref.closed_at))
-    doc = conn.execute(select(DOCUMENTS.c.id, DOCUMENTS.c.document_id).where(
-        DOCUMENTS.c.referral_id == ref.id, DOCUMENTS.c.final.is_(True), DOCUMENTS.c.status != "retracted")
-        .order_by(DOCUMENTS.c.id.desc()).limit(1)).first()
-    if doc is not None:
-        payload.update(document_row=doc.id, document_id=doc.document_id)
-    return _fan_out(conn, settings, ref, policy.referrer_channels(settings.notify), "loop_closed",
-                    f"loop_closed:{ref.id}", payload, now)
-
-
 class _Projected:
     """The referral row as just written: the old row's columns with the recomputed values over them."""
 
@@ -276,30 +188,9 @@ def on_projection_change(conn: Connection, settings: Settings, now: datetime, be
         conn.execute(update(REFERRALS).where(REFERRALS.c.id == before.id).values(next_due_at=repo.utc(cursor)))
     closed_now = state.status is rf.Status.CLOSED and before.status != rf.Status.CLOSED.value
     if closed_now and state.note_received_at is not None and policy.referrer_channels(settings.notify):
-        _announce_loop_closed(conn, settings, _Projected(before, values), now)
+        notices.announce_loop_closed(conn, settings, _Projected(before, values), now)
     if state.status is rf.Status.NO_SHOW and state.no_show_count > int(before.no_show_count or 0):
-        no_show_reminder(conn, settings, _Projected(before, values), state.no_show_count, now)
-
-
-def dead_letter_notice(conn: Connection, settings: Settings, dead: dict[str, Any], now: datetime) -> int:
-    """Tell the owner a notification was dead-lettered, on the other channels (the failed one may be down)."""
-    if dead["event"] == "dead_letter":
-        return 0
-    owner = settings.worklist.default_owner
-    if dead["alert_id"] is not None:
-        found = conn.execute(select(ALERTS.c.owner).where(ALERTS.c.id == dead["alert_id"])).scalar()
-        owner = found or owner
-    channels = [c for c in policy.owner_channels(settings.notify, settings.worklist, owner, digest_email=True)
-                if c[0] != dead["channel"]]
-    payload = {"event": "dead_letter", "outbox_id": dead["id"], "failed_event": dead["event"],
-               "channel": dead["channel"], "referral_id": dead["referral_id"], "alert_id": dead["alert_id"],
-               "at": now.isoformat()}
-    n = 0
-    for channel, target in channels:
-        n += outbox.enqueue(conn, key=f"dead:{dead['id']}:{channel}", channel=channel, target=target,
-                            event="dead_letter", now=now, payload=payload, referral_id=dead["referral_id"])
-    return n
-
+        notices.no_show_reminder(conn, settings, _Projected(before, values), state.no_show_count, now)
 
 
 # -- worklist -----------------------------------------------------------------------------------------
@@ -330,7 +221,8 @@ def worklist(conn: Connection, settings: Settings, now: datetime, *, owner: str 
     worst = _delivery_states(conn, [r.id for r in rows])
     out = []
     for r in rows:
-        ref = _RefView(r.referral_id, r.placer_id, r.authority, r.referred_to, r.referred_to_id, r.specialty)
+        ref = SimpleNamespace(id=r.referral_id, placer_id=r.placer_id, authority=r.authority,
+                              referred_to=r.referred_to, referred_to_id=r.referred_to_id, specialty=r.specialty)
         item = _row_json(settings, r, ref, now)
         item["delivery"] = worst.get(r.id, "")
         out.append(item)
@@ -360,16 +252,6 @@ def _delivery_states(conn: Connection, alert_ids: list[int]) -> dict[int, str]:
             if _DELIVERY_RANK.get(status, 0) >= _DELIVERY_RANK.get(out.get(alert_id, "delivered"), 0):
                 out[alert_id] = status
     return out
-
-
-@dataclass(frozen=True)
-class _RefView:
-    id: int
-    placer_id: str
-    authority: str
-    referred_to: str
-    referred_to_id: str
-    specialty: str
 
 
 # -- coordinator actions ------------------------------------------------------------------------------
@@ -465,16 +347,3 @@ def answer(conn: Connection, settings: Settings, rid: int, answer_code: str, now
     audit.record(conn, now=now, actor=actor, action="referral_answer", target=f"referral:{rid}", detail=code)
     return {"referral": rid, "answer": code, "effect": effect, "status": state.status.value,
             "on_hold": state.on_hold}
-
-
-def gauges(conn: Connection) -> dict[str, Any]:
-    """Counts for the Prometheus gauges, refreshed at the end of each scan."""
-    summed: dict[tuple[str, str], int] = defaultdict(int)
-    for stage, level, n in conn.execute(select(ALERTS.c.stage, ALERTS.c.level, func.count())
-                                        .where(ALERTS.c.open_key == 0).group_by(ALERTS.c.stage, ALERTS.c.level)):
-        summed[(stage, level_label(int(level)))] += int(n)  # levels 3, 4, ... share the "3+" label
-    alerts = [(stage, label, n) for (stage, label), n in sorted(summed.items())]
-    statuses: dict[str, int] = dict(conn.execute(
-        select(REFERRALS.c.status, func.count()).group_by(REFERRALS.c.status)).all())
-    return {"alerts": alerts, "referrals": {s.value: int(statuses.get(s.value, 0)) for s in rf.Status},
-            "outbox": outbox.counts(conn)}

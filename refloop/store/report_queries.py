@@ -14,8 +14,8 @@ Nothing here logs: rows carry patient hashes.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime, time, timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -37,6 +37,9 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from refloop import report as rp
 from refloop import stall
+from refloop.report import ReportParams as ReportParams  # the CLI's and the API's parameters live there
+from refloop.report import default_params as default_params
+from refloop.report import parse_day as parse_day
 from refloop.stall import Windows
 from refloop.store.models import Referral, ReferralEvent
 from refloop.store.referrals import OPEN, aware
@@ -52,45 +55,6 @@ _OPEN_LEAKS = ("never_scheduled", "not_seen", "no_show_not_rebooked", "seen_no_n
 _DURATIONS = {"sent_to_scheduled": "sent_to_scheduled_s", "sent_to_appointment": "sent_to_appointment_s",
               "appointment_to_note": "appointment_to_note_s", "sent_to_closed": "sent_to_closed_s"}
 _DAY_S = 86400
-
-
-@dataclass(frozen=True)
-class ReportParams:
-    """What the CLI and the API both accept, so that both produce the same numbers."""
-
-    start: datetime
-    end: datetime
-    now: datetime
-    by: str | None = None
-    filters: Mapping[str, str] = field(default_factory=dict)
-    cms50_year: int | None = None
-    leak_limit: int = 1000
-
-    def __post_init__(self) -> None:
-        if self.by is not None and self.by not in rp.GROUP_FIELDS:
-            raise ValueError(f"by must be one of {', '.join(rp.GROUP_FIELDS)}")
-        unknown = set(self.filters) - set(rp.FILTER_FIELDS)
-        if unknown:
-            raise ValueError(f"unknown filter(s): {', '.join(sorted(unknown))}")
-        if self.end <= self.start:
-            raise ValueError("'to' must be after 'from'")
-
-
-def parse_day(text: str) -> datetime:
-    """``YYYY-MM-DD`` (or a full ISO time) as an aware UTC instant; dates mean 00:00 UTC."""
-    text = text.strip()
-    if len(text) == 10:
-        return datetime.combine(date.fromisoformat(text), time(), UTC)
-    moment = datetime.fromisoformat(text)
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
-
-
-def default_params(now: datetime, *, start: str | None = None, end: str | None = None, by: str | None = None,
-                   filters: Mapping[str, str] | None = None, year: int | None = None) -> ReportParams:
-    """The default cohort is the 365 days up to and including today (UTC)."""
-    stop = parse_day(end) if end else datetime.combine(now.astimezone(UTC).date() + timedelta(days=1), time(), UTC)
-    begin = parse_day(start) if start else stop - timedelta(days=365)
-    return ReportParams(begin, stop, now, by or None, {k: v for k, v in (filters or {}).items() if v}, year)
 
 
 # -- SQL helpers ------------------------------------------------------------------------------------
@@ -268,21 +232,6 @@ def _recovered_block(alerted: int, done: int, tables: list[tuple[Table, str]]) -
         return {**rp.ratio(0, 0), "count": 0, "note": "no alerts table in this database yet: reported as 0"}
     return {**rp.ratio(done, alerted), "count": done,
             "note": "on the worklist: " + ", ".join(t.name for t, _ in tables)}
-
-
-def recovered(conn: Connection, params: ReportParams, *, scan: bool | None = None) -> dict[str, Any]:
-    """Referrals that were on the worklist or got a reminder and *then* completed, over those that were on it.
-
-    "Then" means ``completed_at`` at or after the first alert/reminder: a referral that was completed before
-    anyone chased it was not recovered by the worklist. Without an alerts table this reports 0 with a note.
-    """
-    tables = worklist_tables(conn)
-    if not tables:
-        return _recovered_block(0, 0, tables)
-    found = worklist_counts(conn, params, tables)
-    return _recovered_block(sum(a for a, _ in found.values()), sum(d for _, d in found.values()), tables)
-
-
 
 
 def cms50(conn: Connection, year: int) -> dict[str, Any]:

@@ -31,8 +31,7 @@ from refloop import referral as rf
 from refloop import stall
 from refloop.config import Settings
 from refloop.config.windows import windows_from_settings
-from refloop.notify import policy
-from refloop.store import alerts, outbox
+from refloop.store import alerts, notices
 from refloop.store import referrals as repo
 
 REFERRALS, EVENTS, ALERTS = repo.REFERRALS, repo.EVENTS, alerts.ALERTS
@@ -68,8 +67,8 @@ def run_scan(engine: Engine, settings: Settings, now: datetime, *, pause: Callab
                 _write(writer, lambda chunk=due[start:start + CHUNK]: scan_chunk(  # type: ignore[misc]
                     writer, settings, windows, chunk, now, result))
             _write(writer, lambda: _wake_snoozed(writer, now))
-            result.notifications += _write(writer, lambda: alerts.loop_closed_catch_up(writer, settings, now))
-            result.notifications += _write(writer, lambda: _no_show_reminders(writer, settings, now))
+            result.notifications += _write(writer, lambda: notices.loop_closed_catch_up(writer, settings, now))
+            result.notifications += _write(writer, lambda: notices.no_show_catch_up(writer, settings, now))
             return result
         finally:
             if postgres:
@@ -173,18 +172,3 @@ def _wake_snoozed(conn: Connection, now: datetime) -> None:
     conn.execute(update(ALERTS).where(ALERTS.c.status == alerts.SNOOZED, ALERTS.c.snoozed_until <= repo.utc(now))
                  .values(status=alerts.OPEN, snoozed_until=None, last_action="snooze_expired",
                          last_action_at=repo.utc(now)))
-
-
-def _no_show_reminders(conn: Connection, settings: Settings, now: datetime) -> int:
-    """Catch-up for the apply's no-show reminder (e.g. a patient channel configured later): one per no-show,
-    keyed by the count, so a resent no-show is never re-sent."""
-    channels = policy.patient_channels(settings.notify)
-    if not channels:
-        return 0
-    n = 0
-    for ref in conn.execute(select(REFERRALS).where(REFERRALS.c.status == rf.Status.NO_SHOW.value)):
-        keys = [f"patient:no_show:{ref.id}:{ref.no_show_count}:{channel}" for channel, _ in channels]
-        have = conn.execute(select(outbox.OUTBOX.c.id).where(outbox.OUTBOX.c.idempotency_key.in_(keys))).all()
-        if len(have) < len(keys):
-            n += alerts.no_show_reminder(conn, settings, ref, int(ref.no_show_count), now)
-    return n
