@@ -70,9 +70,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, tzinfo
+from functools import lru_cache
 from types import MappingProxyType
 from typing import Final, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -119,6 +121,7 @@ DEFAULT_PRIORITY_DAYS: Final[Mapping[tuple[str, str], float]] = MappingProxyType
 )
 
 _DAY: Final = timedelta(days=1)
+_MICROSECOND: Final = timedelta(microseconds=1)
 _APPOINTMENT_OUTCOMES: Final = frozenset(
     {APPOINTMENT_BOOKED, APPOINTMENT_RESCHEDULED, APPOINTMENT_CANCELLED, APPOINTMENT_NO_SHOW, APPOINTMENT_COMPLETED}
 )
@@ -201,6 +204,10 @@ class Windows:
         object.__setattr__(self, "target_days", MappingProxyType(targets))
         object.__setattr__(self, "holidays", tuple(sorted(set(self.holidays))))
         object.__setattr__(self, "_off", frozenset(self.holidays))
+        object.__setattr__(self, "_windows", {})
+        text = repr((sorted(self.stage_days.items()), sorted(self.priority_days.items()),
+                     sorted(self.target_days.items()), self.business_days, self.holidays, self.zone, self.max_level))
+        object.__setattr__(self, "_version", hashlib.sha256(text.encode()).hexdigest()[:16])
 
     @property
     def tz(self) -> tzinfo:
@@ -210,18 +217,26 @@ class Windows:
     @property
     def version(self) -> str:
         """A short hash of everything that moves a due instant: rows stored under another version are stale."""
-        text = repr((sorted(self.stage_days.items()), sorted(self.priority_days.items()),
-                     sorted(self.target_days.items()), self.business_days, self.holidays, self.zone, self.max_level))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return self._version  # type: ignore[attr-defined]
 
     def window_days(self, stage: str, details: Details) -> float:
         """The window for one stage of one referral: referred_to > specialty > priority > stage default."""
+        key = (stage, details.referred_to, details.specialty, details.priority)
+        cache: dict[tuple[str, str, str, str], float] = self._windows  # type: ignore[attr-defined]
+        if (found := cache.get(key)) is not None:
+            return found
         _check_stage("window_days", stage)
+        days = None
         for name in (details.referred_to, details.specialty):
             if name and (days := self.target_days.get((_key(name), stage))) is not None:
-                return days
-        days = self.priority_days.get((priority_class(details.priority), stage))
-        return days if days is not None else self.stage_days[stage]
+                break
+        if days is None:
+            days = self.priority_days.get((priority_class(details.priority), stage))
+        if days is None:
+            days = self.stage_days[stage]
+        if len(cache) < 10_000:  # distinct (stage, target, specialty, priority) values: a few hundred
+            cache[key] = days
+        return days
 
 
 class Details(Protocol):
@@ -323,8 +338,19 @@ def _business_wall(lo: datetime, hi: datetime, holidays: frozenset[date]) -> tim
         total += hi - _midnight(last)
     inner_first, inner_last = first + _DAY, last
     full = _weekdays(inner_first, inner_last)
-    full -= sum(1 for h in holidays if inner_first <= h < inner_last and h.weekday() < 5)
-    return total + full * _DAY
+    return total + (full - _weekday_holidays(holidays, inner_first, inner_last)) * _DAY
+
+
+@lru_cache(maxsize=16)
+def _weekday_list(holidays: frozenset[date]) -> list[date]:
+    """The holidays that fall on weekdays, sorted (a frozenset caches its hash, so this lookup is cheap)."""
+    return sorted(h for h in holidays if h.weekday() < 5)
+
+
+def _weekday_holidays(holidays: frozenset[date], first: date, last: date) -> int:
+    """Weekday holidays in ``[first, last)``."""
+    days = _weekday_list(holidays)
+    return bisect_left(days, last) - bisect_left(days, first)
 
 
 def _advance_wall(lo: datetime, amount: timedelta, holidays: frozenset[date]) -> datetime:
@@ -341,11 +367,17 @@ def _advance_wall(lo: datetime, amount: timedelta, holidays: frozenset[date]) ->
             return lo + left
         left -= end - lo
         day += _DAY
-        if day.weekday() == 0 and left >= 5 * _DAY and not any(day <= h < day + 7 * _DAY for h in holidays):
-            left -= 5 * _DAY  # a whole week without holidays: five business days at once
-            day += 7 * _DAY
-        while not _counts(day, holidays):
-            day += _DAY
+        while True:
+            while not _counts(day, holidays):
+                day += _DAY
+            if day.weekday() == 0 and left > 5 * _DAY:
+                # whole weeks at once: each is five business days less its weekday holidays, and fewer are
+                # skipped than ``left`` needs, so the day-by-day steps finish the count exactly
+                weeks = (left - _MICROSECOND) // (5 * _DAY)
+                left -= (5 * weeks - _weekday_holidays(holidays, day, day + 7 * weeks * _DAY)) * _DAY
+                day += 7 * weeks * _DAY
+                continue
+            break
         lo = _midnight(day)
 
 
@@ -414,6 +446,7 @@ def _reach(calendar: Calendar, running: list[tuple[datetime, datetime | None]], 
     return None
 
 
+@lru_cache(maxsize=256)
 def _need(level: int, window: float) -> timedelta:
     """Level ``k`` is reached once the clock has run ``k`` windows, rounded to the microsecond (so three
     0.1-day windows are 0.3 days despite float rounding, and due instants can be stored exactly)."""
@@ -504,8 +537,9 @@ def _starts(inp: ClockInput) -> list[tuple[str, datetime]]:
     return out
 
 
-def clocks(inp: ClockInput, windows: Windows) -> list[StageClock]:
-    """Every running stage of one referral with its due instants (see the module docstring)."""
+def clocks(inp: ClockInput, windows: Windows, levels: int | None = None) -> list[StageClock]:
+    """Every running stage of one referral with its due instants (see the module docstring); ``levels``:
+    only the first so many levels' instants (the rest None), when no more are needed."""
     calendar = Calendar(windows)
     out: list[StageClock] = []
     for stage, started in _starts(inp):
@@ -513,7 +547,8 @@ def clocks(inp: ClockInput, windows: Windows) -> list[StageClock]:
         window = windows.window_days(stage, inp)
         running = _running(inp.pauses, start)
         forced = 2 if stage == REBOOKING and inp.no_show_count >= 2 else 0
-        due = tuple(start if k <= forced else _reach(calendar, running, _need(k, window))
+        top = windows.max_level if levels is None else min(levels, windows.max_level)
+        due = tuple(start if k <= forced else _reach(calendar, running, _need(k, window)) if k <= top else None
                     for k in range(1, windows.max_level + 1))
         out.append(StageClock(stage, start, window, due))
     return out

@@ -171,3 +171,17 @@ class TestNewYorkBusinessDays:
             assert "Mars/Olympus" in str(exc)
         else:
             raise AssertionError("an unknown zone was accepted")
+
+
+@given(start=st.integers(min_value=0, max_value=400 * 86400).map(lambda s: BASE + timedelta(seconds=s)),
+       amount=st.integers(min_value=1, max_value=200 * 86400).map(lambda s: timedelta(seconds=s)),
+       zone=st.sampled_from(("UTC", "America/New_York", "Europe/Berlin")),
+       holidays=st.lists(st.dates(min_value=date(2026, 1, 1), max_value=date(2027, 12, 31)), max_size=25))
+def test_business_advance_is_the_inverse_of_business_time(start: datetime, amount: timedelta, zone: str,
+                                                          holidays: list[date]) -> None:
+    """The due instant is the first at which exactly that much business time has run (whole weeks are
+    skipped arithmetically, so this pins the shortcut to the day-by-day definition)."""
+    cal = stall.Calendar(Windows(business_days=True, zone=zone, holidays=tuple(holidays)))
+    due = cal.advance(start, amount)
+    assert cal.between(start, due) == amount
+    assert cal.between(start, due - timedelta(microseconds=1)) < amount

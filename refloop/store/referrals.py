@@ -463,7 +463,8 @@ def clock_columns(inp: stall.ClockInput, windows: stall.Windows, extra: Iterable
     leak_stage, leak_at = stall.leak(inp.status, found, inp.sent_at)
     due = min((d for d in (stall.next_due(found), *extra) if d is not None), default=None)
     # the report's windows: both stages counted from sent_at as while the referral is still "sent"
-    sent = {c.stage: c.due[0] for c in stall.clocks(replace(inp, status=rf.Status.SENT.value), windows)}
+    sent = {c.stage: c.due[0] for c in (found if inp.status == rf.Status.SENT.value else
+                                        stall.clocks(replace(inp, status=rf.Status.SENT.value), windows, levels=1))}
     return {"clock_stage": ",".join(c.stage for c in found),
             "scheduling_due_at": utc(sent.get(stall.SCHEDULING)), "visit_due_at": utc(sent.get(stall.VISIT)),
             "stage_started_at": utc(first.started_at) if first else None, "next_due_at": utc(due),
