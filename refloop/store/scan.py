@@ -58,9 +58,10 @@ def run_scan(engine: Engine, settings: Settings, now: datetime, *, pause: Callab
             return None
         conn.commit()
         try:
+            with engine.connect() as reader, reader.begin():  # a plain read: SQLite's write lock stays free
+                due = due_ids(reader, windows, now)
             writer = conn.execution_options(sqlite_begin="IMMEDIATE")
             result = alerts.ScanResult()
-            due = _read(writer, lambda: due_ids(writer, windows, now))
             for start in range(0, len(due), CHUNK):
                 if pause is not None:
                     pause()
@@ -74,11 +75,6 @@ def run_scan(engine: Engine, settings: Settings, now: datetime, *, pause: Callab
             if postgres:
                 conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": SCAN_LOCK})
                 conn.commit()
-
-
-def _read(conn: Connection, fn: Callable[[], T]) -> T:
-    with conn.begin():
-        return fn()
 
 
 def _write(conn: Connection, fn: Callable[[], T]) -> T:
@@ -154,9 +150,10 @@ def recompute_stale(engine: Engine, windows: stall.Windows, now: datetime) -> in
     brought up to date (after migration 0012, or a window change while it was down). Returns the count."""
     version, done = windows.version, 0
     with engine.connect() as conn:
+        with engine.connect() as reader, reader.begin():
+            stale = sorted(rid for (rid,) in reader.execute(select(REFERRALS.c.id).where(
+                or_(REFERRALS.c.clock_version < version, REFERRALS.c.clock_version > version))))
         writer = conn.execution_options(sqlite_begin="IMMEDIATE")
-        stale = _read(writer, lambda: sorted(rid for (rid,) in writer.execute(select(REFERRALS.c.id).where(
-            or_(REFERRALS.c.clock_version < version, REFERRALS.c.clock_version > version)))))
         for start in range(0, len(stale), CHUNK):
             def chunk(ids: list[int] = stale[start:start + CHUNK]) -> None:
                 for rid in ids:
