@@ -336,7 +336,7 @@ def verify_projection(path: Path, sample: int = 2000) -> int:
                           referring_provider=state.referring_provider[:255], specialty=state.specialty[:64],
                           **repo.no_show_values(state), **repo.durations(state))
             pauses = rf.paused_intervals(repo.event_of(r) for r in rows)
-            values.update(repo.clock_values(state, pauses, windows, AS_OF, before=ref.clock_stage,
+            values.update(repo.clock_values(state, pauses, windows, AS_OF, before=ref,
                                             presume_hours=ref.presume_hours))
             if not all(repo._same(getattr(ref, k), v) for k, v in values.items()):
                 bad += 1

@@ -161,3 +161,24 @@ def test_window_change_recomputes_and_a_scan_in_between_agrees(db_url: str) -> N
         engine.dispose()
     assert results[0] == results[1]
     assert results[0] == [(i, "scheduling", 1) for i in range(4)]  # sent days 0..3 are 7+ days old at day 10
+
+
+def test_an_unrelated_event_keeps_the_moved_on_due_time(db_url: str) -> None:
+    """After the scan raised level 1 and moved next_due_at on to level 2, a note on the referral refolds it
+    but does not set the due time back (which would make every later scan look at it again)."""
+    engine = engine_for(db_url)
+    s = settings_for(db_url)
+    windows = windows_from_settings(s.stall)
+    rid = referral(engine, "KEEP1", T0, windows)
+    assert stall_scan.run_scan(engine, s, T0 + timedelta(days=15)) is not None
+    level2 = T0 + timedelta(days=28)
+    assert repo.aware(stored(engine, rid).next_due_at) == level2
+    add(engine, rid, rf.COORDINATOR_NOTE, T0 + timedelta(days=16), windows, actor="ann")
+    assert repo.aware(stored(engine, rid).next_due_at) == level2
+    add(engine, rid, rf.APPOINTMENT_BOOKED, T0 + timedelta(days=17), windows, appointment_id="A1",
+        start=(T0 + timedelta(days=20)).isoformat())  # scheduling stops: look again at once to resolve it
+    assert repo.aware(stored(engine, rid).next_due_at) == T0 + timedelta(days=17)
+    result = stall_scan.run_scan(engine, s, T0 + timedelta(days=17, hours=1))
+    assert result is not None and [(r["stage"], r["status"]) for r in result.resolved] == [("scheduling", "resolved")]
+    assert repo.aware(stored(engine, rid).next_due_at) == T0 + timedelta(days=45)  # the visit window's end
+    engine.dispose()

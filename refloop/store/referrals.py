@@ -396,8 +396,7 @@ def recompute(conn: Connection, referral_id: int, now: datetime, *, rows: list[A
                   referring_provider=state.referring_provider[:255], specialty=state.specialty[:64],
                   flags=",".join(flags), **no_show_values(state), **durations(state))
     pauses = rf.paused_intervals(events)
-    values.update(clock_values(state, pauses, windows, now,
-                               before=getattr(ref, "clock_stage", "") or "", presume_hours=ref.presume_hours))
+    values.update(clock_values(state, pauses, windows, now, before=ref, presume_hours=ref.presume_hours))
     # updated_at is when the projection last changed: an event that changes nothing writes nothing.
     changed = not all(_same(getattr(ref, k), v) for k, v in values.items())
     if changed:
@@ -435,13 +434,15 @@ def durations(state: Any) -> dict[str, int | None]:
 
 
 def clock_values(state: rf.ReferralState, pauses: list[stall.Pause], windows: stall.Windows | None,
-                 now: datetime, *, before: str = "", presume_hours: float | None = None) -> dict[str, Any]:
+                 now: datetime, *, before: Any = None, presume_hours: float | None = None) -> dict[str, Any]:
     """The stage clock as the projection keeps it (see ``models.Referral``), computed by :mod:`refloop.stall`.
 
     ``next_due_at`` is the first instant anything about the clock changes: a level is reached (the first
-    level of the first stage; the scan moves it on as it raises levels), a presumed attendance or a hold's
-    ``resume_at`` turns the status, or ``now`` when a running stage stopped (``before``: the stored
-    ``clock_stage``), so its open alert is resolved by the next look (or at once by the apply's alert sync).
+    level of the first stage), a presumed attendance or a hold's ``resume_at`` turns the status, or ``now``
+    when a running stage stopped, so its open alert is resolved by the next look (or at once by the apply's
+    alert sync). ``before`` is the stored row: when its clock is the same (same windows, same stages) and its
+    ``next_due_at`` is still one of these instants (or past the top level), the scan or the apply has already
+    moved it on past what it handled, and it is kept rather than set back.
     """
     if windows is None:
         return {"clock_version": ""}
@@ -449,16 +450,25 @@ def clock_values(state: rf.ReferralState, pauses: list[stall.Pause], windows: st
     if presume_hours:
         extra += [a.start + timedelta(hours=presume_hours) for a in state.live_appointments
                   if a.status is rf.ApptStatus.BOOKED and a.start is not None]
-    values = clock_columns(stall.ClockInput.of_state(state, pauses), windows, extra)
-    if set(before.split(",")) - set(values["clock_stage"].split(",")) - {""}:
+    inp = stall.ClockInput.of_state(state, pauses)
+    found = stall.clocks(inp, windows)
+    values = clock_columns(inp, windows, extra, found)
+    stages = getattr(before, "clock_stage", "") or ""
+    if set(stages.split(",")) - set(values["clock_stage"].split(",")) - {""}:
         values["next_due_at"] = min(filter(None, (values["next_due_at"], utc(now))))
+    elif before is not None and stages == values["clock_stage"] and before.clock_version == windows.version:
+        cursor = aware(before.next_due_at)
+        instants = {d for c in found for d in c.due if d is not None} | set(extra)
+        if cursor in instants or (cursor is None and instants and max(instants) <= now):
+            values["next_due_at"] = utc(cursor)
     return values
 
 
-def clock_columns(inp: stall.ClockInput, windows: stall.Windows, extra: Iterable[datetime] = ()) -> dict[str, Any]:
+def clock_columns(inp: stall.ClockInput, windows: stall.Windows, extra: Iterable[datetime] = (),
+                  found: list[stall.StageClock] | None = None) -> dict[str, Any]:
     """The clock columns of one referral from what the clock reads (``extra``: other instants to look
     again). A final answer (cancelled, declined, expired) leaks at once: its leak instant is ``sent_at``."""
-    found = stall.clocks(inp, windows)
+    found = stall.clocks(inp, windows) if found is None else found
     first = min(found, key=lambda c: c.next_due(None) or _FAR, default=None)
     leak_stage, leak_at = stall.leak(inp.status, found, inp.sent_at)
     due = min((d for d in (stall.next_due(found), *extra) if d is not None), default=None)
