@@ -33,7 +33,8 @@ from sqlalchemy import (
     select,
     union_all,
 )
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import ColumnElement, UnaryExpression
 
 from refloop import report as rp
 from refloop import stall
@@ -68,9 +69,26 @@ def _group_expr(conn: Connection, by: str | None) -> ColumnElement[Any]:
     return R.c[by]
 
 
-def _cohort(params: ReportParams) -> list[ColumnElement[bool]]:
-    conds = [R.c.sent_at.is_not(None), R.c.sent_at >= params.start, R.c.sent_at < params.end]
+def _cohort(params: ReportParams, wide: bool = False) -> list[ColumnElement[bool]]:
+    """The cohort condition. ``wide`` (SQLite, :func:`wide_range`): ``+sent_at``, the same value, which tells
+    the planner to read the table in order rather than walk ``ix_referrals_sent_at`` with a lookup per row."""
+    sent = UnaryExpression(R.c.sent_at, operator=operators.custom_op("+"), type_=R.c.sent_at.type) if wide \
+        else R.c.sent_at
+    conds = [sent.is_not(None), sent >= params.start, sent < params.end]
     return conds + [R.c[name] == value for name, value in sorted(params.filters.items())]
+
+
+def wide_range(conn: Connection, params: ReportParams) -> bool:
+    """Whether the cohort covers most stored sent dates (two index probes, assuming they spread evenly): then
+    a table scan beats the index on SQLite. A wrong guess costs speed, never a number."""
+    if conn.dialect.name != "sqlite":
+        return False
+    lo, hi = (aware(v) for v in conn.execute(select(select(func.min(R.c.sent_at)).scalar_subquery(),
+                                                    select(func.max(R.c.sent_at)).scalar_subquery())).one())
+    if lo is None or hi is None:
+        return False
+    span = (hi - lo).total_seconds()
+    return span <= 0 or (min(hi, params.end) - max(lo, params.start)).total_seconds() / span > 0.2
 
 
 def _grouped(stmt: Any, g: ColumnElement[Any], by: str | None) -> Any:
@@ -87,7 +105,7 @@ def _at(moment: datetime) -> ColumnElement[Any]:
 
 
 # -- the aggregate pass ----------------------------------------------------------------------------
-def counts(conn: Connection, params: ReportParams) -> dict[str, dict[str, int]]:
+def counts(conn: Connection, params: ReportParams, wide: bool = False) -> dict[str, dict[str, int]]:
     """Per group: :data:`refloop.report.COUNT_COLUMNS`, ``leak_<stage>`` for every leak stage, and ``_open``
     (unclosed, not a final answer): one GROUP BY over the cohort's rows."""
     now = _at(params.now)
@@ -109,21 +127,26 @@ def counts(conn: Connection, params: ReportParams) -> dict[str, dict[str, int]]:
         **{f"leak_{s}": _count(and_(is_open, R.c.leak_stage == s, R.c.leak_at <= now)) for s in _OPEN_LEAKS},
     }
     g = _group_expr(conn, params.by).label("g")
-    stmt = _grouped(select(g, *(v.label(n) for n, v in cols.items())).where(*_cohort(params)), g, params.by)
+    stmt = _grouped(select(g, *(v.label(n) for n, v in cols.items())).where(*_cohort(params, wide)), g, params.by)
     return {str(row.g or ""): {n: int(getattr(row, n) or 0) for n in cols} for row in conn.execute(stmt)}
 
 
-def stale_rows(conn: Connection, params: ReportParams, windows: Windows) -> int:
+def stale_rows(conn: Connection, params: ReportParams, windows: Windows, wide: bool = False) -> int:
     """Cohort rows whose clock columns were computed under other windows (the scan is rewriting them)."""
     v = windows.version
-    stmt = select(func.count()).where(*_cohort(params), or_(R.c.clock_version < v, R.c.clock_version > v))
-    return int(conn.execute(stmt).scalar_one())
+    stale = or_(R.c.clock_version < v, R.c.clock_version > v)
+    if conn.execute(select(R.c.id).where(stale).limit(1)).first() is None:  # ix_referrals_clock_version
+        return 0
+    return int(conn.execute(select(func.count()).where(*_cohort(params, wide), stale)).scalar_one())
 
 
 # -- durations: exact mean, median and p90 ---------------------------------------------------------
-def day_figures(conn: Connection, params: ReportParams) -> dict[str, dict[str, dict[str, Any]]]:
+def day_figures(conn: Connection, params: ReportParams, wide: bool = False) -> dict[str, dict[str, dict[str, Any]]]:
     """Per group and metric: n, mean, median and nearest-rank p90 in days, exactly (see
-    :func:`refloop.report.distribution`). One ranked pass per metric keeps only the ranks needed."""
+    :func:`refloop.report.figures`): the totals by ORDER BY/OFFSET for the ranks needed, the groups by one
+    ranked pass per metric that keeps only those ranks."""
+    if not params.by:
+        return {"": {metric: _total_figures(conn, params, R.c[column], wide) for metric, column in _DURATIONS.items()}}
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for metric, column in _DURATIONS.items():
         value = R.c[column]
@@ -132,7 +155,7 @@ def day_figures(conn: Connection, params: ReportParams) -> dict[str, dict[str, d
                          func.row_number().over(partition_by=g, order_by=value).label("rn"),
                          func.count().over(partition_by=g).label("n"),
                          func.sum(value).over(partition_by=g).label("total"))
-                  .where(*_cohort(params), value.is_not(None)).subquery())
+                  .where(*_cohort(params, wide), value.is_not(None)).subquery())
         n = ranked.c.n
         p90 = (9 * n + 9) // 10  # ceil(0.9 n) in integers; its float form can be one more (see report.figures)
         wanted = or_(ranked.c.rn == (n + 1) // 2, ranked.c.rn == n // 2 + 1, ranked.c.rn == p90,
@@ -149,9 +172,19 @@ def day_figures(conn: Connection, params: ReportParams) -> dict[str, dict[str, d
     return out
 
 
-def close_days(conn: Connection, params: ReportParams) -> list[float]:
+def _total_figures(conn: Connection, params: ReportParams, value: Any, wide: bool) -> dict[str, Any]:
+    """One metric for the whole cohort: its values sorted by the database, the needed ranks picked here."""
+    values = [int(v) for (v,) in conn.execute(select(value).where(*_cohort(params, wide), value.is_not(None))
+                                              .order_by(value))]
+    n = len(values)
+    ranks = {k: values[k - 1] for k in {(n + 1) // 2, n // 2 + 1, (9 * n + 9) // 10, (9 * n + 9) // 10 + 1}
+             if 1 <= k <= n}
+    return rp.figures(n, sum(values), ranks, _DAY_S)
+
+
+def close_days(conn: Connection, params: ReportParams, wide: bool = False) -> list[float]:
     """Days from sent to closed of every closed cohort referral (the dashboard's histogram)."""
-    stmt = select(R.c.sent_to_closed_s).where(*_cohort(params), R.c.sent_to_closed_s.is_not(None))
+    stmt = select(R.c.sent_to_closed_s).where(*_cohort(params, wide), R.c.sent_to_closed_s.is_not(None))
     return [int(v) / _DAY_S for (v,) in conn.execute(stmt)]
 
 
@@ -168,7 +201,7 @@ def worklist_tables(conn: Connection) -> list[tuple[Table, str]]:
     return found
 
 
-def worklist_counts(conn: Connection, params: ReportParams, tables: list[tuple[Table, str]]
+def worklist_counts(conn: Connection, params: ReportParams, tables: list[tuple[Table, str]], wide: bool = False
                     ) -> dict[str, tuple[int, int]]:
     """Per group: cohort referrals that were on the worklist or got a reminder, and those of them completed
     at or after the first alert/reminder (``completed_at >= min(first)`` is "some mark at or before it")."""
@@ -178,22 +211,22 @@ def worklist_counts(conn: Connection, params: ReportParams, tables: list[tuple[T
     done_if = and_(R.c.completed_at.is_not(None), marks.c.at <= R.c.completed_at)
     stmt = _grouped(select(g, func.count(func.distinct(marks.c.rid)).label("alerted"),
                            func.count(func.distinct(case((done_if, marks.c.rid)))).label("done"))
-                    .select_from(marks.join(R, R.c.id == marks.c.rid)).where(*_cohort(params)), g, params.by)
+                    .select_from(marks.join(R, R.c.id == marks.c.rid)).where(*_cohort(params, wide)), g, params.by)
     return {str(row.g or ""): (int(row.alerted), int(row.done)) for row in conn.execute(stmt)}
 
 
-def event_counts(conn: Connection, params: ReportParams) -> dict[str, dict[str, int]]:
+def event_counts(conn: Connection, params: ReportParams, wide: bool = False) -> dict[str, dict[str, int]]:
     """Per group: distinct appointments of cohort referrals, no-show appointments, referrals with a no-show
     and those of them rebooked since (status scheduled, completed or closed)."""
     g = _group_expr(conn, params.by).label("g")
     joined = R.join(E, E.c.referral_id == R.c.id)
     appts = _grouped(select(g, func.count(func.distinct(E.c.subject)).label("n")).select_from(joined)
-                     .where(*_cohort(params), E.c.subject.like("appt:%")), g, params.by)
+                     .where(*_cohort(params, wide), E.c.subject.like("appt:%")), g, params.by)
     rebooked = R.c.status.in_(("scheduled", "completed", "closed"))
     no_shows = _grouped(select(g, func.count(func.distinct(E.c.subject)).label("no_show_appointments"),
                                func.count(func.distinct(R.c.id)).label("no_show_referrals"),
                                func.count(func.distinct(case((rebooked, R.c.id)))).label("rebooked_after_no_show"))
-                        .select_from(joined).where(*_cohort(params), E.c.kind == "appointment_no_show",
+                        .select_from(joined).where(*_cohort(params, wide), E.c.kind == "appointment_no_show",
                                                    E.c.subject.like("appt:%")), g, params.by)
     out: dict[str, dict[str, int]] = {}
     for row in conn.execute(appts):
@@ -291,20 +324,21 @@ def _block(c: Mapping[str, int], e: Mapping[str, int], days: Mapping[str, Any]) 
 
 def build_report(conn: Connection, params: ReportParams, windows: Windows) -> dict[str, Any]:
     """The whole report as one JSON-ready dict; the CLI, ``GET /api/report`` and the dashboard return this."""
-    per_group = counts(conn, params)
-    per_events = event_counts(conn, params)
+    wide = wide_range(conn, params)
+    per_group = counts(conn, params, wide)
+    per_events = event_counts(conn, params, wide)
     tables = worklist_tables(conn)
-    marks = worklist_counts(conn, params, tables) if tables else {}
+    marks = worklist_counts(conn, params, tables, wide) if tables else {}
     names = [*rp.COUNT_COLUMNS, "_open", *(f"leak_{s}" for s in rp.LEAK_STAGES)]
     whole_counts, whole_events = _sum(per_group, names), _sum(per_events, rp.EVENT_COLUMNS)
-    whole_days = day_figures(conn, replace(params, by=None)).get("", {})
+    whole_days = day_figures(conn, replace(params, by=None), wide).get("", {})
     whole = _block(whole_counts, whole_events, whole_days)
     whole["totals"]["leaks_by_stage"] = {s: whole_counts[f"leak_{s}"] for s in rp.LEAK_STAGES}
     whole["rates"]["recovered"] = _recovered_block(sum(a for a, _ in marks.values()),
                                                    sum(d for _, d in marks.values()), tables)
     groups = []
     if params.by:
-        group_days = day_figures(conn, params)
+        group_days = day_figures(conn, params, wide)
         groups = [{"key": key, **_block(per_group[key], per_events.get(key, _EMPTY_EVENTS), group_days.get(key, {}))}
                   for key in sorted(per_group)]
     year = params.cms50_year or (params.end - timedelta(microseconds=1)).year
@@ -312,7 +346,7 @@ def build_report(conn: Connection, params: ReportParams, windows: Windows) -> di
         "from": params.start.isoformat(), "to": params.end.isoformat(), "by": params.by,
         "filters": dict(sorted(params.filters.items())), "now": params.now.isoformat(),
         "leak_limit": params.leak_limit}
-    if stale := stale_rows(conn, params, windows):
+    if stale := stale_rows(conn, params, windows, wide):
         cohort["stale_rows"] = stale  # computed under other windows: the daemon's scan is rewriting them
     return {"cohort": cohort, "totals": whole["totals"], "rates": whole["rates"], "days": whole["days"],
             "groups": groups, "leaks": leaks(conn, params, windows), "cms50": cms50(conn, year)}
