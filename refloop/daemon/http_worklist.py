@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from refloop.notify import webhook
-from refloop.store import alerts, outbox
+from refloop.store import alerts, answers, outbox
 from refloop.store import referrals as repo
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def add_routes(app: web.Application, server: Server) -> None:
                 rid = repo.resolve_key(conn, key)
                 if rid is None:
                     return 404, {"error": "no such referral"}
-                doc = alerts.answer(conn, server.settings, rid, str(body.get("answer") or ""), server.clock.now(),
+                doc = answers.answer(conn, server.settings, rid, str(body.get("answer") or ""), server.clock.now(),
                                     actor=str(body.get("actor") or "api"), note=str(body.get("note") or ""))
         except alerts.ActionError as exc:
             return exc.status, {"error": str(exc)}
