@@ -74,6 +74,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print("refloop simulate: give --out DIR and/or --send HOST:PORT", file=sys.stderr)
         return EXIT_USAGE
     now = _aware(args.now) if args.now else None
+    if now is None and args.send is not None:
+        # the daemon applies each message at its own clock (a referral already overdue gets its alert then),
+        # so a simulation sent to it ends now, not on the fixed default date the files use
+        from refloop.clock import SystemClock
+
+        now = SystemClock().now().replace(microsecond=0)
     run = sim.Simulation(args.referrals, days=args.days, seed=args.seed, now=now, styles=styles).build()
     if args.out is not None:
         paths = run.write(Path(args.out))
@@ -114,7 +120,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--referrals", type=int, default=1000)
     sp.add_argument("--days", type=int, default=365)
     sp.add_argument("--seed", type=int, default=1)
-    sp.add_argument("--now", metavar="TIME", help="end of the simulated period (default 2026-10-01T00:00Z)")
+    sp.add_argument("--now", metavar="TIME",
+                    help="end of the simulated period (default: now with --send, else 2026-10-01T00:00Z)")
     sp.add_argument("--styles", default="epic", help="sender styles: epic, 360x or both (360x needs a profile "
                     "with sending_application = \"EHR360\" and order_mode = \"referral\")")
     sp.add_argument("--out", metavar="DIR", help="write ref.hl7, siu.hl7, notes.hl7 and ground_truth.json")
