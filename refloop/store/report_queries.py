@@ -220,8 +220,11 @@ def event_counts(conn: Connection, params: ReportParams, wide: bool = False) -> 
     and those of them rebooked since (status scheduled, completed or closed)."""
     g = _group_expr(conn, params.by).label("g")
     joined = R.join(E, E.c.referral_id == R.c.id)
+    appt: list[ColumnElement[bool]] = [E.c.subject.like("appt:%")]
+    if conn.dialect.name == "sqlite":  # LIKE is case-insensitive there: every match sorts in [APPT:, appt;), a range
+        appt += [E.c.subject >= "APPT:", E.c.subject < "appt;"]  # of ix_referral_events_subject to start from
     appts = _grouped(select(g, func.count(func.distinct(E.c.subject)).label("n")).select_from(joined)
-                     .where(*_cohort(params, wide), E.c.subject.like("appt:%")), g, params.by)
+                     .where(*_cohort(params, conn.dialect.name == "sqlite"), *appt), g, params.by)
     rebooked = R.c.status.in_(("scheduled", "completed", "closed"))
     no_shows = _grouped(select(g, func.count(func.distinct(E.c.subject)).label("no_show_appointments"),
                                func.count(func.distinct(R.c.id)).label("no_show_referrals"),
