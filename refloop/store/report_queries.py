@@ -16,17 +16,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     Connection,
     DateTime,
-    MetaData,
     Table,
     and_,
     case,
     func,
-    inspect,
     literal,
     literal_column,
     or_,
@@ -42,15 +40,12 @@ from refloop.report import ReportParams as ReportParams  # the CLI's and the API
 from refloop.report import default_params as default_params
 from refloop.report import parse_day as parse_day
 from refloop.stall import Windows
-from refloop.store.models import Referral, ReferralEvent
+from refloop.store.models import Alert, OutboxEntry, Referral, ReferralEvent
 from refloop.store.referrals import OPEN, aware
 
 R = Referral.__table__
 E = ReferralEvent.__table__
 
-#: Tables another feature adds that mark a referral as "was on the worklist" (alerts) or "got a reminder"
-#: (outbox notifications), with the column that says when. Reflected, so the report works without them.
-WORKLIST_TABLES = (("alerts", "raised_at"), ("outbox", "created_at"))
 _FINAL = ("cancelled", "declined", "expired")
 _OPEN_LEAKS = ("never_scheduled", "not_seen", "no_show_not_rebooked", "seen_no_note")
 _DURATIONS = {"sent_to_scheduled": "sent_to_scheduled_s", "sent_to_appointment": "sent_to_appointment_s",
@@ -146,7 +141,7 @@ def day_figures(conn: Connection, params: ReportParams, wide: bool = False) -> d
     :func:`refloop.report.figures`): the totals by ORDER BY/OFFSET for the ranks needed, the groups by one
     ranked pass per metric that keeps only those ranks."""
     if not params.by:
-        return {"": {metric: _total_figures(conn, params, R.c[column], wide) for metric, column in _DURATIONS.items()}}
+        return {"": _total_figures(conn, params, wide)}
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for metric, column in _DURATIONS.items():
         value = R.c[column]
@@ -172,14 +167,18 @@ def day_figures(conn: Connection, params: ReportParams, wide: bool = False) -> d
     return out
 
 
-def _total_figures(conn: Connection, params: ReportParams, value: Any, wide: bool) -> dict[str, Any]:
-    """One metric for the whole cohort: its values sorted by the database, the needed ranks picked here."""
-    values = [int(v) for (v,) in conn.execute(select(value).where(*_cohort(params, wide), value.is_not(None))
-                                              .order_by(value))]
-    n = len(values)
-    ranks = {k: values[k - 1] for k in {(n + 1) // 2, n // 2 + 1, (9 * n + 9) // 10, (9 * n + 9) // 10 + 1}
-             if 1 <= k <= n}
-    return rp.figures(n, sum(values), ranks, _DAY_S)
+def _total_figures(conn: Connection, params: ReportParams, wide: bool) -> dict[str, dict[str, Any]]:
+    """The four metrics for the whole cohort from one pass over its durations, each series sorted here."""
+    cols = [R.c[column] for column in _DURATIONS.values()]
+    rows = conn.execute(select(*cols).where(*_cohort(params, wide), or_(*(c.is_not(None) for c in cols)))).all()
+    out = {}
+    for metric, series in zip(_DURATIONS, zip(*rows, strict=True) if rows else [()] * 4, strict=True):
+        values = sorted(int(v) for v in series if v is not None)
+        n = len(values)
+        ranks = {k: values[k - 1] for k in {(n + 1) // 2, n // 2 + 1, (9 * n + 9) // 10, (9 * n + 9) // 10 + 1}
+                 if 1 <= k <= n}
+        out[metric] = rp.figures(n, sum(values), ranks, _DAY_S)
+    return out
 
 
 def close_days(conn: Connection, params: ReportParams, wide: bool = False) -> list[float]:
@@ -190,15 +189,8 @@ def close_days(conn: Connection, params: ReportParams, wide: bool = False) -> li
 
 # -- events, the worklist, leaks ------------------------------------------------------------------
 def worklist_tables(conn: Connection) -> list[tuple[Table, str]]:
-    """The worklist/reminder tables that exist and have a ``referral_id`` column, reflected."""
-    names = set(inspect(conn).get_table_names())
-    found: list[tuple[Table, str]] = []
-    for name, when in WORKLIST_TABLES:
-        if name in names:
-            table = Table(name, MetaData(), autoload_with=conn)
-            if "referral_id" in table.c and when in table.c:
-                found.append((table, when))
-    return found
+    """The tables that mark a referral as on the worklist (alerts) or reminded (outbox), with their time."""
+    return [(cast(Table, Alert.__table__), "raised_at"), (cast(Table, OutboxEntry.__table__), "created_at")]
 
 
 def worklist_counts(conn: Connection, params: ReportParams, tables: list[tuple[Table, str]], wide: bool = False
