@@ -182,3 +182,27 @@ def test_an_unrelated_event_keeps_the_moved_on_due_time(db_url: str) -> None:
     assert result is not None and [(r["stage"], r["status"]) for r in result.resolved] == [("scheduling", "resolved")]
     assert repo.aware(stored(engine, rid).next_due_at) == T0 + timedelta(days=45)  # the visit window's end
     engine.dispose()
+
+
+def test_report_rewrites_stale_rows_first_and_says_so_otherwise(db_url: str) -> None:
+    """Rows from before migration 0012 (or another windows' version) carry no usable clock: `refloop report`
+    rewrites them in chunks first, so its leaks are right; a report built without that names how many."""
+    from refloop.store import report_queries as rq
+
+    engine = engine_for(db_url)
+    rid = referral(engine, "OLD1", T0, None)  # projected without windows: stale
+    params = rq.default_params(T0 + timedelta(days=20), start="2026-01-01", end="2026-06-01")
+    windows = windows_from_settings(settings_for(db_url).stall)
+    with engine.connect() as conn:
+        assert rq.build_report(conn, params, windows)["cohort"]["stale_rows"] == 1
+    engine.dispose()
+    out = refloop_cli(db_url, "report", "--from", "2026-01-01", "--to", "2026-06-01", "--now",
+                      (T0 + timedelta(days=20)).isoformat(), "--format", "json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert "stale_rows" not in doc["cohort"]
+    assert doc["totals"]["leaks_by_stage"]["never_scheduled"] == 1
+    assert [leak["placer_id"] for leak in doc["leaks"]] == ["OLD1"]
+    engine = engine_for(db_url)
+    assert stored(engine, rid).clock_version == windows.version
+    engine.dispose()
