@@ -20,8 +20,8 @@ from refloop.cli_common import print_table as _table
 from refloop.cli_common import settings_from as _settings
 from refloop.clock import SystemClock
 
-_COLUMNS = ("alert_id", "referral", "placer_id", "stage", "level", "overdue_days", "owner", "status", "mode",
-            "last_action")
+_COLUMNS = ("alert_id", "referral", "placer_id", "stage", "level", "level_name", "overdue_days", "owner", "status",
+            "mode", "last_action")
 
 
 def _time(value: str | None, flag: str) -> datetime | None:
