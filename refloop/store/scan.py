@@ -25,7 +25,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, Final, TypeVar
 
-from sqlalchemy import Connection, Engine, or_, select, text, update
+from sqlalchemy import Connection, Engine, bindparam, or_, select, text, update
 
 from refloop import referral as rf
 from refloop import stall
@@ -41,6 +41,7 @@ SCAN_LOCK: Final = 0x72666C7363616E
 #: them raises an alert (the first scan of a store).
 CHUNK: Final = 50
 _HOLD_KINDS: Final = (rf.HOLD_STARTED, rf.HOLD_ENDED)
+_MOVE_DUE: Final = update(REFERRALS).where(REFERRALS.c.id == bindparam("b_id")).values(next_due_at=bindparam("b_due"))
 T = TypeVar("T")
 
 
@@ -113,6 +114,7 @@ def scan_chunk(conn: Connection, settings: Settings, windows: stall.Windows, ids
     by_referral: dict[int, dict[tuple[int, str], Any]] = defaultdict(dict)
     for key, row in alerts.open_alerts(conn, sorted(refs)).items():
         by_referral[key[0]][key] = row
+    moved: list[dict[str, Any]] = []
     for rid in sorted(refs):
         ref = refs[rid]
         if _plain(ref, version, held):
@@ -121,7 +123,9 @@ def scan_chunk(conn: Connection, settings: Settings, windows: stall.Windows, ids
         else:
             cursor = _fold_one(conn, settings, windows, ref, by_referral[rid], now, result)
         if cursor != repo.aware(ref.next_due_at):
-            conn.execute(update(REFERRALS).where(REFERRALS.c.id == rid).values(next_due_at=repo.utc(cursor)))
+            moved.append({"b_id": rid, "b_due": repo.utc(cursor)})
+    if moved:  # one prepared statement for the chunk's due times
+        conn.execute(_MOVE_DUE, moved)
 
 
 def _fold_one(conn: Connection, settings: Settings, windows: stall.Windows, ref: Any,
