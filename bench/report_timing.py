@@ -38,7 +38,7 @@ def _load(path: str | None) -> Any:
 def main(argv: list[str] | None = None) -> int:
     from refloop.config import DatabaseSettings, Settings
     from refloop.config.windows import windows_from_settings
-    from refloop.store import alerts
+    from refloop.store import scan as stall_scan
     from refloop.store.engine import make_engine
 
     ap = argparse.ArgumentParser(prog="python -m bench.report_timing")
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.scan:
             t0 = time.perf_counter()
-            alerts.run_scan(engine, settings, AS_OF)
+            stall_scan.run_scan(engine, settings, AS_OF)
             sys.stderr.write(f"scan {time.perf_counter() - t0:.2f} s\n")
         windows = windows_from_settings(settings.stall)
         if args.business_days:

@@ -14,7 +14,7 @@ Status mix, sent dates uniform over the year before ``AS_OF`` and each story cut
 referrals are naturally still sent/scheduled): ~50 % closed by a final note, ~25 % seen but the note never
 came back, ~6 % no-shows, ~5 % cancelled, ~9 % never booked, ~5 % booked but the visit never reported.
 
-Measured with the real functions, at the instant ``AS_OF``: (a) :func:`refloop.store.alerts.run_scan` (what
+Measured with the real functions, at the instant ``AS_OF``: (a) :func:`refloop.store.stall_scan.run_scan` (what
 ``refloop scan --as-of`` runs) twice: the first raises every genuinely overdue alert, the second at the same
 instant is the steady state and should be (nearly) a no-op; (b) :func:`refloop.store.alerts.worklist`;
 (c) :func:`refloop.store.report_queries.build_report` for the default one-year cohort (``refloop report``);
@@ -43,7 +43,7 @@ from refloop import referral as rf
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-GEN_VERSION = 2  # bump when the generated rows change (the cache key also has the schema revision)
+GEN_VERSION = 4  # bump when the generated rows change (the cache key also has the schema revision)
 AS_OF = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 YEAR = timedelta(days=365)
 SPECIALTIES = ("CARD", "DERM", "ENDO", "GAST", "NEUR", "ONC", "ORTH", "PULM", "RHEU", "URO")
@@ -96,7 +96,15 @@ class _Gen:
         self.docs: list[tuple[Any, ...]] = []
         assert self.ev_cols == ("referral_id", "message_id", "origin", "seq", "kind", "occurred_at", "control_id",
                                 "subject", "pending_key", "data"), self.ev_cols
-        assert self.ref_cols[-3:] == ("updated_at", "no_show_at", "no_show_count"), self.ref_cols
+        assert self.ref_cols[19:22] == ("updated_at", "no_show_at", "no_show_count"), self.ref_cols
+        self.clock_cols = self.ref_cols[22:]
+        assert set(self.clock_cols) == {
+            "clock_stage", "stage_started_at", "next_due_at", "leak_stage", "leak_at", "clock_version",
+            "scheduling_due_at", "visit_due_at", "sent_to_scheduled_s", "sent_to_appointment_s",
+            "appointment_to_note_s", "sent_to_closed_s"}, self.ref_cols
+        from refloop.config.windows import WindowSettings, windows_from_settings
+
+        self.windows = windows_from_settings(WindowSettings())
         assert self.link_cols == ("message_id", "referral_id", "state", "matched_by", "control_id", "message_type",
                                   "candidates"), self.link_cols
         base = dict(self.msg_defaults)
@@ -158,10 +166,10 @@ class _Gen:
         placer = f"P{rid:08d}"
         appt, doc = f"A{rid:08d}", f"D{rid:08d}"
         appt_subject, doc_subject = f"appt:SCHED^FAC|{appt}", f"doc:DOCS^FAC|{doc}"
-        booked = sent + timedelta(days=rng.uniform(0.5, 12))
+        booked = (sent + timedelta(days=rng.uniform(0.5, 12))).replace(microsecond=0)  # times in whole seconds
         start = (booked + timedelta(days=rng.uniform(3, 35))).replace(minute=0, second=0, microsecond=0)
         outcome_at = start + timedelta(hours=2)
-        note_at = outcome_at + timedelta(days=rng.uniform(0.5, 9))
+        note_at = (outcome_at + timedelta(days=rng.uniform(0.5, 9))).replace(microsecond=0)
         appt_data = _json({"appointment_id": appt, "start": start.isoformat()})
         proj: dict[str, Any] = {name: None for name in ("accepted_at", "scheduled_at", "appointment_at",
                                                         "completed_at", "note_received_at", "closed_at")}
@@ -177,7 +185,7 @@ class _Gen:
 
         steps.append((sent, ev(sent, "EHR", "REF", "I12", rf.REFERRAL_CREATED, _json(details), "", "referral_id")))
         if story == "cancelled":
-            cancel_at = sent + timedelta(days=rng.uniform(1, 20))
+            cancel_at = (sent + timedelta(days=rng.uniform(1, 20))).replace(microsecond=0)
             steps.append((cancel_at, ev(cancel_at, "EHR", "REF", "I14", rf.REFERRAL_CANCELLED, "{}", "",
                                         "referral_id")))
         elif story != "unbooked":
@@ -220,7 +228,7 @@ class _Gen:
                           *(None if proj[k] is None else _ts(proj[k]) for k in
                             ("accepted_at", "scheduled_at", "appointment_at", "completed_at", "note_received_at",
                              "closed_at")), "", _ts(last), None if no_show_at is None else _ts(no_show_at),
-                          no_show_count))
+                          no_show_count, *self._clock(status, sent, proj, no_show_at, no_show_count, details)))
         for _, fn in applied:
             fn()
         if status == "closed":
@@ -228,6 +236,19 @@ class _Gen:
                               b"consult note (synthetic)" if AS_OF - note_at < timedelta(days=30) else None,
                               "text/plain", _ts(note_at)))
         self.counts[status] = self.counts.get(status, 0) + 1
+
+    def _clock(self, status: str, sent: datetime, proj: dict[str, Any], no_show_at: datetime | None,
+               no_show_count: int, details: dict[str, str]) -> list[Any]:
+        """The clock columns exactly as ``recompute`` writes them (the same functions on the same values)."""
+        from types import SimpleNamespace
+
+        from refloop import stall
+        from refloop.store import referrals as repo
+
+        inp = stall.ClockInput(status, sent, proj["completed_at"], no_show_at, no_show_count, details["priority"],
+                               details["referred_to"], details["specialty"])
+        values = {**repo.clock_columns(inp, self.windows), **repo.durations(SimpleNamespace(sent_at=sent, **proj))}
+        return [_ts(v) if isinstance(v, datetime) else v for v in (values[c] for c in self.clock_cols)]
 
     def flush(self) -> None:
         db = self.db
@@ -294,12 +315,15 @@ def generate(path: Path, n: int, seed: int = 20261102) -> dict[str, Any]:
 
 
 def verify_projection(path: Path, sample: int = 2000) -> int:
-    """Re-fold a sample with the real fold and compare with the generated projection (recompute's rule)."""
+    """Re-fold a sample with the real fold and compare with the generated projection (recompute's rule,
+    the stage clock's columns included)."""
     from refloop.config import DatabaseSettings
+    from refloop.config.windows import WindowSettings, windows_from_settings
     from refloop.store import referrals as repo
     from refloop.store.engine import make_engine
 
     engine = make_engine(DatabaseSettings(url=f"sqlite:///{path}"))
+    windows = windows_from_settings(WindowSettings())
     bad = 0
     with engine.connect() as conn:
         n = conn.exec_driver_sql("SELECT max(id) FROM referrals").scalar_one()
@@ -310,7 +334,10 @@ def verify_projection(path: Path, sample: int = 2000) -> int:
             values: dict[str, Any] = {name: repo.utc(getattr(state, name)) for name in repo._MILESTONES}
             values.update(status=state.status.value, priority=state.priority[:64], referred_to=state.referred_to[:255],
                           referring_provider=state.referring_provider[:255], specialty=state.specialty[:64],
-                          **repo.no_show_values(state))
+                          **repo.no_show_values(state), **repo.durations(state))
+            pauses = rf.paused_intervals(repo.event_of(r) for r in rows)
+            values.update(repo.clock_values(state, pauses, windows, AS_OF, before=ref,
+                                            presume_hours=ref.presume_hours))
             if not all(repo._same(getattr(ref, k), v) for k, v in values.items()):
                 bad += 1
                 if bad <= 3:
@@ -390,6 +417,7 @@ def measure(base: Path, n: int, *, check: bool) -> dict[str, Any]:
     from refloop.store import alerts
     from refloop.store import referrals as repo
     from refloop.store import report_queries as rq
+    from refloop.store import scan as stall_scan
     from refloop.store.engine import make_engine
 
     work = base.with_name(f"work-{n}.db")
@@ -402,11 +430,11 @@ def measure(base: Path, n: int, *, check: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"n": n}
     try:
         sys.stderr.write(f"  scan #1 at {AS_OF:%Y-%m-%d} ({n:,} referrals) ...\n")
-        t, first = _timed(lambda: alerts.run_scan(engine, settings, AS_OF), 1)
+        t, first = _timed(lambda: stall_scan.run_scan(engine, settings, AS_OF), 1)
         out["scan_first_s"] = t
         out["scan_first"] = {"raised": len(first.raised), "escalated": len(first.escalated),
                              "resolved": len(first.resolved)}
-        t, again = _timed(lambda: alerts.run_scan(engine, settings, AS_OF), 3)
+        t, again = _timed(lambda: stall_scan.run_scan(engine, settings, AS_OF), 3)
         out["scan_second_s"] = t
         out["scan_second"] = {"raised": len(again.raised), "escalated": len(again.escalated),
                               "resolved": len(again.resolved)}
@@ -418,6 +446,12 @@ def measure(base: Path, n: int, *, check: bool) -> dict[str, Any]:
             out["scan_matches_full_fold"] = stored == legacy
             if stored != legacy:
                 sys.stderr.write(f"  SCAN MISMATCH: {len(stored - legacy)} extra, {len(legacy - stored)} missing\n")
+        # the daemon never scans the same instant twice: 5 minutes and one day later are the real ticks
+        for label, later in (("scan_5min", timedelta(minutes=5)), ("scan_next_day", timedelta(days=1))):
+            t, moved = _timed(lambda later=later: stall_scan.run_scan(engine, settings, AS_OF + later), 1)
+            out[f"{label}_s"] = t
+            out[label] = {"raised": len(moved.raised), "escalated": len(moved.escalated),
+                          "resolved": len(moved.resolved)}
         with engine.connect() as conn:
             t, rows = _timed(lambda: alerts.worklist(conn, settings, AS_OF), 3)
             out["worklist_s"], out["worklist_rows"] = t, len(rows)
@@ -434,6 +468,12 @@ def measure(base: Path, n: int, *, check: bool) -> dict[str, Any]:
             t, doc = _timed(show, 21)
             assert doc is not None
             out["show_s"] = t
+            # the yardstick, in the same run on the same copy: one bare aggregate pass over referrals
+            t, _ = _timed(lambda: conn.exec_driver_sql(
+                "SELECT count(*), count(sent_at), sum(no_show_count), max(updated_at) FROM referrals").all(), 3)
+            out["bare_pass_s"] = t
+            for name in ("report_s", "scan_second_s", "scan_5min_s", "scan_next_day_s", "scan_first_s"):
+                out[name[:-2] + "_x_bare"] = round(out[name] / t, 1) if t else None
     finally:
         engine.dispose()
         for suffix in ("", "-wal", "-shm"):
@@ -441,7 +481,10 @@ def measure(base: Path, n: int, *, check: bool) -> dict[str, Any]:
     return out
 
 
-TARGETS = (("scan_second_s", 1.0, "steady-state stall scan ≤ 1 s"), ("report_s", 3.0, "one-year report ≤ 3 s"),
+#: The issue's targets, each beside one bare aggregate pass over ``referrals`` measured in the same run.
+TARGETS = (("report_x_bare", 4.0, "one-year report ≤ 4× a bare pass"),
+           ("scan_second_x_bare", 2.0, "scan at the same instant ≤ 2× a bare pass"),
+           ("scan_next_day_x_bare", 2.0, "scan one day later ≤ 2× a bare pass"),
            ("show_s", 0.05, "`show` ≤ 50 ms"))
 
 
@@ -457,26 +500,28 @@ def run(sizes: tuple[int, ...] = (100_000, 1_000_000)) -> dict[str, Any]:
         records.append(rec)
         sys.stderr.write(f"  {json.dumps(rec)}\n")
     big = max(records, key=lambda r: r["n"])
-    targets = [{"target": label, "measured": big[k], "met": big[k] <= limit, "n": big["n"]}
+    targets = [{"target": label, "measured": big[k], "met": big[k] is not None and big[k] <= limit, "n": big["n"]}
                for k, limit, label in TARGETS]
     return {"records": records, "targets": targets}
 
 
 def render(doc: dict[str, Any]) -> str:
     lines = ["## Store (SQLite, generated stores, `python -m bench.store`)", "",
-             "| referrals | generate s | scan #1 s (raised) | scan #2 s (same instant) | worklist s (rows) "
-             "| 1-year report s | show ms |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| referrals | generate s | bare pass s | scan #1 s (raised) | same instant s | +5 min s | +1 day s "
+             "(changed) | worklist s (rows) | 1-year report s | show ms |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in doc["records"]:
         gen = "cached" if r["cached"] else f"{r['generate_s']:.0f}"
-        lines.append(f"| {r['n']:,} | {gen} | {r['scan_first_s']:.2f} ({r['scan_first']['raised']:,}) "
-                     f"| {r['scan_second_s']:.3f} | {r['worklist_s']:.2f} ({r['worklist_rows']:,}) "
-                     f"| {r['report_s']:.2f} | {r['show_s'] * 1000:.1f} |")
+        day = r["scan_next_day"]
+        lines.append(f"| {r['n']:,} | {gen} | {r['bare_pass_s']:.3f} | {r['scan_first_s']:.2f} "
+                     f"({r['scan_first']['raised']:,}) | {r['scan_second_s']:.3f} | {r['scan_5min_s']:.3f} "
+                     f"| {r['scan_next_day_s']:.3f} ({day['raised'] + day['escalated'] + day['resolved']:,}) "
+                     f"| {r['worklist_s']:.2f} ({r['worklist_rows']:,}) | {r['report_s']:.2f} "
+                     f"| {r['show_s'] * 1000:.1f} |")
     lines.append("")
     for t in doc["targets"]:
-        lines.append(f"- {t['target']} at {t['n']:,}: {t['measured']:.3f} s — {'met' if t['met'] else 'NOT met'}")
-    lines.append("- scan #1 raises every genuinely overdue alert of the store (a one-off); the ≤ 1 s target is "
-                 "for the steady-state scan (#2, median of 3).")
+        lines.append(f"- {t['target']} at {t['n']:,}: {t['measured']} — {'met' if t['met'] else 'NOT met'}")
+    lines.append("- scan #1 raises every genuinely overdue alert of the store (a one-off, in short chunks).")
     return "\n".join(lines) + "\n"
 
 

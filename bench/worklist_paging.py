@@ -54,9 +54,11 @@ def build(url: str, n: int, seed: int = 7) -> None:
                              "specialty": SPECIALTIES[i % 8], "patient_key": f"p{i}", "sent_at": sent,
                              "updated_at": NOW, "no_show_count": 0})
                 level = 1 + int(rnd.expovariate(1.0))
+                overdue = round(rnd.uniform(0, 200), 6)
                 alerts.append({"referral_id": i + 1, "stage": STAGES[i % 4], "level": level,
                                "status": "open" if i % 5 else "acknowledged", "owner": OWNERS[i % 20],
-                               "overdue_days": round(rnd.uniform(0, 200), 6), "raised_at": NOW - timedelta(days=3),
+                               "overdue_days": overdue, "raised_at": NOW - timedelta(days=3),
+                               "due_at": NOW - timedelta(days=overdue),
                                "last_action": "raised", "last_action_at": NOW, "open_key": 0})
             conn.execute(insert(Referral.__table__), refs)
             conn.execute(insert(Alert.__table__), alerts)

@@ -29,6 +29,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from refloop.config import load_settings
     from refloop.config.windows import windows_from_settings
     from refloop.store import report_queries as rq
+    from refloop.store import scan as stall_scan
 
     settings = load_settings(args.config or os.environ.get("REFLOOP_CONFIG") or None, os.environ)
     now = _aware(args.now) if args.now else SystemClock().now()
@@ -44,9 +45,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"refloop report: {exc}", file=sys.stderr)
         return EXIT_USAGE
     engine = open_engine(settings)
+    windows = windows_from_settings(settings.stall)
     try:
+        # rows no daemon has brought to the current windows yet (after an upgrade): rewritten first, in chunks
+        stall_scan.recompute_stale(engine, windows, now)
         with engine.connect() as conn:
-            doc = rq.build_report(conn, params, windows_from_settings(settings.stall))
+            doc = rq.build_report(conn, params, windows)
     finally:
         engine.dispose()
     if args.format == "json":
@@ -93,6 +97,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print("refloop simulate: give --out DIR and/or --send HOST:PORT", file=sys.stderr)
         return EXIT_USAGE
     now = _aware(args.now) if args.now else None
+    if now is None and args.send is not None:
+        # the daemon applies each message at its own clock (a referral already overdue gets its alert then),
+        # so a simulation sent to it ends now, not on the fixed default date the files use
+        from refloop.clock import SystemClock
+
+        now = SystemClock().now().replace(microsecond=0)
     run = sim.Simulation(args.referrals, days=args.days, seed=args.seed, now=now, styles=styles).build()
     if args.out is not None:
         paths = run.write(Path(args.out))
@@ -137,7 +147,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--referrals", type=int, default=1000, help="how many referrals to simulate")
     sp.add_argument("--days", type=int, default=365, help="length of the simulated period in days")
     sp.add_argument("--seed", type=int, default=1, help="random seed (same seed, same traffic)")
-    sp.add_argument("--now", metavar="TIME", help="end of the simulated period (default 2026-10-01T00:00Z)")
+    sp.add_argument("--now", metavar="TIME",
+                    help="end of the simulated period (default: now with --send, else 2026-10-01T00:00Z)")
     sp.add_argument("--styles", default="epic", help="sender styles: epic, 360x or both (360x orders declare "
                     "the 360X profile in MSH-21, so they need no sender profile)")
     sp.add_argument("--out", metavar="DIR", help="write ref.hl7, siu.hl7, notes.hl7 and ground_truth.json")

@@ -20,8 +20,8 @@ from refloop.cli_common import print_table as _table
 from refloop.cli_common import settings_from as _settings
 from refloop.clock import SystemClock
 
-_COLUMNS = ("alert_id", "referral", "placer_id", "stage", "level", "overdue_days", "owner", "status", "mode",
-            "last_action")
+_COLUMNS = ("alert_id", "referral", "placer_id", "stage", "level", "level_name", "overdue_days", "owner", "status",
+            "mode", "last_action")
 
 
 def _time(value: str | None, flag: str) -> datetime | None:
@@ -29,12 +29,12 @@ def _time(value: str | None, flag: str) -> datetime | None:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from refloop.store import alerts
+    from refloop.store import scan as stall_scan
 
     settings = _settings(args)
     now = _time(args.as_of, "--as-of") or SystemClock().now()
     with _engine(args) as engine:
-        result = alerts.run_scan(engine, settings, now)
+        result = stall_scan.run_scan(engine, settings, now)
     if result is None:
         print(json.dumps({"skipped": True}) if args.json else "scan skipped: another daemon is scanning")
         return EXIT_OK
@@ -62,7 +62,7 @@ def cmd_worklist(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError("worklist", str(exc)) from None
     with _engine(args) as engine, engine.connect() as conn:
-        now = SystemClock().now()
+        now = _time(args.as_of, "--as-of") or SystemClock().now()
         if args.limit:
             try:
                 p = wv.page(conn, settings, now, view, after=args.after or "", limit=args.limit, with_counts=False)
@@ -192,6 +192,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="alert status (default: active = open + acknowledged)")
     sp.add_argument("--sort", choices=["due", "level", "priority", "raised"], help="order (default: due)")
     sp.add_argument("--limit", type=int, default=0, help="one page of this many rows (default: every row)")
+    sp.add_argument("--as-of", dest="as_of", metavar="ISO8601",
+                    help="how overdue each row is at this instant (default: now)")
     sp.add_argument("--after", help="the page after this cursor (from a previous page's last row: see docs)")
     out = sp.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print JSON")

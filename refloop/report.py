@@ -64,12 +64,9 @@ import csv
 import io
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Final
-
-from refloop import stall
-from refloop.stall import Windows
 
 #: Fields a cohort can be filtered or grouped by (``month`` only groups).
 GROUP_FIELDS: Final = ("referred_to", "specialty", "referring_provider", "priority", "month")
@@ -90,8 +87,8 @@ EVENT_COLUMNS: Final = ("appointments", "no_show_appointments", "no_show_referra
 
 
 @dataclass(frozen=True)
-class OpenRow:
-    """An unclosed cohort referral, as much as the leak rules need (no PHI)."""
+class LeakRow:
+    """A leaking cohort referral, as much as a leak entry shows (no PHI)."""
 
     referral_id: int
     placer_id: str
@@ -100,9 +97,45 @@ class OpenRow:
     referred_to: str
     specialty: str
     sent_at: datetime
-    completed_at: datetime | None
-    last_no_show_at: datetime | None
-    group: str = ""
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    """What the CLI and the API both accept, so that both produce the same numbers."""
+
+    start: datetime
+    end: datetime
+    now: datetime
+    by: str | None = None
+    filters: Mapping[str, str] = field(default_factory=dict)
+    cms50_year: int | None = None
+    leak_limit: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.by is not None and self.by not in GROUP_FIELDS:
+            raise ValueError(f"by must be one of {', '.join(GROUP_FIELDS)}")
+        unknown = set(self.filters) - set(FILTER_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown filter(s): {', '.join(sorted(unknown))}")
+        if self.end <= self.start:
+            raise ValueError("'to' must be after 'from'")
+
+
+def parse_day(text: str) -> datetime:
+    """``YYYY-MM-DD`` (or a full ISO time) as an aware UTC instant; dates mean 00:00 UTC."""
+    text = text.strip()
+    if len(text) == 10:
+        return datetime.combine(date.fromisoformat(text), time(), UTC)
+    moment = datetime.fromisoformat(text)
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+
+
+def default_params(now: datetime, *, start: str | None = None, end: str | None = None, by: str | None = None,
+                   filters: Mapping[str, str] | None = None, year: int | None = None) -> ReportParams:
+    """The default cohort is the 365 days up to and including today (UTC)."""
+    stop = parse_day(end) if end else datetime.combine(now.astimezone(UTC).date() + timedelta(days=1), time(), UTC)
+    begin = parse_day(start) if start else stop - timedelta(days=365)
+    return ReportParams(begin, stop, now, by or None, {k: v for k, v in (filters or {}).items() if v}, year)
 
 
 def ratio(num: int, den: int) -> dict[str, Any]:
@@ -126,6 +159,17 @@ def distribution(values: Iterable[float], *, presorted: bool = False) -> dict[st
     return {"n": n, "mean": round(sum(data) / n, 2), "median": round(median, 2), "p90": round(p90, 2)}
 
 
+def figures(n: int, total: int, ranks: Mapping[int, int], unit: int) -> dict[str, Any]:
+    """:func:`distribution` from what SQL ranks: ``n`` values summing to ``total`` and the values at the
+    1-based ranks the median and p90 need (``ranks``), in units of ``unit`` per day (seconds: 86400)."""
+    if n == 0:
+        return {"n": 0, "mean": None, "median": None, "p90": None}
+    mid = n // 2
+    median = ranks[mid + 1] / unit if n % 2 else (ranks[mid] / unit + ranks[mid + 1] / unit) / 2
+    p90 = ranks[max(math.ceil(0.9 * n), 1)] / unit
+    return {"n": n, "mean": round(total / unit / n, 2), "median": round(median, 2), "p90": round(p90, 2)}
+
+
 def rates(counts: Mapping[str, int], events: Mapping[str, int]) -> dict[str, Any]:
     """The rate block of one group from its SQL counts (see the module docstring for each definition)."""
     sent = counts.get("sent", 0)
@@ -142,55 +186,7 @@ def rates(counts: Mapping[str, int], events: Mapping[str, int]) -> dict[str, Any
     }
 
 
-def _key(name: str) -> str:
-    return " ".join(name.split()).casefold()
-
-
-def window_days(windows: Windows, stage: str, *, referred_to: str, specialty: str, priority: str) -> float:
-    """:meth:`Windows.window_days` for a projection row (same precedence), without folding a state."""
-    for name in (referred_to, specialty):
-        if name and (days := windows.target_days.get((_key(name), stage))) is not None:
-            return days
-    days = windows.priority_days.get((stall.priority_class(priority), stage))
-    return days if days is not None else windows.stage_days[stage]
-
-
-def _elapsed(start: datetime, now: datetime, windows: Windows) -> float:
-    return stall.elapsed_days(start, now, business_days=windows.business_days, holidays=windows.holidays)
-
-
-def classify(row: OpenRow, now: datetime, windows: Windows) -> tuple[str, float] | None:
-    """``(stage, overdue_days)`` when an unclosed referral is a leak at ``now``, None while in flight."""
-    if row.status == "cancelled":
-        return "cancelled", 0.0
-    if row.status in ("declined", "expired"):
-        return "declined", 0.0
-
-    def over(stage: str, start: datetime | None) -> float | None:
-        if start is None:
-            return None
-        window = window_days(windows, stage, referred_to=row.referred_to, specialty=row.specialty,
-                             priority=row.priority)
-        elapsed = _elapsed(start, now, windows)
-        return elapsed - window if elapsed >= window else None
-
-    if row.status == "sent":
-        late = over(stall.SCHEDULING, row.sent_at)
-        return ("never_scheduled", late) if late is not None else None
-    if row.status == "scheduled":
-        late = over(stall.VISIT, row.sent_at)
-        return ("not_seen", late) if late is not None else None
-    if row.status == "no_show":
-        lates = [x for x in (over(stall.REBOOKING, row.last_no_show_at), over(stall.VISIT, row.sent_at))
-                 if x is not None]
-        return ("no_show_not_rebooked", max(lates)) if lates else None
-    if row.status == "completed":
-        late = over(stall.NOTE, row.completed_at)
-        return ("seen_no_note", late) if late is not None else None
-    return None
-
-
-def leak_entry(row: OpenRow, stage: str, overdue: float, now: datetime) -> dict[str, Any]:
+def leak_entry(row: LeakRow, stage: str, overdue: float, now: datetime) -> dict[str, Any]:
     """One leak as reported: identifiers and codes only, never patient data."""
     return {
         "referral_id": row.referral_id, "placer_id": row.placer_id, "status": row.status, "stage": stage,

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select
 
 from refloop import simulate as sim
-from refloop.store import alerts as alert_store
+from refloop.store import scan as stall_scan
 from refloop.store.models import Alert, AuditEntry
 from tests.utils import make_settings, running_daemon
 
@@ -55,8 +55,7 @@ def test_dashboard_kpis_and_worklist_action(sqlite_url: str, tmp_path: Path) -> 
         sim.send(run, "127.0.0.1", d.port)
         engine = d.server.engine
         assert engine is not None
-        with engine.begin() as conn:  # the stall scan at the simulated instant fills the worklist
-            alert_store.scan(conn, d.server.settings, now)
+        assert stall_scan.run_scan(engine, d.server.settings, now) is not None  # the scan at the simulated instant
         query = urlencode({"from": (now - timedelta(days=365)).date().isoformat(),
                            "to": (now + timedelta(days=1)).date().isoformat(), "now": now.isoformat()})
         status, api = d.get(f"/api/report?{query}")

@@ -29,7 +29,7 @@ from refloop.config.windows import WindowSettings
 from refloop.daemon.metrics import Metrics
 from refloop.notify.dispatch import dispatch_once
 from refloop.notify.policy import retry_delay
-from refloop.store import alerts, outbox
+from refloop.store import alerts, digest, outbox
 from tests.samples import CANARY_NAME, mdm_msg, ref_msg, siu_msg
 from tests.test_scan import T0, engine_for, new_referral, scan, settings_for
 from tests.utils import FS, VT, MllpClient, free_port, make_settings, msa, running_daemon, wait_for
@@ -330,7 +330,9 @@ def test_loop_closed_forwards_the_note_as_mdm_t02(db_url: str) -> None:
     assert msg.txa.txa_14.to_er7().split("^")[0] == "R6000"
     obx = [s for s in forwarded.split("\r") if s.startswith("OBX|")]
     assert [o.split("|")[5] for o in obx] == ["Seen \\F\\ stable.", "Plan: echo."]
-    [event] = [r["body"] for r in hook.received]
+    # sent 5 Jan and received on the 20th: already past its 14-day window, so the apply raised its alert at once
+    assert [r["body"]["event"] for r in hook.received] == ["alert_raised", "loop_closed"]
+    event = hook.received[1]["body"]
     assert (event["event"], event["placer_id"]) == ("loop_closed", "R6000")
     assert CANARY_NAME.split("^")[0] not in json.dumps(event)
 
@@ -338,7 +340,7 @@ def test_loop_closed_forwards_the_note_as_mdm_t02(db_url: str) -> None:
 def test_no_show_reminds_the_patient_and_a_second_no_show_escalates(db_url: str) -> None:
     """No-show: patient reminder; rebooked: nothing stalls; second no-show: rebooking alert at level 2 at
     once (owner webhook) and a second reminder."""
-    clock = FixedClock(datetime(2026, 1, 20, 9, 0, tzinfo=UTC))
+    clock = FixedClock(datetime(2026, 1, 16, 16, 0, tzinfo=UTC))  # after the messages, before 14 days
     with http_receiver() as patient, http_receiver() as owner:
         settings = fast(make_settings(db_url), patient_webhook_url=patient.url, webhook_url=owner.url)
         with running_daemon(settings, clock=clock) as d, MllpClient(d.port) as c:
@@ -366,11 +368,11 @@ def test_no_show_reminds_the_patient_and_a_second_no_show_escalates(db_url: str)
 
 
 def test_daily_digest_one_mail_per_owner_per_day(db_url: str) -> None:
-    """digest mode: no per-alert mail; after digest_hour_utc one mail per owner listing new and open alerts."""
+    """digest mode: no per-alert mail; after digest_hour one mail per owner listing new and open alerts."""
     engine = engine_for(db_url)
     with smtp_receiver() as (sink, port):
         settings = settings_for(db_url, smtp_host="127.0.0.1", smtp_port=port,
-                                worklist=WorklistSettings(mode="active", digest="digest", digest_hour_utc=7,
+                                worklist=WorklistSettings(mode="active", digest="digest", digest_hour=7,
                                                           owners=("practice:CLINIC=alice@test.invalid",)))
         new_referral(engine, "R1")
         new_referral(engine, "R2", sent=T0 - timedelta(days=3))
@@ -378,9 +380,9 @@ def test_daily_digest_one_mail_per_owner_per_day(db_url: str) -> None:
         scan(engine, settings, day.replace(hour=6))
         assert statuses(engine) == []  # no immediate mail in digest mode
         with engine.begin() as conn:
-            assert alerts.digest(conn, settings, day.replace(hour=6)) == 0  # before the hour
-            assert alerts.digest(conn, settings, day.replace(hour=8)) == 1
-            assert alerts.digest(conn, settings, day.replace(hour=9)) == 0  # once a day
+            assert digest.digest(conn, settings, day.replace(hour=6)) == 0  # before the hour
+            assert digest.digest(conn, settings, day.replace(hour=8)) == 1
+            assert digest.digest(conn, settings, day.replace(hour=9)) == 0  # once a day
         assert dispatch_once(engine, settings, day.replace(hour=8))["delivered"] == 1
     [(rcpts, msg)] = sink.messages
     assert rcpts == ["alice@test.invalid"]
@@ -397,7 +399,7 @@ def test_notices_are_enqueued_with_the_state_change_not_by_the_scan(db_url: str)
                                          webhook_url="http://127.0.0.1:9/hook",
                                          patient_webhook_url="http://127.0.0.1:9/patient"),
                    worklist=WorklistSettings(mode="active"))
-    clock = FixedClock(datetime(2026, 1, 20, 9, 0, tzinfo=UTC))
+    clock = FixedClock(datetime(2026, 1, 14, 9, 0, tzinfo=UTC))  # inside the 14-day window: no stall alert
     engine = engine_for(db_url)
     with running_daemon(slow, clock=clock) as d, MllpClient(d.port) as c:
         assert wait_for(lambda: d.metric("refloop_scheduler_last_success_timestamp_seconds",

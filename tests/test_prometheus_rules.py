@@ -188,7 +188,22 @@ def test_sender_silent_uses_business_hours_and_quiet_period() -> None:
     expr = next(b["expr"] for b in alert_blocks() if b["alert"] == "RefloopSenderSilent")
     assert "time() - refloop_last_message_timestamp_seconds" in expr
     assert "> 7200" in expr
-    assert "hour()" in expr and "day_of_week()" in expr
+    # the clinic's business hours, computed by the daemon in stall.timezone (not UTC hour()/day_of_week())
+    assert "refloop_clinic_open" in expr and "hour()" not in expr
+
+
+def test_business_hours_gauge_follows_the_clinics_zone() -> None:
+    """refloop_clinic_open is 1 from 08:00 to 18:00 local on business days, DST and holidays included."""
+    from datetime import UTC, date, datetime
+
+    from refloop import stall
+
+    ny = stall.Windows(zone="America/New_York", holidays=(date(2026, 11, 26),))
+    assert stall.business_hours(ny, datetime(2026, 11, 2, 13, 0, tzinfo=UTC))  # Monday 08:00 EST
+    assert not stall.business_hours(ny, datetime(2026, 11, 2, 12, 59, tzinfo=UTC))  # 07:59 EST
+    assert stall.business_hours(ny, datetime(2026, 10, 30, 12, 0, tzinfo=UTC))  # Friday 08:00 EDT
+    assert not stall.business_hours(ny, datetime(2026, 11, 26, 15, 0, tzinfo=UTC))  # Thanksgiving
+    assert not stall.business_hours(ny, datetime(2026, 11, 1, 15, 0, tzinfo=UTC))  # Sunday
 
 
 # -- Grafana dashboard ---------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def make(conn: Any, placer: str, patient: str, events: list[tuple[str, str, dict
         conn.execute(insert(repo.EVENTS).values(
             referral_id=rid, message_id=None, origin=repo.MANUAL, seq=0, kind=kind, occurred_at=d(day),
             control_id="", subject=subject, pending_key="", data=json.dumps(data)))
-    repo.refresh(conn, rid, NOW)
+    repo.refresh(conn, rid, NOW, windows=windows_from_settings(WindowSettings()))
     return rid
 
 

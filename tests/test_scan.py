@@ -15,10 +15,12 @@ from typing import Any
 from sqlalchemy import Engine, func, insert, select
 
 from refloop import referral as rf
+from refloop.clock import FixedClock
 from refloop.config import DatabaseSettings, Settings
 from refloop.config.notify import NotifySettings, WorklistSettings
 from refloop.store import alerts, migrate
 from refloop.store import referrals as repo
+from refloop.store import scan as stall_scan
 from refloop.store.engine import make_engine
 from refloop.store.outbox import OUTBOX
 from tests.samples import ref_msg
@@ -62,7 +64,7 @@ def open_alerts(engine: Engine) -> list[tuple[int, str, int, str]]:
 
 
 def scan(engine: Engine, settings: Settings, at: datetime) -> alerts.ScanResult:
-    result = alerts.run_scan(engine, settings, at)
+    result = stall_scan.run_scan(engine, settings, at)
     assert result is not None
     return result
 
@@ -151,7 +153,7 @@ def test_concurrent_scans_on_postgres_make_one_set_of_alerts(pg_url: str) -> Non
     def run(engine: Engine) -> None:
         try:
             barrier.wait(10)
-            results.append(alerts.run_scan(engine, settings, T0 + timedelta(days=15)))
+            results.append(stall_scan.run_scan(engine, settings, T0 + timedelta(days=15)))
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
@@ -177,11 +179,11 @@ def test_advisory_lock_makes_the_second_scan_skip(pg_url: str) -> None:
     engine = engine_for(pg_url)
     settings = settings_for(pg_url)
     with engine.begin() as conn:
-        assert conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": alerts.SCAN_LOCK}).scalar()
+        assert conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": stall_scan.SCAN_LOCK}).scalar()
         other = make_engine(DatabaseSettings(url=pg_url))
-        assert alerts.run_scan(other, settings, T0) is None
+        assert stall_scan.run_scan(other, settings, T0) is None
         other.dispose()
-    assert alerts.run_scan(engine, settings, T0) is not None
+    assert stall_scan.run_scan(engine, settings, T0) is not None
     engine.dispose()
 
 
@@ -193,8 +195,10 @@ def refloop_cli(db_url: str, *args: str, env: dict[str, str] | None = None) -> s
 
 
 def test_cli_scan_as_of_surfaces_a_referral_unbooked_for_20_days(db_url: str) -> None:
-    """REF over MLLP to a daemon; `refloop scan --as-of sent+20d --json` raises it; the worklist shows it."""
-    with running_daemon(make_settings(db_url)) as d, MllpClient(d.port) as c:
+    """REF over MLLP to a daemon (its clock an hour after sending); `refloop scan --as-of sent+20d --json`
+    raises it; the worklist shows it."""
+    clock = FixedClock(datetime(2026, 1, 5, 15, 0, tzinfo=UTC))
+    with running_daemon(make_settings(db_url), clock=clock) as d, MllpClient(d.port) as c:
         assert msa(c.send(ref_msg("R2020", at="20260105090000-0500")))[0] == "AA"
     sent = datetime(2026, 1, 5, 14, 0, tzinfo=UTC)
     env = {"REFLOOP_WORKLIST_OWNERS": "practice:CLINIC=alice"}

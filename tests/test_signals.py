@@ -162,3 +162,34 @@ def test_sighup_with_broken_config_keeps_running_configuration(tmp_path: Path, s
         d.proc.send_signal(signal.SIGTERM)
         assert d.proc.wait(EXIT_BOUND) == 0
     assert [r.profile for r in journal(sqlite_url, cid)] == ["engine"]
+
+
+def test_sighup_window_change_recomputes_due_times(tmp_path: Path, sqlite_url: str) -> None:
+    """A referral sent 10 days ago is inside a 14-day scheduling window; SIGHUP with a 7-day window: the
+    daemon rewrites its due time under the new windows' version and the scan it runs at once raises it."""
+    from datetime import UTC, datetime, timedelta
+
+    from refloop.config.windows import WindowSettings, windows_from_settings
+
+    config = tmp_path / "refloop.toml"
+    config.write_text("[stall]\nscheduling_days = 14.0\nscan_minutes = 600.0\n")
+    sent = datetime.now(UTC) - timedelta(days=10)
+    with daemon(tmp_path, sqlite_url, args=("--config", str(config))) as d:
+        with MllpClient(d.port) as c:
+            assert msa(c.send(samples.ref_msg("WIN1", at=f"{sent:%Y%m%d%H%M%S}+0000")))[0] == "AA"
+        db = sqlite_url.removeprefix("sqlite:///")
+
+        def row() -> tuple[str, int]:
+            with contextlib.closing(sqlite3.connect(db)) as conn:
+                version = conn.execute("SELECT clock_version FROM referrals WHERE placer_id = 'WIN1'").fetchone()[0]
+                alerts = conn.execute("SELECT count(*) FROM alerts WHERE stage = 'scheduling'").fetchone()[0]
+            return version, alerts
+
+        assert row() == (windows_from_settings(WindowSettings(scheduling_days=14.0, scan_minutes=600.0)).version, 0)
+        config.write_text("[stall]\nscheduling_days = 7.0\nscan_minutes = 600.0\n")
+        d.proc.send_signal(signal.SIGHUP)
+        new = windows_from_settings(WindowSettings(scheduling_days=7.0, scan_minutes=600.0)).version
+        assert wait_for(lambda: row() == (new, 1), timeout=20)
+        assert "stall windows changed" in d.log_path.read_text()
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(EXIT_BOUND) == 0

@@ -15,6 +15,7 @@ import pytest
 from refloop import cli_simulate
 from refloop import simulate as sim
 from refloop.cli import main as cli_main
+from refloop.clock import FixedClock
 from refloop.config import HttpSettings, SenderProfile
 from tests.utils import make_settings, running_daemon
 
@@ -25,7 +26,9 @@ def test_check_mode_agrees_with_ground_truth(sqlite_url: str) -> None:
     settings = dataclasses.replace(make_settings(sqlite_url), profiles=(SenderProfile(), X360))
     run = sim.Simulation(2000, seed=11, styles=("epic", "360x")).build()
     assert {m.feed for m in run.messages} == set(sim.FEEDS)
-    with running_daemon(settings) as d:
+    # the daemon lives at the simulation's instant: a message whose referral is already overdue gets its alert
+    # when it is applied, as of the daemon's clock, so the expected stalls are those at run.now
+    with running_daemon(settings, clock=FixedClock(run.now)) as d:
         codes = sim.send(run, "127.0.0.1", d.port)
         assert set(codes) == {"AA"}
         result = sim.check(run, f"127.0.0.1:{d.http_port}")

@@ -139,3 +139,26 @@ def test_loader_names_the_key() -> None:
     built = _build(WindowSettings, {"holidays": ["2026-12-25"]}, "stall", {"REFLOOP_STALL_BUSINESS_DAYS": "yes"},
                    "stall")  # fmt: skip
     assert (built.business_days, built.holidays) == (True, ("2026-12-25",))
+
+
+def test_zone_calendar_levels_and_escalation_owners() -> None:
+    """stall.timezone, holiday_calendar (the optional holidays package), max_level and level names reach the
+    clock; bad values fail at load with the key named."""
+    ws = WindowSettings(timezone="America/New_York", holiday_calendar="US-NY", business_days=True, max_level=2,
+                        level_names=("late", "very late"))
+    windows = windows_from_settings(ws)
+    assert (windows.zone, windows.max_level) == ("America/New_York", 2)
+    assert date(2026, 11, 26) in windows.holidays and date(2027, 1, 18) in windows.holidays  # Thanksgiving, MLK
+    assert windows.version != windows_from_settings(WindowSettings()).version
+    from refloop.config.windows import level_name
+
+    assert [level_name(ws, k) for k in (1, 2, 3)] == ["late", "very late", "level 3"]
+    for key, value, message in (("timezone", "Mars/Olympus", "unknown IANA time zone"),
+                                ("holiday_calendar", "XX", "unknown country code"),
+                                ("max_level", 0, "between 1 and 9")):
+        with pytest.raises(ValueError, match=message):
+            WindowSettings(**{key: value})
+    from refloop.config.notify import WorklistSettings
+
+    with pytest.raises(ValueError, match="LEVEL=OWNER"):
+        WorklistSettings(escalation_owners=("lead",))

@@ -30,7 +30,9 @@ from refloop.config.notify import WorklistSettings
 from refloop.config.windows import windows_from_settings
 from refloop.notify import policy
 from refloop.store import alerts, weekly
+from refloop.store import referrals as repo
 from refloop.store import report_queries as rq
+from refloop.store import scan as stall_scan
 from refloop.store import worklist_view as wv
 from refloop.store.engine import make_engine
 from refloop.store.models import AuditEntry
@@ -54,8 +56,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with running_daemon(settings_for(url)) as d:
         sim.send(run, "127.0.0.1", d.port)
         assert d.server.engine is not None
-        with d.server.engine.begin() as conn:
-            alerts.scan(conn, d.server.settings, NOW)
+        stall_scan.run_scan(d.server.engine, d.server.settings, NOW)
     return path
 
 
@@ -76,7 +77,7 @@ def conn_of(store: str) -> Iterator[Any]:
 
 
 def everything(conn: Any, settings: Settings) -> list[dict[str, Any]]:
-    """Every unresolved alert read plainly (no view code), most overdue first, as the oracle."""
+    """Every unresolved alert read plainly (no view code), earliest due instant first, as the oracle."""
     rows = conn.execute(select(alerts.ALERTS, alerts.REFERRALS.c.authority, alerts.REFERRALS.c.priority,
                                alerts.REFERRALS.c.specialty, alerts.REFERRALS.c.referred_to,
                                alerts.REFERRALS.c.referred_to_id)
@@ -84,11 +85,12 @@ def everything(conn: Any, settings: Settings) -> list[dict[str, Any]]:
                         .where(alerts.ALERTS.c.open_key == 0)).all()
     from refloop import stall
 
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
     out = [{"alert_id": r.id, "stage": r.stage, "level": r.level, "owner": r.owner, "status": r.status,
-            "overdue": float(r.overdue_days), "specialty": r.specialty, "practice": r.authority,
+            "due": repo.aware(r.due_at) or epoch, "specialty": r.specialty, "practice": r.authority,
             "priority": stall.priority_class(r.priority or ""),
             "mode": policy.mode_for(settings.worklist, policy.Parties.of(r))} for r in rows]
-    return sorted(out, key=lambda x: (-x["overdue"], -x["alert_id"]))
+    return sorted(out, key=lambda x: (x["due"], x["alert_id"]))  # earliest due (longest overdue) first
 
 
 def test_keyset_pages_filters_and_counts_match_a_plain_reading(conn_of: Any, store: str) -> None:
@@ -352,18 +354,18 @@ def test_cli_worklist_and_weekly_match_the_pages(store: str) -> None:
     env = {"REFLOOP_WORKLIST_OWNERS": ",".join(OWNERS.owners), "REFLOOP_WORKLIST_MODE": "active",
            "REFLOOP_WORKLIST_RELATIONSHIP_MODES": ",".join(OWNERS.relationship_modes)}
     out = refloop_cli(store, "worklist", "--stage", "visit", "--mode", "active", "--sort", "priority", "--json",
-                      env=env)
+                      "--as-of", NOW.isoformat(), env=env)
     assert out.returncode == 0, out.stderr
     cli = json.loads(out.stdout)
     with running_daemon(settings_for(store), clock=FixedClock(NOW)) as d:
         status, api = d.get("/api/worklist?owner=&stage=visit&mode=active&sort=priority")
     assert status == 200 and cli == api and cli
     out = refloop_cli(store, "worklist", "--stage", "visit", "--mode", "active", "--sort", "priority", "--json",
-                      "--limit", "5", env=env)
+                      "--limit", "5", "--as-of", NOW.isoformat(), env=env)
     cursor = out.stderr.strip().rsplit(" ", 1)[-1]
     assert cursor.startswith("--after=")
     rest = refloop_cli(store, "worklist", "--stage", "visit", "--mode", "active", "--sort", "priority", "--json",
-                       "--limit", "500", cursor, env=env)
+                       "--limit", "500", "--as-of", NOW.isoformat(), cursor, env=env)
     assert json.loads(out.stdout) + json.loads(rest.stdout) == cli
     out = refloop_cli(store, "worklist", "--level", "seven", env=env)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
@@ -480,8 +482,8 @@ def test_view_on_both_databases(db_url: str) -> None:
             view = wv.Filters.from_query({"owner": "", "sort": "priority"})
             by_priority = list(wv.iterate(conn, settings, NOW, view, batch=11))
             assert len(by_priority) == len(truth)
-            assert [(rank[r["priority"]], -r["overdue_days"]) for r in by_priority] == sorted(
-                (rank[r["priority"]], -r["overdue_days"]) for r in by_priority)
+            assert [(rank[r["priority"]], r["due_at"]) for r in by_priority] == sorted(
+                (rank[r["priority"]], r["due_at"]) for r in by_priority)
             # the weekly SQL on this backend: sent counts per week add up to the report's, as on SQLite
             a, b = weekly.week_start(NOW - timedelta(days=300), weekly.ZoneInfo("UTC")), NOW
             sent, start = 0, a

@@ -39,6 +39,14 @@ def parse_owner(text: str) -> tuple[str, str, str]:
     return kind, value.casefold(), owner
 
 
+def parse_escalation(text: str) -> tuple[int, str]:
+    """``"3=cardiology-lead"`` → ``(3, "cardiology-lead")``; ValueError says what is wrong."""
+    level, eq, owner = text.partition("=")
+    if not eq or not level.strip().isdigit() or not owner.strip() or int(level) < 1:
+        raise ValueError(f"escalation owner {text!r} is not 'LEVEL=OWNER' like '3=cardiology-lead'")
+    return int(level), owner.strip()
+
+
 def parse_relationship(text: str) -> tuple[str, str, str]:
     """``"CLINIC>HEART=active"`` → ``("clinic", "heart", "active")``."""
     pair, eq, mode = text.rpartition("=")
@@ -71,7 +79,7 @@ def _one_of(*choices: str) -> Check:
 
 
 def _hour(v: int) -> str | None:
-    return None if 0 <= v <= 23 else "must be an hour 0-23 (UTC)"
+    return None if 0 <= v <= 23 else "must be an hour 0-23"
 
 
 def _port(v: int) -> str | None:
@@ -117,7 +125,11 @@ class WorklistSettings:
         "immediate", "Owner e-mail: 'immediate' (one per alert), 'digest' (one a day per owner) or 'both'.",
         _one_of(*DIGESTS),
     )
-    digest_hour_utc: int = setting(7, "Hour (UTC) after which the daily digest goes out.", _hour)
+    digest_hour: int = setting(7, "Local hour (stall.timezone) at which the daily digest goes out.", _hour)
+    escalation_owners: tuple[str, ...] = setting(
+        (), "Who is told when an alert reaches a level, as 'LEVEL=OWNER' (e.g. '3=cardiology-lead'); "
+        "without one the alert's owner is told.", _each(parse_escalation)
+    )
 
     def __post_init__(self) -> None:
         _checked(self, "worklist")

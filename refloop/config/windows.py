@@ -21,6 +21,8 @@ import math
 import re
 from dataclasses import dataclass, fields
 from datetime import date
+from functools import lru_cache
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from refloop import stall
 from refloop.config.fields import setting
@@ -75,6 +77,52 @@ def _holidays(v: tuple[str, ...]) -> str | None:
     return None
 
 
+def _zone(v: str) -> str | None:
+    try:
+        ZoneInfo(v)
+    except (ZoneInfoNotFoundError, ValueError):
+        return f"unknown IANA time zone {v!r} (e.g. 'UTC', 'America/New_York')"
+    return None
+
+
+def _max_level(v: int) -> str | None:
+    return None if 1 <= v <= 9 else "must be a level between 1 and 9"
+
+
+def _level_names(v: tuple[str, ...]) -> str | None:
+    return None if all(name.strip() for name in v) else "level names must not be empty"
+
+
+def _calendar(v: str) -> str | None:
+    if not v:
+        return None
+    try:
+        calendar_holidays(v, 2026)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def calendar_holidays(code: str, *years: int) -> list[date]:
+    """Public holidays of ``code`` ('US', 'US-NY', 'DE-BY') in *years* from the ``holidays`` package."""
+    country, _, subdivision = code.strip().partition("-")
+    try:
+        import holidays as package  # optional dependency: only a configured calendar needs it
+    except ImportError:
+        raise ValueError("holiday_calendar needs the 'holidays' package: pip install 'refloop[holidays]'") from None
+    try:
+        found = package.country_holidays(country.upper(), subdiv=subdivision.upper() or None, years=years)
+    except NotImplementedError:
+        raise ValueError(f"holiday_calendar {code!r}: unknown country code") from None
+    except Exception as exc:  # the package raises its own errors for an unknown subdivision
+        raise ValueError(f"holiday_calendar {code!r}: {exc}") from None
+    return sorted(found)
+
+
+#: Years the holiday calendar is expanded for: a store's referrals are never older, a due instant never later.
+CALENDAR_YEARS = range(2000, 2061)
+
+
 def _overrides(v: tuple[str, ...]) -> str | None:
     """Also rejects two overrides for the same target and stage, since which one wins would be a guess."""
     seen: dict[tuple[str, str], str] = {}
@@ -105,10 +153,23 @@ class WindowSettings:
         3.0, "Scheduling window for urgent referrals (RF1-2 A/ASAP, U/Urgent).", _window
     )
     business_days: bool = setting(
-        False, "Count only weekdays that are not holidays (UTC), e.g. for 'within 2 business days' policies."
+        False, "Count only local weekdays that are not holidays, e.g. for 'within 2 business days' policies."
     )
     holidays: tuple[str, ...] = setting(
         (), "ISO dates (e.g. '2026-12-25') that do not count when business_days is on.", _holidays
+    )
+    timezone: str = setting(
+        "UTC", "IANA time zone of the clinic (e.g. 'America/New_York'): business days, holidays, the digest hour "
+        "and quiet hours are local to it.", _zone
+    )
+    holiday_calendar: str = setting(
+        "", "Public holidays from the optional 'holidays' package (pip install 'refloop[holidays]'): a country "
+        "code, optionally with a subdivision, e.g. 'US' or 'US-NY'; added to holidays.", _calendar
+    )
+    max_level: int = setting(3, "Highest alert level; past it nothing is re-notified or rewritten.", _max_level)
+    level_names: tuple[str, ...] = setting(
+        ("due", "overdue", "escalated"), "Names of the levels 1..max_level, shown on the worklist and in "
+        "notifications (missing names read 'level N').", _level_names
     )
     scan_minutes: float = setting(5.0, "Minutes between stall scans.", _scan_interval)
     overrides: tuple[str, ...] = setting(
@@ -126,6 +187,7 @@ class WindowSettings:
                 raise ValueError(f"stall.{f.name}: {problem}")
 
 
+@lru_cache(maxsize=8)
 def windows_from_settings(ws: WindowSettings) -> stall.Windows:
     """Build the pure :class:`refloop.stall.Windows`; the loader has already validated every string."""
     return stall.Windows(
@@ -141,5 +203,13 @@ def windows_from_settings(ws: WindowSettings) -> stall.Windows:
         },
         target_days={(target, stage): days for target, stage, days in map(parse_override, ws.overrides)},
         business_days=ws.business_days,
-        holidays=tuple(parse_holiday(h) for h in ws.holidays),
+        holidays=(*(parse_holiday(h) for h in ws.holidays),
+                  *(calendar_holidays(ws.holiday_calendar, *CALENDAR_YEARS) if ws.holiday_calendar else ())),
+        zone=ws.timezone,
+        max_level=ws.max_level,
     )
+
+
+def level_name(ws: WindowSettings, level: int) -> str:
+    """A level's name for people (worklist, notifications); 'level N' where none is configured."""
+    return ws.level_names[level - 1] if 1 <= level <= len(ws.level_names) else f"level {level}"

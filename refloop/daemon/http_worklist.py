@@ -18,7 +18,7 @@ from aiohttp import web
 
 from refloop.daemon import identity
 from refloop.notify import webhook
-from refloop.store import alerts, outbox
+from refloop.store import alerts, answers, outbox
 from refloop.store import referrals as repo
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def add_routes(app: web.Application, server: AppContext) -> None:
                 rid = repo.resolve_key(conn, key)
                 if rid is None:
                     return 404, {"error": "no such referral"}
-                doc = alerts.answer(conn, server.settings, rid, str(body.get("answer") or ""), server.clock.now(),
+                doc = answers.answer(conn, server.settings, rid, str(body.get("answer") or ""), server.clock.now(),
                                     actor=str(body.get("actor") or "api"), note=str(body.get("note") or ""))
         except alerts.ActionError as exc:
             return exc.status, {"error": str(exc)}
@@ -113,7 +113,7 @@ def add_routes(app: web.Application, server: AppContext) -> None:
     async def scan(req: web.Request) -> web.Response:
         """Run one stall scan now, or as of ``?as_of=ISO8601`` (like `refloop scan --as-of`)."""
         from refloop.notify.scan import update_gauges
-        from refloop.store import alerts
+        from refloop.store import scan as stall_scan
 
         as_of = server.clock.now()
         if req.query.get("as_of"):
@@ -124,7 +124,7 @@ def add_routes(app: web.Application, server: AppContext) -> None:
             if parsed is None:
                 return web.json_response({"error": "as_of must be an ISO 8601 time"}, status=400)
             as_of = parsed
-        result = await asyncio.to_thread(alerts.run_scan, engine(), server.settings, as_of)
+        result = await asyncio.to_thread(stall_scan.run_scan, engine(), server.settings, as_of)
         await asyncio.to_thread(update_gauges, engine(), server.metrics)
         if result is None:
             return web.json_response({"skipped": True, "as_of": as_of.isoformat()})

@@ -135,6 +135,10 @@ class Metrics:
             "refloop_scheduler_last_success_timestamp_seconds", "Unix time each scheduled job last succeeded.",
             ["task"], registry=r,  # not "job": that name belongs to Prometheus' target label
         )
+        self.business_hours = Gauge(
+            "refloop_clinic_open", "1 during the clinic's business hours (08:00-18:00 on local business days "
+            "in stall.timezone), else 0; the shipped alert rules use it.", registry=r,
+        )
         self.alerts_open = Gauge(
             "refloop_alerts_open", "Unresolved stall alerts by stage and level (1, 2, 3+), as of the last scan.",
             ["stage", "level"], registry=r,

@@ -14,6 +14,12 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from refloop import stall
+from refloop.config.windows import windows_from_settings
 
 if TYPE_CHECKING:
     from refloop.daemon.app import AppContext
@@ -28,18 +34,27 @@ class Jobs:
     def __init__(self, server: AppContext) -> None:
         self.server = server
         self.scheduler = AsyncIOScheduler(event_loop=server.loop, timezone="UTC")
-        self._jobs: list[tuple[str, float, JobFn]] = []
+        self._jobs: dict[str, tuple[BaseTrigger, JobFn]] = {}
 
     def add(self, name: str, every_seconds: float, fn: JobFn) -> None:
-        self._jobs.append((name, every_seconds, fn))
+        self._jobs[name] = (IntervalTrigger(seconds=every_seconds), fn)
+
+    def add_daily(self, name: str, hour: int, zone: str, fn: JobFn) -> None:
+        """Once a day at *hour* local time in *zone* (the clinic's, ``stall.timezone``), DST included."""
+        self._jobs[name] = (CronTrigger(hour=hour, minute=0, timezone=zone), fn)
 
     def start(self) -> None:
-        for name, every, fn in self._jobs:
-            self.scheduler.add_job(self._wrap(name, fn), "interval", seconds=every, id=name, name=name,
+        for name, (trigger, fn) in self._jobs.items():
+            self.scheduler.add_job(self._wrap(name, fn), trigger, id=name, name=name,
                                    coalesce=True, max_instances=1, misfire_grace_time=None)
             # ... and once at start-up (missed runs are caught up by recomputing from the database).
-            self.server.spawn(self._wrap(name, fn)())
+            self.run_now(name)
         self.scheduler.start()
+
+    def run_now(self, name: str) -> None:
+        """One extra run of a job now (e.g. the scan after a window change), outside its schedule."""
+        if name in self._jobs:
+            self.server.spawn(self._wrap(name, self._jobs[name][1])())
 
     def shutdown(self) -> None:
         if self.scheduler.running:
@@ -75,6 +90,8 @@ async def purge_job(server: AppContext) -> None:
 async def status_job(server: AppContext) -> None:
     """STATUS= for `systemctl status`: counts only, never PHI."""
     m = server.metrics
+    m.business_hours.set(1 if stall.business_hours(windows_from_settings(server.settings.stall),
+                                                   server.clock.now()) else 0)
     total = sum(s.value for s in _samples(m.registry, "refloop_messages_total"))
     server.notifier.status(f"{len(server.connections)} connection(s), {int(total)} message(s) since start")
 

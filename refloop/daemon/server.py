@@ -26,6 +26,7 @@ from sqlalchemy import Engine, text
 
 from refloop.clock import Clock, SystemClock
 from refloop.config import Settings, load_settings
+from refloop.config.windows import windows_from_settings
 from refloop.daemon.access import networks as _networks
 from refloop.daemon.connections import ConnContext, Connection, Hub, Live
 from refloop.daemon.gate import WriteGate
@@ -199,7 +200,7 @@ class Server:
 
         self.jobs.add("stall_scan", self.settings.stall.scan_minutes * 60, scan_job)
         self.jobs.add("outbox_dispatch", self.settings.notify.dispatch_seconds, dispatch_job)
-        self.jobs.add("digest", 900.0, digest_job)
+        self.jobs.add_daily("digest", self.settings.worklist.digest_hour, self.settings.stall.timezone, digest_job)
         for name, every, fn in self.extra_jobs:
             self.jobs.add(name, every, fn)
         self.jobs.start()
@@ -306,12 +307,18 @@ class Server:
             log.error("reload failed; keeping the running configuration", extra={"error": str(exc)})
             self.notifier.ready("reload failed; running configuration kept")
             return
+        old_version = windows_from_settings(self.settings.stall).version
+        windows_changed = windows_from_settings(kept.stall).version != old_version
         self.settings = self.live.settings = kept
         self.ingestor.reconfigure(kept)
         if self.projector is not None:
             self.projector.core.settings = kept
             self.projector.limit = kept.mllp.max_apply_lag
         self.live.allowed_networks = _networks(kept.mllp.allow_cidrs)
+        if windows_changed and self.jobs is not None:
+            # stale due times are recomputed by the scan in short chunks (rows are evaluated on read till then)
+            log.info("stall windows changed; recomputing due times", extra={"outcome": "recompute"})
+            self.jobs.run_now("stall_scan")
         self.metrics.profiles = frozenset(p.name for p in kept.profiles)
         log.info("configuration reloaded", extra={"profiles": len(kept.profiles)})
         self.notifier.ready("configuration reloaded")
@@ -346,6 +353,10 @@ class Server:
                 return journal.apply_lag(conn, self.clock.now())
         except Exception:
             return None
+
+    def ingest_idle(self) -> bool:
+        """No frame queued or being committed by any journal writer: background writers go between frames."""
+        return all(w.idle() for w in self.writers)
 
     def database_ping(self) -> bool:
         """For /readyz: a fresh connection and a trivial query (not the writer's)."""

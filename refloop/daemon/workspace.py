@@ -360,10 +360,10 @@ def referral_context(conn: Connection, settings: Settings, rid: int, doc: dict[s
         alerts.ALERTS.c.referral_id == rid, alerts.ALERTS.c.open_key == 0).order_by(alerts.ALERTS.c.id)))
     clocks = []
     for a in open_alerts:
-        clock = wv.clock_view(windows, a.stage, int(a.level), float(a.overdue_days or 0), ref, now)
-        clocks.append({"alert": a, "level_name": alerts.level_label(int(a.level)), **clock})
+        clock = wv.clock_view(settings, windows, a.stage, a, ref, now)
+        clocks.append({"alert": a, "level_name": alerts.level_name(settings, int(a.level)), **clock})
     stage = STATUS_STAGE.get(doc["status"])
-    current = wv.clock_view(windows, stage, 0, 0.0, ref, now) if stage else None
+    current = wv.clock_view(settings, windows, stage, None, ref, now) if stage else None
     if current is not None and current["started_at"] is not None:
         current["in_stage_days"] = (now - current["started_at"]).total_seconds() / 86400
     entries = timeline(conn, rid, doc)
@@ -373,7 +373,8 @@ def referral_context(conn: Connection, settings: Settings, rid: int, doc: dict[s
             hold = e
         elif e["event"] == "hold_ended":
             hold = None
-    return {"ref": doc, "stage": stage, "current": current, "clocks": clocks, "timeline": entries, "hold": hold}
+    return {"ref": doc, "stage": stage, "current": current, "clocks": clocks, "timeline": entries, "hold": hold,
+            "business_days": settings.stall.business_days}
 
 
 def timeline(conn: Connection, rid: int, doc: dict[str, Any]) -> list[dict[str, Any]]:

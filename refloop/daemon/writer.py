@@ -52,6 +52,10 @@ class Writer:
         self._db_identity: tuple[int, int] | None = None
         self.healthy = False
         self._conn: Connection | None = None
+        # frames handed in and frames committed (or failed); each counter is written by one thread only, so
+        # background work can ask whether ingest is waiting (idle) without a lock
+        self._submitted = 0
+        self._finished = 0
 
     # -- event-loop side -----------------------------------------------------------------------
     def start(self) -> None:
@@ -60,8 +64,13 @@ class Writer:
 
     def submit(self, job: Job) -> asyncio.Future[Result]:
         fut: asyncio.Future[Result] = self.loop.create_future()
+        self._submitted += 1
         self._q.put((job, fut))
         return fut
+
+    def idle(self) -> bool:
+        """No frame queued or being committed: background writers (the stall scan) go between frames."""
+        return self._submitted == self._finished
 
     async def stop(self) -> None:
         """Finish everything queued, then end the thread."""
@@ -109,6 +118,7 @@ class Writer:
                     break
                 items.append(nxt)  # type: ignore[arg-type]
             self._commit_group(items)
+            self._finished += len(items)
         self._drop_connection()
 
     def _commit_group(self, items: list[Item]) -> None:

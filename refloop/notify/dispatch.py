@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from refloop.config import Settings
 from refloop.notify import email, mllp, policy, webhook
 from refloop.notify.webhook import DeliveryError
-from refloop.store import alerts, outbox
+from refloop.store import notices, outbox
 
 log = logging.getLogger("refloop.notify")
 
@@ -69,7 +69,7 @@ def dispatch_once(engine: Engine, settings: Settings, now: datetime, *, counter:
                 status = outbox.mark_failed(conn, row, now, error, max_attempts=settings.notify.max_attempts,
                                             retry_in=delay)
                 if status == outbox.DEAD:
-                    alerts.dead_letter_notice(conn, settings, row, now)
+                    notices.dead_letter_notice(conn, settings, row, now)
             outcome = "dead" if status == outbox.DEAD else "failed"
             log.warning("notification failed", extra={**extra, "outcome": outcome, "error": error})
         else:

@@ -8,11 +8,20 @@ lock, the dispatcher claims rows with SKIP LOCKED, and the digest is idempotent 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from typing import TYPE_CHECKING
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import Connection, func, select
+
+from refloop import referral as rf
 from refloop.notify.dispatch import dispatch_once
-from refloop.store import alerts
+from refloop.store import alerts, digest, outbox
+from refloop.store import referrals as repo
+from refloop.store import scan as stall_scan
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -23,10 +32,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("refloop.scan")
 
 
+def gauges(conn: Connection) -> dict[str, Any]:
+    """Counts for the Prometheus gauges, refreshed at the end of each scan."""
+    a, r = alerts.ALERTS, repo.REFERRALS
+    summed: dict[tuple[str, str], int] = defaultdict(int)
+    for stage, level, n in conn.execute(select(a.c.stage, a.c.level, func.count())
+                                        .where(a.c.open_key == 0).group_by(a.c.stage, a.c.level)):
+        summed[(stage, alerts.level_label(int(level)))] += int(n)  # levels 3, 4, ... share the "3+" label
+    statuses: dict[str, int] = dict(conn.execute(select(r.c.status, func.count()).group_by(r.c.status)).all())
+    return {"alerts": [(stage, label, n) for (stage, label), n in sorted(summed.items())],
+            "referrals": {s.value: int(statuses.get(s.value, 0)) for s in rf.Status},
+            "outbox": outbox.counts(conn)}
+
+
 def update_gauges(engine: Engine, metrics: Metrics) -> None:
     """Alert, referral and outbox gauges from the database, so every daemon reports the same truth."""
     with engine.connect() as conn:
-        g = alerts.gauges(conn)
+        g = gauges(conn)
     metrics.alerts_open.clear()
     for stage, level, n in g["alerts"]:
         metrics.alerts_open.labels(stage, level).set(n)
@@ -40,13 +62,28 @@ async def scan_job(server: AppContext) -> None:
     engine = server.engine
     assert engine is not None
     now = server.clock.now()
-    result = await asyncio.to_thread(alerts.run_scan, engine, server.settings, now)
+    result = await asyncio.to_thread(functools.partial(stall_scan.run_scan, pause=_ingest_first(server)),
+                                     engine, server.settings, now)
     if result is None:
         log.info("stall scan skipped", extra={"outcome": "skipped"})
     else:
         log.info("stall scan", extra={"outcome": "done", "count": len(result.raised) + len(result.escalated)
                                       + len(result.resolved), "messages": result.notifications})
     await asyncio.to_thread(update_gauges, engine, server.metrics)
+
+
+def _ingest_first(server: AppContext) -> Callable[[], None]:
+    """Before each scan chunk: wait (briefly, bounded) while a writer has frames to commit."""
+    def pause() -> None:
+        deadline = time.monotonic() + _MAX_YIELD
+        while not server.ingest_idle() and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    return pause
+
+
+#: The longest a scan chunk waits for ingest to go quiet: under sustained load the scan still progresses.
+_MAX_YIELD = 0.5
 
 
 async def dispatch_job(server: AppContext) -> None:
@@ -62,7 +99,7 @@ async def digest_job(server: AppContext) -> None:
 
     def run() -> int:
         with engine.begin() as conn:
-            return alerts.digest(conn, server.settings, server.clock.now())
+            return digest.digest(conn, server.settings, server.clock.now())
 
     if n := await asyncio.to_thread(run):
         log.info("digest enqueued", extra={"count": n})

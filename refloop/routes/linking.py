@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from refloop.config.windows import windows_from_settings
 from refloop.message import Message
 from refloop.routes.context import HandlerContext, HandlerResult
 from refloop.routes.extract import PatientId, Provider, patient_ids, shared_ids, values_at
@@ -184,7 +185,7 @@ def _refresh_all(ctx: HandlerContext, referral_ids: Iterable[int]) -> None:
     for rid in sorted(referral_ids):
         # A first delivery only appends events; a replay also removed some (see repo.refresh).
         repo.refresh(ctx.conn, rid, now, duplicate_window_days=ctx.profile.duplicate_window_days, on_change=on_change,
-                     appended=not ctx.replay)
+                     appended=not ctx.replay, windows=windows_from_settings(ctx.settings.stall))
 
 
 _FAMILIES: dict[tuple[str, ...], frozenset[str]] = {}

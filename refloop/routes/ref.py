@@ -8,12 +8,15 @@ until that referral's REF arrives.
 
 from __future__ import annotations
 
+import functools
+
 from refloop import referral as rf
+from refloop.config.windows import windows_from_settings
 from refloop.message import Message
 from refloop.routes import adopt, linking, validate
 from refloop.routes.context import ContentError, HandlerContext, HandlerResult
 from refloop.routes.extract import occurred_at, prd, values_at
-from refloop.store import identity
+from refloop.store import alerts, identity
 from refloop.store import referrals as repo
 from refloop.store.models import Outcome
 
@@ -52,10 +55,13 @@ def apply_referral(ctx: HandlerContext, msg: Message, *, placer_id: str, authori
                   control_id=ctx.control_id, message_type=f"{msg.message_type}^{msg.trigger_event}".upper(),
                   fresh=not ctx.replay)
     now = ctx.clock.now()
+    windows = windows_from_settings(ctx.settings.stall)
+    on_change = functools.partial(alerts.on_projection_change, conn, ctx.settings, now)
     for other in sorted(touched - {rid}):
-        repo.refresh(conn, other, now, duplicate_window_days=ctx.profile.duplicate_window_days)
+        repo.refresh(conn, other, now, duplicate_window_days=ctx.profile.duplicate_window_days, windows=windows,
+                     on_change=on_change)
     state = repo.refresh(conn, rid, now, duplicate_window_days=ctx.profile.duplicate_window_days,
-                         appended=not ctx.replay)
+                         appended=not ctx.replay, windows=windows, on_change=on_change)
     adopted = adopt.adopt_earlier(ctx, rid, [i.key for i in ids]) if state.status in rf.OPEN_STATUSES else 0
     detail = f"referral {rid} {state.status.value}" + (f", adopted {adopted} earlier" if adopted else "")
     return HandlerResult(Outcome.PROCESSED, detail=detail)

@@ -170,6 +170,25 @@ class Referral(Base):
     # ``stall.latest_no_show`` of the fold (when the current no-show run began) and ``no_show_count``.
     no_show_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     no_show_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The stage clock kept on write (migration 0012; ``refloop.stall.clocks`` of the fold, see
+    # ``refloop.store.referrals.clock_values``): the running stage whose next level comes first, its start,
+    # the next instant a level is reached (the scan reads ``next_due_at <= now``), where and when the referral
+    # leaks, and the windows' version these were computed under (another version: evaluated on read).
+    clock_stage: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    stage_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    next_due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    leak_stage: Mapped[str] = mapped_column(String(24), default="", server_default="")
+    leak_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    clock_version: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    # When the scheduling and visit windows end, counted from sent_at whatever the status: the report's
+    # "within window" figures (booked / seen by then) and their maturity (the window is over at now).
+    scheduling_due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    visit_due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Milestone durations in whole seconds (None until both milestones are known), for the report.
+    sent_to_scheduled_s: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    sent_to_appointment_s: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    appointment_to_note_s: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    sent_to_closed_s: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     __table_args__ = (
         UniqueConstraint("placer_id", "authority", name="uq_referrals_placer"),
@@ -304,7 +323,10 @@ class Alert(Base):
     level: Mapped[int] = mapped_column(Integer, default=1)
     status: Mapped[str] = mapped_column(String(16), default="open")  # open|acknowledged|snoozed|resolved
     owner: Mapped[str] = mapped_column(String(128), default="")
-    overdue_days: Mapped[float] = mapped_column(Float, default=0.0)
+    overdue_days: Mapped[float] = mapped_column(Float, default=0.0)  # when raised or escalated; see due_at
+    # When the stage's window ended (its level-1 due instant, migration 0012): how overdue it is now is
+    # computed on read from this, so a scan never rewrites alerts just because time passed.
+    due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     raised_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     escalated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -377,8 +399,8 @@ Index("ix_referral_events_kind_subject", ReferralEvent.kind, ReferralEvent.refer
 # -- worklist paging indexes (migration 0013) -------------------------------------------------------
 # The coordinator's worklist pages by keyset, most overdue first, for everyone or one owner
 # (refloop.store.worklist_view): one index range read per page, whatever the page number.
-Index("ix_alerts_worklist", Alert.open_key, Alert.overdue_days, Alert.id)
-Index("ix_alerts_worklist_owner", Alert.open_key, Alert.owner, Alert.overdue_days, Alert.id)
+Index("ix_alerts_worklist", Alert.open_key, Alert.due_at, Alert.id)
+Index("ix_alerts_worklist_owner", Alert.open_key, Alert.owner, Alert.due_at, Alert.id)
 
 # -- patient identity as a set (migration 0011) -----------------------------------------------------
 # A patient carries several identifiers (the referrer's MRN, the specialist's MRN, an enterprise ID, a
@@ -431,3 +453,9 @@ class MessageIdentifier(Base):
 # the sender filter uses ix_messages_sender_control's prefix, the time filters ix_messages_received_at.
 Index("ix_messages_type_id", Message.message_type, Message.trigger_event, Message.id)
 Index("ix_messages_outcome_id", Message.outcome, Message.id)
+
+# -- the stage clock (migration 0012) ------------------------------------------------------------------
+# The scan is an index range over the next due instants; rows computed under other windows are found by
+# version (two ranges around the current one) until the background recompute has rewritten them.
+Index("ix_referrals_next_due", Referral.next_due_at)
+Index("ix_referrals_clock_version", Referral.clock_version)

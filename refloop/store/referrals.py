@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -283,6 +283,11 @@ def _make_event(row: Any) -> rf.Event:
     return rf.Event(row.kind, aware(row.occurred_at), seq, row.control_id, json.loads(row.data))  # type: ignore[arg-type]
 
 
+def event_of(row: Any) -> rf.Event:
+    """A stored event row as the fold reads it."""
+    return _event(row)
+
+
 def load_events(conn: Connection, referral_id: int) -> list[Any]:
     """The referral's event rows (``occurred_at`` aware on both dialects)."""
     return sqlhot.events_of(conn, referral_id)
@@ -325,13 +330,15 @@ def _attach_parked(conn: Connection, referral_id: int, keys: list[str]) -> bool:
     return True
 
 
-#: Called by :func:`recompute` with the projection row as it was, the values written and the new fold, in
-#: the same transaction: notifications caused by a state change are enqueued there (transactional outbox).
-OnChange = Callable[[Any, dict[str, Any], rf.ReferralState], None]
+#: Called by :func:`recompute` with the projection row as it was, the values written, the new fold and its
+#: hold spells, in the same transaction: what a state change causes (notifications, alerts whose due time
+#: has passed) is written there (transactional outbox).
+OnChange = Callable[[Any, dict[str, Any], rf.ReferralState, list[stall.Pause]], None]
 
 
 def refresh(conn: Connection, referral_id: int, now: datetime, *, duplicate_window_days: int = 30,
-            appended: bool = False, on_change: OnChange | None = None) -> rf.ReferralState:
+            appended: bool = False, on_change: OnChange | None = None,
+            windows: stall.Windows | None = None) -> rf.ReferralState:
     """Attach parked events, sync aliases and recompute the projection: call after every change.
 
     ``appended``: since the referral's last refresh, the only change is events the caller just appended
@@ -355,7 +362,7 @@ def refresh(conn: Connection, referral_id: int, now: datetime, *, duplicate_wind
         rows = load_events(conn, referral_id)
         _sync_aliases(conn, referral_id, _wanted_aliases(rows))
     return recompute(conn, referral_id, now, rows=rows, duplicate_window_days=duplicate_window_days, ref=ref,
-                     documents=moved or not appended, on_change=on_change)
+                     documents=moved or not appended, on_change=on_change, windows=windows)
 
 
 def fold_options(presume_hours: float | None) -> rf.FoldOptions:
@@ -370,21 +377,26 @@ def _same(stored: Any, value: Any) -> bool:
 
 def recompute(conn: Connection, referral_id: int, now: datetime, *, rows: list[Any] | None = None,
               duplicate_window_days: int = 30, ref: Any | None = None, documents: bool = True,
-              on_change: OnChange | None = None) -> rf.ReferralState:
+              on_change: OnChange | None = None, windows: stall.Windows | None = None) -> rf.ReferralState:
     """Fold every event of the referral and write the projection row (only if a value changed).
 
     ``ref``: the referral row if the caller has just read it; ``documents``: re-point the referral's
-    documents at it (off when nothing moved, see :func:`refresh`).
+    documents at it (off when nothing moved, see :func:`refresh`); ``windows``: the stage clock's windows,
+    so the clock columns are kept in this same transaction (without them the row is marked stale and the
+    scan evaluates it on read until the background recompute rewrites it).
     """
     rows = load_events(conn, referral_id) if rows is None else rows
     if ref is None:
         ref = conn.execute(_REFERRAL_ROW, {"rid": referral_id}).one()
-    state = rf.fold([_event(r) for r in rows], now=now, options=fold_options(ref.presume_hours))
+    events = [_event(r) for r in rows]
+    state = rf.fold(events, now=now, options=fold_options(ref.presume_hours))
     flags = _duplicate_flags(conn, ref, state, duplicate_window_days)
     values: dict[str, Any] = {name: utc(getattr(state, name)) for name in _MILESTONES}
     values.update(status=state.status.value, priority=state.priority[:64], referred_to=state.referred_to[:255],
                   referring_provider=state.referring_provider[:255], specialty=state.specialty[:64],
-                  flags=",".join(flags), **no_show_values(state))
+                  flags=",".join(flags), **no_show_values(state), **durations(state))
+    pauses = rf.paused_intervals(events)
+    values.update(clock_values(state, pauses, windows, now, before=ref, presume_hours=ref.presume_hours))
     # updated_at is when the projection last changed: an event that changes nothing writes nothing.
     changed = not all(_same(getattr(ref, k), v) for k, v in values.items())
     if changed:
@@ -401,8 +413,82 @@ def recompute(conn: Connection, referral_id: int, now: datetime, *, rows: list[A
         if params:
             conn.execute(_POINT_DOCUMENT, params)
     if changed and on_change is not None:  # after the documents point here: a loop-closed notice cites the note
-        on_change(ref, values, state)
+        on_change(ref, values, state, pauses)
     return state
+
+
+_DURATIONS = (("sent_to_scheduled_s", "scheduled_at", "sent_at"),
+              ("sent_to_appointment_s", "appointment_at", "sent_at"),
+              ("appointment_to_note_s", "note_received_at", "appointment_at"),
+              ("sent_to_closed_s", "closed_at", "sent_at"))
+_SECOND = timedelta(seconds=1)
+
+
+def durations(state: Any) -> dict[str, int | None]:
+    """The report's milestone durations in whole seconds (None unless both milestones are set)."""
+    out: dict[str, int | None] = {}
+    for name, later, earlier in _DURATIONS:
+        b, a = getattr(state, later), getattr(state, earlier)
+        out[name] = None if a is None or b is None else (b - a) // _SECOND
+    return out
+
+
+def clock_values(state: rf.ReferralState, pauses: list[stall.Pause], windows: stall.Windows | None,
+                 now: datetime, *, before: Any = None, presume_hours: float | None = None) -> dict[str, Any]:
+    """The stage clock as the projection keeps it (see ``models.Referral``), computed by :mod:`refloop.stall`.
+
+    ``next_due_at`` is the first instant anything about the clock changes: a level is reached (the first
+    level of the first stage), a presumed attendance or a hold's ``resume_at`` turns the status, or ``now``
+    when a running stage stopped, so its open alert is resolved by the next look (or at once by the apply's
+    alert sync). ``before`` is the stored row: when its clock is the same (same windows, same stages) and its
+    ``next_due_at`` is still one of these instants (or past the top level), the scan or the apply has already
+    moved it on past what it handled, and it is kept rather than set back.
+    """
+    if windows is None:
+        return {"clock_version": ""}
+    extra = [state.hold_resume_at] if state.on_hold and state.hold_resume_at is not None else []
+    if presume_hours:
+        extra += [a.start + timedelta(hours=presume_hours) for a in state.live_appointments
+                  if a.status is rf.ApptStatus.BOOKED and a.start is not None]
+    inp = stall.ClockInput.of_state(state, pauses)
+    found = stall.clocks(inp, windows)
+    values = clock_columns(inp, windows, extra, found)
+    stages = getattr(before, "clock_stage", "") or ""
+    if set(stages.split(",")) - set(values["clock_stage"].split(",")) - {""}:
+        values["next_due_at"] = min(filter(None, (values["next_due_at"], utc(now))))
+    elif before is not None and stages == values["clock_stage"] and before.clock_version == windows.version:
+        cursor = aware(before.next_due_at)
+        instants = {d for c in found for d in c.due if d is not None} | set(extra)
+        if cursor in instants or (cursor is None and instants and max(instants) <= now):
+            values["next_due_at"] = utc(cursor)
+    return values
+
+
+def clock_columns(inp: stall.ClockInput, windows: stall.Windows, extra: Iterable[datetime] = (),
+                  found: list[stall.StageClock] | None = None) -> dict[str, Any]:
+    """The clock columns of one referral from what the clock reads (``extra``: other instants to look
+    again). A final answer (cancelled, declined, expired) leaks at once: its leak instant is ``sent_at``."""
+    found = stall.clocks(inp, windows) if found is None else found
+    first = min(found, key=lambda c: c.next_due(None) or _FAR, default=None)
+    leak_stage, leak_at = stall.leak(inp.status, found, inp.sent_at)
+    due = min((d for d in (stall.next_due(found), *extra) if d is not None), default=None)
+    # the report's windows: both stages counted from sent_at as while the referral is still "sent"
+    sent = {c.stage: c.due[0] for c in (found if inp.status == rf.Status.SENT.value else
+                                        stall.clocks(replace(inp, status=rf.Status.SENT.value), windows, levels=1))}
+    return {"clock_stage": ",".join(c.stage for c in found),
+            "scheduling_due_at": utc(sent.get(stall.SCHEDULING)), "visit_due_at": utc(sent.get(stall.VISIT)),
+            "stage_started_at": utc(first.started_at) if first else None, "next_due_at": utc(due),
+            "leak_stage": leak_stage, "leak_at": utc(leak_at), "clock_version": windows.version}
+
+
+_FAR = datetime.max.replace(tzinfo=UTC)
+
+
+def clock_input(row: Any, pauses: Iterable[stall.Pause] = ()) -> stall.ClockInput:
+    """What the clock reads, from a projection row (exact for rows without holds or truncated details)."""
+    return stall.ClockInput(row.status, aware(row.sent_at), aware(row.completed_at), aware(row.no_show_at),
+                            int(row.no_show_count or 0), row.priority or "", row.referred_to or "",
+                            row.specialty or "", tuple(pauses))
 
 
 def no_show_values(state: rf.ReferralState) -> dict[str, Any]:

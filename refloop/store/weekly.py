@@ -9,7 +9,7 @@ A coordinator's week is activity, not a cohort: "scheduled this week" means refe
 * **recovered**: completed this week after an alert or a reminder (``alerts.raised_at`` or an outbox row's
   ``created_at`` at or before ``completed_at``), the report's "recovered" definition;
 * **new leaks**: referrals that are leaks at the end of the week and were not at its start, by the report's
-  own leak rule (:func:`refloop.report.classify`), so the rule lives in one place.
+  own leak rule (:func:`refloop.store.report_queries.leaks`), so the rule lives in one place.
 
 Because each milestone happens once, these weekly counts add up over consecutive weeks to the report's
 totals for the same span (``tests/test_workspace.py`` checks it). Each referral is attributed to the owner of
@@ -19,13 +19,13 @@ its latest alert, else to the owner the ``[worklist]`` rules give it.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 from datetime import datetime, time, timedelta
 from typing import Any, Final
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, and_, func, or_, select
 
-from refloop import report as rp
 from refloop.config import Settings
 from refloop.config.windows import windows_from_settings
 from refloop.notify import policy
@@ -77,27 +77,22 @@ def _owners(conn: Connection, settings: Settings, rows: list[Any]) -> dict[int, 
 
 def new_leaks(conn: Connection, settings: Settings, start: datetime, end: datetime) -> list[dict[str, Any]]:
     """Referrals that are leaks at *end* and were not at *start*, by the report's own rule
-    (:func:`refloop.report.classify` over :func:`~refloop.store.report_queries.open_rows`), in one pass.
+    (:func:`refloop.store.report_queries.leaks`: the stored leak stage and instant of the stage clock)
+    applied at both instants.
 
-    A referral sent after *start* was no leak then. The rule reads the referral's current status, so one
-    sent before the week and cancelled or declined during it was already a leak "at the start" and is not new
-    (the projection keeps no time for those answers)."""
+    A referral sent after *start* was no leak then. A cancelled or declined referral is a leak by its
+    current status, so one sent before the week and answered during it was already a leak "at the start"
+    and is not new (the projection keeps no time for those answers)."""
     first = conn.execute(select(func.min(R.c.sent_at))).scalar()
     if first is None:
         return []
     windows = windows_from_settings(settings.stall)
-    params = rq.ReportParams(start=rq.parse_day(str(first)[:10]), end=utc(end) or end, now=end)
-    lo = utc(start)
-    assert lo is not None
-    out = []
-    for row in rq.open_rows(conn, params):
-        found = rp.classify(row, end, windows)
-        if found is None:
-            continue
-        if row.sent_at < lo and rp.classify(row, start, windows) is not None:
-            continue
-        out.append(rp.leak_entry(row, found[0], found[1], end))
-    return out
+    lo, hi = utc(start), utc(end)
+    assert lo is not None and hi is not None
+    cohort = rq.ReportParams(start=rq.parse_day(str(first)[:10]), end=hi, now=hi, leak_limit=10_000_000)
+    before = {x["referral_id"] for x in rq.leaks(conn, replace(cohort, end=lo, now=lo), windows)} \
+        if lo > cohort.start else set()
+    return [x for x in rq.leaks(conn, cohort, windows) if x["referral_id"] not in before]
 
 
 def figures(conn: Connection, settings: Settings, start: datetime, end: datetime) -> dict[str, Any]:

@@ -5,8 +5,8 @@ always agree on what "my open items, most urgent first" means.
 
 Why keyset paging: a coordinator pages through at most a few hundred rows, but the store may hold 100k
 open alerts after a bad month; ``OFFSET 50000`` reads and throws away 50k rows, while "rows after this
-(sort key, id)" is one index range read (``ix_alerts_worklist*``, migration 0013) whatever the page. The
-cursor is opaque text (``"<key>,<id>"``) so it can go in a URL.
+(sort keys, id)" is one index range read (``ix_alerts_worklist*``, migration 0013) whatever the page. The
+cursor is opaque text (the last row's sort keys) so it can go in a URL.
 
 Filters on referral columns (specialty, referred-to, referring practice, priority class, relationship
 mode) join the projection by primary key. The rollout *mode* is a rule list in settings
@@ -14,22 +14,21 @@ mode) join the projection by primary key. The rollout *mode* is a rule list in s
 filter runs in the database and paging stays exact. Priority classes use :func:`priority_class_expr`, the
 SQL form of :func:`refloop.stall.priority_class`.
 
-What is still computed in Python, per displayed row only: the due instants (:func:`clock_view`), which
-the stage-clock rework will store on the referral; this is the one place to swap them.
+The due instants come from the stage clock as the fold stored them (:func:`clock_view`); how overdue a row
+is, is computed on read, per displayed row only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Final
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, and_, case, func, literal, or_, select, true
 from sqlalchemy.sql.elements import ColumnElement
 
-from refloop import report as rp
 from refloop import stall
 from refloop.config import Settings
 from refloop.config.notify import parse_relationship
@@ -39,8 +38,8 @@ from refloop.store import referrals as repo
 
 A, R = alerts.ALERTS, alerts.REFERRALS
 
-#: Sort orders: name → label. ``due`` is the instant the stage fell due, earliest first (so the longest
-#: overdue first: every open alert's overdue_days is refreshed by the same scan).
+#: Sort orders: name → label. ``due`` is the instant the stage fell due, earliest first (the longest
+#: overdue first).
 SORTS: Final = {"due": "due instant (earliest first)", "level": "level (highest first)",
                 "priority": "priority (stat first)", "raised": "newest alert first"}
 STATUSES: Final = {"active": (alerts.OPEN, alerts.ACKNOWLEDGED), "open": (alerts.OPEN,),
@@ -176,58 +175,101 @@ def _needs_referrals(f: Filters) -> bool:
 
 
 _RANK: Final = {stall.STAT: 0, stall.URGENT: 1, stall.ROUTINE: 2}
+#: Before migration 0012 an alert kept no due instant; those rows sort as if due when raised.
+_NO_DUE: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _sort_key(conn: Connection, f: Filters) -> tuple[ColumnElement[Any], bool]:
-    """The primary sort expression and whether it runs descending; ties go to the higher alert id."""
+def _sort_keys(conn: Connection, f: Filters) -> list[tuple[ColumnElement[Any], bool]]:
+    """The sort columns, each with "descending?"; the alert id breaks ties (in the last key's direction).
+
+    ``due`` is the instant the stage fell due (``alerts.due_at``), earliest first: the longest overdue at
+    the top, without any per-tick rewrite of how overdue each row is (that is computed on read)."""
+    due = (A.c.due_at, False)
     if f.sort == "level":
-        return A.c.level * 100000 + A.c.overdue_days, True  # level first, then most overdue (days < 100000)
+        return [(A.c.level, True), due, (A.c.id, False)]
     if f.sort == "priority":
         rank = case(*((priority_class_expr(conn, R.c.priority) == c, literal(n)) for c, n in _RANK.items()),
                     else_=literal(2))
-        return rank * -100000 + A.c.overdue_days, True  # stat first, then most overdue
+        return [(rank, False), due, (A.c.id, False)]
     if f.sort == "raised":
-        return A.c.id, True
-    return A.c.overdue_days, True
+        return [(A.c.id, True)]
+    return [due, (A.c.id, False)]
 
 
-def _cursor_value(f: Filters, text: str) -> tuple[float, int] | None:
-    key, _, ident = text.partition(",")
+def _encode_cursor(values: list[Any]) -> str:
+    out = []
+    for v in values:
+        if isinstance(v, datetime):
+            out.append("t" + (repo.aware(v) or v).astimezone(UTC).isoformat())
+        elif v is None:
+            out.append("n")
+        else:
+            out.append("i" + str(int(v)))
+    return "~".join(out)
+
+
+def _decode_cursor(text: str, width: int) -> list[Any] | None:
+    parts = text.split("~")
+    if len(parts) != width:
+        return None
+    values: list[Any] = []
     try:
-        return float(key), int(ident)
+        for part in parts:
+            kind, body = part[:1], part[1:]
+            if kind == "t":
+                values.append(datetime.fromisoformat(body))
+            elif kind == "i":
+                values.append(int(body))
+            elif kind == "n":
+                values.append(None)
+            else:
+                return None
     except ValueError:
         return None
+    return values
+
+
+def _after(keys: list[tuple[ColumnElement[Any], bool]], values: list[Any]) -> ColumnElement[bool]:
+    """Rows strictly after *values* in the order of *keys*: (k1 > v1) or (k1 = v1 and k2 > v2) or ...
+    A NULL due instant (an alert from before the clock kept one) is read as the epoch, so it sorts first."""
+    ors = []
+    for i, (col, desc) in enumerate(keys):
+        col_i = func.coalesce(col, _NO_DUE) if col is A.c.due_at else col
+        v_i = _NO_DUE if values[i] is None else values[i]
+        equal = [(func.coalesce(c, _NO_DUE) if c is A.c.due_at else c) == (_NO_DUE if v is None else v)
+                 for (c, _), v in zip(keys[:i], values[:i], strict=True)]
+        ors.append(and_(true(), *equal, col_i < v_i if desc else col_i > v_i))
+    return or_(*ors)
 
 
 def page(conn: Connection, settings: Settings, now: datetime, f: Filters, *, after: str = "",
          limit: int = 50, with_counts: bool = True) -> Page:
     """One page of the worklist after the cursor *after* ("" = first page)."""
     limit = max(1, min(limit, PAGE_MAX))
-    key, desc = _sort_key(conn, f)
+    keys = _sort_keys(conn, f)
     conds = _conditions(conn, settings, f)
     if after:
-        cur = _cursor_value(f, after)
+        cur = _decode_cursor(after, len(keys))
         if cur is None:
             raise ValueError("cursor is not one this worklist gave out")
-        k, ident = cur
-        if desc:
-            conds.append(or_(key < k, and_(key == k, A.c.id < ident)))
-        else:
-            conds.append(or_(key > k, and_(key == k, A.c.id > ident)))
-    order = (key.desc(), A.c.id.desc()) if desc else (key.asc(), A.c.id.asc())
-    stmt = (select(A, key.label("sort_key"), R.c.placer_id, R.c.authority, R.c.priority, R.c.referred_to,
-                   R.c.referred_to_id, R.c.specialty, R.c.status.label("referral_status"), R.c.sent_at,
-                   R.c.completed_at, R.c.no_show_at, mode_expr(settings).label("mode"))
+        conds.append(_after(keys, cur))
+    order = [col.asc().nulls_first() if col is A.c.due_at else col.desc() if desc else col.asc()
+             for col, desc in keys]
+    stmt = (select(A, *(col.label(f"sort_key_{i}") for i, (col, _) in enumerate(keys)), R.c.placer_id,
+                   R.c.authority, R.c.priority, R.c.referred_to, R.c.referred_to_id, R.c.specialty,
+                   R.c.status.label("referral_status"), R.c.sent_at, R.c.completed_at, R.c.no_show_at,
+                   R.c.clock_stage, R.c.stage_started_at, R.c.next_due_at, mode_expr(settings).label("mode"))
             .join(R, R.c.id == A.c.referral_id).where(*conds).order_by(*order).limit(limit + 1))
     found = list(conn.execute(stmt))
     more = len(found) > limit
     found = found[:limit]
     windows = windows_from_settings(settings.stall)
-    rows = [_row(r, windows, now) for r in found]
+    rows = [_row(r, settings, windows, now) for r in found]
     worst = alerts._delivery_states(conn, [r["alert_id"] for r in rows])  # the notifications' worst state
     for row in rows:
         row["delivery"] = worst.get(row["alert_id"], "")
-    next_cursor = f"{found[-1].sort_key!r},{found[-1].id}" if more and found else ""
+    last = found[-1] if more and found else None
+    next_cursor = _encode_cursor([getattr(last, f"sort_key_{i}") for i in range(len(keys))]) if last else ""
     counts: dict[str, dict[str, int]] = {"stage": {}, "level": {}}
     total = 0
     if with_counts:
@@ -284,40 +326,55 @@ def facets(conn: Connection) -> dict[str, list[str]]:
     return out
 
 
-# -- the clock, as far as the alert row and the projection tell it today -------------------------------
+# -- the clock, as the fold stored it ---------------------------------------------------------------------
 def clinic_zone(settings: Settings) -> ZoneInfo:
-    """The clinic's time zone for display and weeks: ``stall.timezone`` once the stage clock has it, else UTC."""
-    return ZoneInfo(str(getattr(settings.stall, "timezone", "") or "UTC"))
+    """The clinic's time zone (``stall.timezone``) for display and for the weeks of the weekly review."""
+    return ZoneInfo(settings.stall.timezone or "UTC")
 
 
 _START: Final = {stall.SCHEDULING: "sent_at", stall.VISIT: "sent_at", stall.REBOOKING: "no_show_at",
                  stall.NOTE: "completed_at"}
 
 
-def clock_view(windows: stall.Windows, stage: str, level: int, overdue_days: float, ref: Any,
+#: The window ends the fold stores for the report (scheduling and visit are counted from sent).
+_WINDOW_END: Final = {stall.SCHEDULING: "scheduling_due_at", stall.VISIT: "visit_due_at"}
+
+
+def clock_view(settings: Settings, windows: stall.Windows, stage: str, alert: Any | None, ref: Any,
                now: datetime) -> dict[str, Any]:
-    """When the stage's clock started, its window, when it fell due and when the next level is due.
+    """When the stage's clock started, its window, when it fell due, how overdue it is now and when the
+    next level is due: read from what the fold stored (``referrals.stage_started_at``/``next_due_at`` for
+    the running stage, ``alerts.due_at`` for an open alert), never recomputed here."""
+    running = getattr(ref, "clock_stage", "") == stage
+    started = repo.aware(getattr(ref, "stage_started_at", None) if running else None) \
+        or repo.aware(getattr(ref, _START.get(stage, "sent_at"), None))
+    window = windows.window_days(stage, _Details(ref)) if stage in stall.STAGES else None
+    next_due = repo.aware(getattr(ref, "next_due_at", None)) if running else None
+    if alert is not None:
+        due = repo.aware(alert.due_at) if alert.due_at is not None else None
+        overdue = alerts.overdue_days(settings, due, float(alert.overdue_days or 0.0), now)
+    else:  # no alert yet: the running stage's first level is its next due instant
+        due = next_due if running else repo.aware(getattr(ref, _WINDOW_END.get(stage, ""), None))
+        overdue = 0.0
+    return {"started_at": started, "window_days": window, "due_at": due, "next_due_at": next_due,
+            "overdue_days": overdue}
 
-    Calendar days from the projection's start column; holds and business days are not subtracted here
-    (the alert's ``overdue_days``, which the scan keeps, does subtract them). THE one place to swap for the
-    stored due instant of the stage-clock rework; ``overdue_days`` and ``now`` are passed for that version.
-    """
-    started = repo.aware(getattr(ref, _START.get(stage, "sent_at"), None))
-    window = rp.window_days(windows, stage, referred_to=ref.referred_to or "", specialty=ref.specialty or "",
-                            priority=ref.priority or "") if stage in stall.STAGES else None
-    if started is None or window is None:
-        return {"started_at": None, "window_days": window, "due_at": None, "next_due_at": None}
-    due = started + timedelta(days=window)
-    next_due = started + timedelta(days=window * (max(level, 0) + 1))
-    return {"started_at": started, "window_days": window, "due_at": due, "next_due_at": next_due}
+
+class _Details:
+    """A projection row as :class:`refloop.stall.Details` (the three fields a window is chosen by)."""
+
+    def __init__(self, ref: Any) -> None:
+        self.priority = ref.priority or ""
+        self.referred_to = ref.referred_to or ""
+        self.specialty = ref.specialty or ""
 
 
-def _row(r: Any, windows: stall.Windows, now: datetime) -> dict[str, Any]:
-    clock = clock_view(windows, r.stage, int(r.level), float(r.overdue_days or 0.0), r, now)
+def _row(r: Any, settings: Settings, windows: stall.Windows, now: datetime) -> dict[str, Any]:
+    clock = clock_view(settings, windows, r.stage, r, r, now)
     return {
         "alert_id": r.id, "referral": r.referral_id, "placer_id": r.placer_id, "stage": r.stage,
-        "level": int(r.level), "level_name": alerts.level_label(int(r.level)),
-        "overdue_days": round(float(r.overdue_days or 0.0), 2), "owner": r.owner, "status": r.status,
+        "level": int(r.level), "level_name": alerts.level_name(settings, int(r.level)),
+        "overdue_days": round(clock["overdue_days"], 2), "owner": r.owner, "status": r.status,
         "mode": r.mode, "priority": stall.priority_class(r.priority or ""), "specialty": r.specialty,
         "referred_to": r.referred_to, "practice": r.authority, "referral_status": r.referral_status,
         "due_at": repo.iso(clock["due_at"]), "next_due_at": repo.iso(clock["next_due_at"]),
