@@ -173,7 +173,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     engine = open_engine(settings)
     try:
         summary = replay(engine, settings, Router(DEFAULT_ROUTES), SystemClock(), since=since,
-                         message_id=args.id)
+                         message_id=args.id, outcome=args.outcome)
         import getpass
 
         from refloop.store.audit import record_now
@@ -284,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config(sub.add_parser("replay", help="re-run stored messages through the current routes"))
     sp.add_argument("--since", help="only messages received at or after this ISO 8601 time")
     sp.add_argument("--id", type=int, help="only this journal id")
+    sp.add_argument("--outcome", choices=["processed", "ignored", "error", "failed"],
+                    help="only messages with this journal outcome (e.g. failed, after the cause is fixed)")
     sp.add_argument("--json", action="store_true", help="print the summary as JSON")
     sp.set_defaults(func=cmd_replay)
 

@@ -79,7 +79,8 @@ def test_runtime_dependencies_are_exactly_what_refloop_imports() -> None:
 
 def test_optional_imports_are_in_an_extra_and_drivers_in_postgres() -> None:
     extras = PYPROJECT["project"]["optional-dependencies"]
-    assert distributions_of(third_party_imports(optional=True)) <= declared(extras["fast"])
+    optional_extras = declared(extras["fast"]) | declared(extras["holidays"])
+    assert distributions_of(third_party_imports(optional=True)) <= optional_extras
     assert declared(extras["postgres"]) == {"psycopg"}
     dev = declared(extras["dev"])
     assert {"refloop", "hl7", "aiosmtpd", "trustme", "hypothesis"} <= dev  # refloop[postgres]: CI's PostgreSQL

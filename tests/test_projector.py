@@ -107,6 +107,8 @@ def test_failed_handler_marks_the_row_and_replay_applies_it(sqlite_url: str) -> 
         d.settle()
         assert [o for _, o, _ in rows(d, [bad, good])] == ["failed", "processed"]
         assert d.metric("refloop_applied_total", {"outcome": "failed"}) == 1
+        status, page = d.get("/worklist?owner=")  # the coordinator sees it, with what to do about it
+        assert status == 200 and "1 message could not be applied" in page and "--outcome failed" in page
         settings = d.server.settings
     with running_daemon(make_settings(sqlite_url, ack_after="applied"), routes=routes) as d, \
             MllpClient(d.port) as c:
@@ -118,8 +120,10 @@ def test_failed_handler_marks_the_row_and_replay_applies_it(sqlite_url: str) -> 
 
     engine = make_engine(settings.database)
     try:
-        summary = replay(engine, settings, Router((*DEFAULT_ROUTES, Route("ZCR", "Z01", fixed, "crash"))),
-                         SystemClock())
+        fixed_router = Router((*DEFAULT_ROUTES, Route("ZCR", "Z01", fixed, "crash")))
+        only_failed = replay(engine, settings, fixed_router, SystemClock(), outcome="failed")
+        assert only_failed["replayed"] == 2 and only_failed["outcomes"] == {"processed": 2}  # the two crashes
+        summary = replay(engine, settings, fixed_router, SystemClock())
         with engine.connect() as conn:
             outcome = conn.execute(select(Journal.outcome).where(Journal.control_id == bad)).scalar_one()
     finally:

@@ -32,9 +32,13 @@ _CHUNK = 500
 REPLAY_BATCH = 20
 
 
-def mark(engine: Engine, *, since: datetime | None = None, message_id: int | None = None) -> list[int]:
-    """Mark accepted rows for re-application; returns their ids (short transactions, in chunks)."""
+def mark(engine: Engine, *, since: datetime | None = None, message_id: int | None = None,
+         outcome: str | None = None) -> list[int]:
+    """Mark accepted rows for re-application; returns their ids (short transactions, in chunks).
+    ``outcome`` narrows it to rows with that journal outcome (``failed`` after a fix)."""
     stmt = select(Journal.id).where(Journal.outcome.in_(REPLAYABLE), Journal.raw.is_not(None))
+    if outcome is not None:
+        stmt = stmt.where(Journal.outcome == outcome)
     if since is not None:
         stmt = stmt.where(Journal.received_at >= since)
     if message_id is not None:
@@ -49,9 +53,9 @@ def mark(engine: Engine, *, since: datetime | None = None, message_id: int | Non
 
 
 def replay(engine: Engine, settings: Settings, router: Router, clock: Clock, *,
-           since: datetime | None = None, message_id: int | None = None, wait_seconds: float = 600.0,
-           ) -> dict[str, object]:
-    ids = mark(engine, since=since, message_id=message_id)
+           since: datetime | None = None, message_id: int | None = None, outcome: str | None = None,
+           wait_seconds: float = 600.0) -> dict[str, object]:
+    ids = mark(engine, since=since, message_id=message_id, outcome=outcome)
     # Small batches: a daemon on the same SQLite file waits for each one's write lock (no in-process gate).
     core = Core(settings, router, clock, batch_size=REPLAY_BATCH)
     if engine.dialect.name == "sqlite":

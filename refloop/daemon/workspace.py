@@ -34,6 +34,8 @@ from refloop.store import alerts, audit, outbox, weekly
 from refloop.store import referrals as repo
 from refloop.store import report_queries as rq
 from refloop.store import worklist_view as wv
+from refloop.store.models import Message as Journal
+from refloop.store.models import Outcome
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
@@ -150,7 +152,9 @@ def add_routes(app: web.Application, server: AppContext) -> None:
             facets = wv.facets(conn)
             dead = conn.execute(select(func.count()).select_from(outbox.OUTBOX).where(
                 outbox.OUTBOX.c.status == outbox.DEAD)).scalar_one()  # one ix_outbox_due range
-        return {"page": p, "facets": facets, "dead": dead}
+            failed = conn.execute(select(func.count()).select_from(Journal).where(
+                Journal.outcome == Outcome.FAILED)).scalar_one()  # one ix_messages_outcome_id range
+        return {"page": p, "facets": facets, "dead": dead, "failed": failed}
 
     async def worklist_page(req: web.Request) -> web.Response:
         try:
