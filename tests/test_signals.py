@@ -21,6 +21,7 @@ from tests.utils import (
     http_get,
     msa,
     start_daemon_process,
+    wait_applied,
     wait_for,
 )
 from tests.utils import journal_rows as journal
@@ -177,6 +178,7 @@ def test_sighup_window_change_recomputes_due_times(tmp_path: Path, sqlite_url: s
     with daemon(tmp_path, sqlite_url, args=("--config", str(config))) as d:
         with MllpClient(d.port) as c:
             assert msa(c.send(samples.ref_msg("WIN1", at=f"{sent:%Y%m%d%H%M%S}+0000")))[0] == "AA"
+        assert wait_applied(d.http_port)  # journal mode: the AA means stored; the projection follows
         db = sqlite_url.removeprefix("sqlite:///")
 
         def row() -> tuple[str, int]:
