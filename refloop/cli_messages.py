@@ -28,7 +28,7 @@ def cmd_messages(args: argparse.Namespace) -> int:
     from refloop.store import message_search as ms
 
     if args.raw is not None:
-        with engine_from(args) as engine, engine.begin() as conn:
+        with engine_from(args) as engine, audit.audited_read(engine) as conn:
             text = ms.raw_message(conn, args.raw)
             if text is None:
                 print(f"refloop: no stored message {args.raw} (unknown id, or its body was purged by retention)",
@@ -45,7 +45,7 @@ def cmd_messages(args: argparse.Namespace) -> int:
     except ms.FilterError as exc:
         print(f"refloop messages: --{exc}", file=sys.stderr)
         return EXIT_CONFIG
-    with engine_from(args) as engine, engine.begin() as conn:
+    with engine_from(args) as engine, audit.audited_read(engine) as conn:
         rows = ms.search(conn, f)
         if f.patient_hash:
             audit.record(conn, now=SystemClock().now(), actor=_actor(), action="search", target="messages:patient",
@@ -67,7 +67,7 @@ def cmd_find(args: argparse.Namespace) -> int:
     if not ident:
         print("refloop find: give ID^AUTHORITY (the authority as PID-3.4 sends it)", file=sys.stderr)
         return EXIT_CONFIG
-    with engine_from(args) as engine, engine.begin() as conn:
+    with engine_from(args) as engine, audit.audited_read(engine) as conn:
         ids = identity.referrals_for_key(conn, hash_id(ident, authority))
         rows = [r for rid in ids for r in repo.list_referrals_by_id(conn, rid)]
         audit.record(conn, now=SystemClock().now(), actor=_actor(), action="search", target="referrals:patient",

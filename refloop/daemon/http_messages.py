@@ -45,7 +45,7 @@ def add_routes(app: web.Application, server: AppContext) -> None:
         return actor(req, f"dashboard@{req.remote or 'unknown'}")
 
     def _search(f: ms.MessageFilter, who: str) -> list[dict[str, Any]]:
-        with engine().begin() as conn:
+        with audit.audited_read(engine()) as conn:
             rows = ms.search(conn, f)
             if f.patient_hash:
                 audit.record(conn, now=server.clock.now(), actor=who, action="search", target="messages:patient",
@@ -53,7 +53,7 @@ def add_routes(app: web.Application, server: AppContext) -> None:
             return rows
 
     def _one(message_id: int, who: str, raw: bool, via: str = "api") -> tuple[dict[str, Any] | None, str | None]:
-        with engine().begin() as conn:
+        with audit.audited_read(engine()) as conn:
             meta = ms.message_meta(conn, message_id)
             if meta is None or not raw:
                 return meta, None

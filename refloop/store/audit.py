@@ -5,6 +5,8 @@ Rows carry an actor, an action and a target made of IDs; never message content.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -29,3 +31,16 @@ def list_entries(engine: Engine, limit: int = 100) -> list[dict[str, Any]]:
         rows = conn.execute(select(AuditEntry.__table__).order_by(AuditEntry.id.desc()).limit(limit)).all()
     return [{"id": r.id, "at": iso(r.at), "actor": r.actor, "action": r.action, "target": r.target,
              "detail": r.detail} for r in rows]
+
+
+@contextlib.contextmanager
+def audited_read(engine: Engine) -> Iterator[Connection]:
+    """One transaction for a read that is audited in the same breath (a raw message, a patient search).
+
+    It starts as a *write* transaction on SQLite (BEGIN IMMEDIATE): a deferred transaction that reads first
+    and writes its audit row after is refused at once ("database is locked", no busy wait) when the daemon
+    wrote in between; an immediate one waits its turn behind the daemon's short transactions."""
+    with engine.connect() as conn:
+        conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+        with conn.begin():
+            yield conn
