@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from sqlalchemy import select, text
@@ -20,7 +19,8 @@ from refloop.patient import hash_id
 from refloop.store.models import Message as Journal
 from refloop.store.models import MessageIdentifier, Referral, ReferralIdentifier
 from tests.samples import mdm_msg, ref_msg, siu_msg
-from tests.utils import DaemonThread, MllpClient, make_settings, msa, running_daemon
+from tests.test_referral_loop import referral, send
+from tests.utils import DaemonThread, make_settings, running_daemon
 
 
 def with_pid(message: str, pid3: str, *, pid2: str = "", version: str = "") -> str:
@@ -37,18 +37,6 @@ def with_pid(message: str, pid3: str, *, pid2: str = "", version: str = "") -> s
         out.append(seg)
     return "\r".join(out)
 
-
-def send(d: DaemonThread, *messages: str) -> None:
-    with MllpClient(d.port) as client:
-        for message in messages:
-            code, _ = msa(client.send(message))
-            assert code == "AA"
-
-
-def referral(d: DaemonThread, key: str) -> dict[str, Any]:
-    status, body = d.get(f"/api/referrals/{key}")
-    assert status == 200, body
-    return body  # type: ignore[no-any-return]
 
 
 def journal(d: DaemonThread, control_id: str) -> tuple[str, str]:
