@@ -3,9 +3,10 @@
 Why this shape: the stage clock is kept on the referral row when its events are applied
 (:func:`refloop.store.referrals.clock_values`), including ``next_due_at``, the next instant anything about
 the clock changes. So a scan is an index range (``next_due_at <= now``) plus, per referral found, the clock
-and :func:`refloop.store.alerts.apply_diff`; a referral whose level did not change is never read, and an
-alert is never rewritten because time passed (how overdue it is is computed on read). After handling a
-referral the scan moves its ``next_due_at`` on to the next level's instant, or clears it past the top level.
+and :func:`refloop.store.alerts.apply_diff` (once per chunk: each kind of alert write is one statement for
+the chunk); a referral whose level did not change is never read, and an alert is never rewritten because
+time passed (how overdue it is is computed on read). After handling a referral the scan moves its
+``next_due_at`` on to the next level's instant, or clears it past the top level.
 
 Rows whose ``clock_version`` is not the current windows' hash (a window change, or rows from before
 migration 0012) are stale: the scan folds their events and rewrites them with the current windows, in the
@@ -115,15 +116,23 @@ def scan_chunk(conn: Connection, settings: Settings, windows: stall.Windows, ids
     for key, row in alerts.open_alerts(conn, sorted(refs)).items():
         by_referral[key[0]][key] = row
     moved: list[dict[str, Any]] = []
+    plain: dict[int, Any] = {}
+    stalls: dict[int, list[stall.Stall]] = {}
+    dues: dict[tuple[int, str], datetime | None] = {}
+    plain_open: dict[tuple[int, str], Any] = {}
     for rid in sorted(refs):
         ref = refs[rid]
-        if _plain(ref, version, held):
-            cursor = alerts.sync_referral(conn, settings, ref, repo.clock_input(ref), windows, now, result,
-                                          by_referral[rid])
+        if _plain(ref, version, held):  # the row speaks for the clock: diffed with the rest of the chunk below
+            stalls[rid], ref_dues, cursor = alerts.clock_diff(ref, repo.clock_input(ref), windows, now)
+            plain[rid] = ref
+            dues.update(ref_dues)
+            plain_open.update(by_referral[rid])
         else:
             cursor = _fold_one(conn, settings, windows, ref, by_referral[rid], now, result)
         if cursor != repo.aware(ref.next_due_at):
             moved.append({"b_id": rid, "b_due": repo.utc(cursor)})
+    if plain:  # one statement per kind of alert write for the whole chunk
+        alerts.apply_diff(conn, settings, plain, plain_open, stalls, dues, now, result)
     if moved:  # one prepared statement for the chunk's due times
         conn.execute(_MOVE_DUE, moved)
 
