@@ -219,3 +219,31 @@ def test_cli_scan_as_of_surfaces_a_referral_unbooked_for_20_days(db_url: str) ->
         ("R2020", "scheduling", "alice", "open")]
     assert {"alert_id", "referral", "placer_id", "stage", "level", "overdue_days", "owner", "status", "mode",
             "last_action"} <= set(rows[0])
+
+
+# -- the scan's share beside busy ingest -------------------------------------------------------------------
+def test_a_busy_listener_delays_each_chunk_by_a_bounded_share() -> None:
+    """Under sustained traffic (ingest never idle) a chunk waits at most four times the previous chunk's
+    duration (the scan keeps a fifth of the wall clock), and never more than the cap; an idle listener
+    costs no wait. A simulated clock: nothing here depends on how fast the machine is."""
+    from refloop.notify.scan import ingest_first
+
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += 0.001  # every look at the clock is one millisecond of simulated time
+        return now[0]
+
+    def waited(pause: Any, chunk_s: float) -> float:
+        now[0] += chunk_s  # the chunk before this pause
+        before = now[0]
+        pause()
+        return now[0] - before
+
+    busy = ingest_first(lambda: False, clock=clock)
+    assert 0.49 <= waited(busy, 0.0) <= 0.51  # the first chunk: the cap
+    for chunk_s in (0.02, 0.001, 0.3):
+        assert waited(busy, chunk_s) <= min(0.5, 4 * (chunk_s + 0.002)) + 0.003
+    assert 0.49 <= waited(busy, 0.3) <= 0.51  # a long chunk: the cap, not 1.2 s
+    idle = ingest_first(lambda: True, clock=clock)
+    assert waited(idle, 0.02) <= 0.003
