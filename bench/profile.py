@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=int, default=200)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--idle", action="store_true", help="include idle (waiting) stacks")
+    ap.add_argument("--gil", action="store_true", help="only samples of the thread holding the GIL (Python CPU)")
     a = ap.parse_args(argv)
     spy = shutil.which("py-spy") or str(Path(PY).with_name("py-spy"))
     base = Path(tempfile.mkdtemp(prefix="refloop-prof-"))
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                "--duration", str(int(a.seconds + 1)), "-o", str(raw)]
         if a.idle:
             cmd.append("--idle")
+        if a.gil:
+            cmd.append("--gil")
         prof = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(0.5)
         cpu0 = cpu_seconds(run.proc.pid)

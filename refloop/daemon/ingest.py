@@ -427,7 +427,7 @@ class Ingestor:
         if not keyed:
             return
         found: dict[tuple[str, str, str], list[Any]] = {}
-        for k in journal.find_keys_many(conn, sorted({p.key[2] for p in keyed if p.key})):
+        for k in journal.find_keys_many(conn, sorted({p.key for p in keyed if p.key})):
             found.setdefault((k.sending_application, k.sending_facility, k.control_id), []).append(k)
         first: dict[tuple[str, str, str, str], int] = {}
         for i, p in enumerate(preps):

@@ -148,19 +148,30 @@ def insert_many(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
     return ids
 
 
-def find_keys_many(conn: Connection, control_ids: list[str]) -> list[Any]:
-    """Every dedup claim for any of these control IDs, with its message's current outcome (callers match
-    sender and content themselves)."""
-    sql = hot(conn)
+#: Keys per lookup statement: each is an indexed search of ``uq_message_keys_key`` (three parameters).
+KEY_CHUNK = 200
+
+
+def find_keys_many(conn: Connection, keys: list[tuple[str, str, str]]) -> list[Any]:
+    """Every dedup claim for any of these (sending application, sending facility, control ID) keys, with
+    its message's current outcome (callers match the content hash themselves).
+
+    Written as an OR of whole keys, not ``control_id IN (...)``: ``uq_message_keys_key`` leads with the
+    sender, so only the whole key is an index search on both databases; a control ID alone would read the
+    whole table on every group commit, a cost that grows with the journal."""
     found: list[Any] = []
-    for i in range(0, len(control_ids), CHUNK):
-        part = control_ids[i:i + CHUNK]
-        marks = ", ".join([sql.ph] * len(part))
-        found += rawsql.rows(conn, (
-            "SELECT k.sending_application, k.sending_facility, k.control_id, k.content_hash, k.message_id, "
-            "k.ack_code, k.err_code, k.err_text, k.err_location, m.outcome FROM message_keys k "
-            f"JOIN messages m ON m.id = k.message_id WHERE k.control_id IN ({marks})"), tuple(part))
+    for i in range(0, len(keys), KEY_CHUNK):
+        part = keys[i:i + KEY_CHUNK]
+        found += rawsql.rows(conn, keys_sql(hot(conn).ph, len(part)), tuple(v for key in part for v in key))
     return found
+
+
+def keys_sql(ph: str, n: int) -> str:
+    """The lookup of *n* whole keys (placeholder *ph*); separate so a test can ask for its query plan."""
+    one = f"(k.sending_application = {ph} AND k.sending_facility = {ph} AND k.control_id = {ph})"
+    return ("SELECT k.sending_application, k.sending_facility, k.control_id, k.content_hash, k.message_id, "
+            "k.ack_code, k.err_code, k.err_text, k.err_location, m.outcome FROM message_keys k "
+            f"JOIN messages m ON m.id = k.message_id WHERE {' OR '.join([one] * n)}")
 
 
 def claim_many(conn: Connection, rows: list[dict[str, Any]]) -> set[int]:
