@@ -214,3 +214,20 @@ def test_replay_on_postgres_is_applied_by_the_projecting_daemon(pg_url: str) -> 
         assert summary == {"replayed": 1, "outcomes": {"processed": 1}}
         ((_, outcome, applied),) = rows(d, [cid])
         assert outcome == "processed" and applied is not None
+
+
+@pytest.mark.parametrize("mode", ["journal", "applied"])
+def test_projector_commits_sync_only_when_the_ack_waits_for_them(sqlite_url: str, mode: str) -> None:
+    """Journal mode: the projector's SQLite connection commits with synchronous=NORMAL (the journal's own FULL
+    commits sync the WAL it wrote; a lost tail is re-applied from the journal). Applied mode answers AA on
+    that commit, so it must be FULL. The writer's connection is FULL in both."""
+    with running_daemon(make_settings(sqlite_url, ack_after=mode)) as d, MllpClient(d.port) as c:
+        assert msa(c.send(samples.ref()))[0] == "AA"
+        d.settle()
+        server = d.server
+
+        def level(conn) -> int:  # type: ignore[no-untyped-def]
+            return int(conn.connection.cursor().execute("PRAGMA synchronous").fetchone()[0])
+
+        assert level(server.projector._conn) == (1 if mode == "journal" else 2)  # NORMAL = 1, FULL = 2
+        assert all(level(w._conn) == 2 for w in server.writers)

@@ -228,6 +228,7 @@ class Projector:
         self._sqlite = self.leader
         self._wake = threading.Event()
         self._stopping = False
+        self._synchronous = ""  # SQLite: the projector connection's PRAGMA synchronous (see _connection)
         self._conn: Connection | None = None
         self._lock_conn: Connection | None = None
         self._thread = threading.Thread(target=self._run, name="refloop-projector", daemon=True)
@@ -310,6 +311,20 @@ class Projector:
     def _connection(self) -> Connection:
         if self._conn is None or self._conn.closed:
             self._conn = self.engine.connect().execution_options(sqlite_begin="IMMEDIATE")
+            self._synchronous = ""
+        if self._sqlite:
+            # In journal mode the projector's commits need not reach the disk on their own: WAL frames are
+            # written in order and the journal writer's next FULL commit syncs them too; a power cut that
+            # loses the tail loses the ``applied_at`` marks with the effects, so those rows are applied again
+            # on start-up, never half. "applied" mode acknowledges on this commit and keeps FULL (checked on
+            # every batch: SIGHUP may switch modes). The connection is invalidated, never pooled, when the
+            # projector lets it go (``_drop``), so the setting never reaches another thread.
+            want = "NORMAL" if self.core.settings.mllp.ack_after == "journal" else "FULL"
+            if want != self._synchronous:
+                cur = self._conn.connection.cursor()  # the DBAPI's: a PRAGMA inside BEGIN would be refused
+                cur.execute(f"PRAGMA synchronous={want}")
+                cur.close()
+                self._synchronous = want
         return self._conn
 
     def _drop(self) -> None:
