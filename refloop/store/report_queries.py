@@ -64,18 +64,29 @@ def _group_expr(conn: Connection, by: str | None) -> ColumnElement[Any]:
     return R.c[by]
 
 
-def _cohort(params: ReportParams, wide: bool = False) -> list[ColumnElement[bool]]:
-    """The cohort condition. ``wide`` (SQLite, :func:`wide_range`): ``+sent_at``, the same value, which tells
-    the planner to read the table in order rather than walk ``ix_referrals_sent_at`` with a lookup per row."""
-    sent = UnaryExpression(R.c.sent_at, operator=operators.custom_op("+"), type_=R.c.sent_at.type) if wide \
+def _sent(wide: bool) -> ColumnElement[Any]:
+    """``sent_at``, or with ``wide`` (SQLite, :func:`wide_range`) ``+sent_at``, the same value, which tells the
+    planner not to walk ``ix_referrals_sent_at`` with a lookup per row but to read the table (or a covering
+    index) in order."""
+    return UnaryExpression(R.c.sent_at, operator=operators.custom_op("+"), type_=R.c.sent_at.type) if wide \
         else R.c.sent_at
+
+
+def _cohort(params: ReportParams, wide: bool = False) -> list[ColumnElement[bool]]:
+    """The cohort condition (see :func:`_sent` for ``wide``)."""
+    sent = _sent(wide)
     conds = [sent.is_not(None), sent >= params.start, sent < params.end]
     return conds + [R.c[name] == value for name, value in sorted(params.filters.items())]
 
 
 def wide_range(conn: Connection, params: ReportParams) -> bool:
-    """Whether the cohort covers most stored sent dates (two index probes, assuming they spread evenly): then
-    a table scan beats the index on SQLite. A wrong guess costs speed, never a number."""
+    """Whether the cohort covers most stored sent dates (see :func:`wide_span`)."""
+    return wide_span(conn, params.start, params.end)
+
+
+def wide_span(conn: Connection, start: datetime, end: datetime) -> bool:
+    """Whether ``[start, end)`` covers most stored sent dates (two index probes, assuming they spread evenly):
+    then a table scan beats the index on SQLite. A wrong guess costs speed, never a number."""
     if conn.dialect.name != "sqlite":
         return False
     lo, hi = (aware(v) for v in conn.execute(select(select(func.min(R.c.sent_at)).scalar_subquery(),
@@ -83,7 +94,7 @@ def wide_range(conn: Connection, params: ReportParams) -> bool:
     if lo is None or hi is None:
         return False
     span = (hi - lo).total_seconds()
-    return span <= 0 or (min(hi, params.end) - max(lo, params.start)).total_seconds() / span > 0.2
+    return span <= 0 or (min(hi, end) - max(lo, start)).total_seconds() / span > 0.2
 
 
 def _grouped(stmt: Any, g: ColumnElement[Any], by: str | None) -> Any:
@@ -119,7 +130,8 @@ def counts(conn: Connection, params: ReportParams, wide: bool = False) -> dict[s
         "_open": _count(R.c.status.not_in(("closed", *_FINAL))),
         "leak_cancelled": _count(R.c.status == "cancelled"),
         "leak_declined": _count(R.c.status.in_(("declined", "expired"))),
-        **{f"leak_{s}": _count(and_(is_open, R.c.leak_stage == s, R.c.leak_at <= now)) for s in _OPEN_LEAKS},
+        # the stage test first: it is false for most rows, and SQLite stops at the first false term
+        **{f"leak_{s}": _count(and_(R.c.leak_stage == s, R.c.leak_at <= now, is_open)) for s in _OPEN_LEAKS},
     }
     g = _group_expr(conn, params.by).label("g")
     stmt = _grouped(select(g, *(v.label(n) for n, v in cols.items())).where(*_cohort(params, wide)), g, params.by)
@@ -168,16 +180,32 @@ def day_figures(conn: Connection, params: ReportParams, wide: bool = False) -> d
 
 
 def _total_figures(conn: Connection, params: ReportParams, wide: bool) -> dict[str, dict[str, Any]]:
-    """The four metrics for the whole cohort from one pass over its durations, each series sorted here."""
-    cols = [R.c[column] for column in _DURATIONS.values()]
-    rows = conn.execute(select(*cols).where(*_cohort(params, wide), or_(*(c.is_not(None) for c in cols)))).all()
+    """The four metrics for the whole cohort: per metric one statement (one snapshot on either database) with
+    the count, the sum and the values at the four ranks :func:`refloop.report.figures` needs, each read by
+    ``ORDER BY <duration> LIMIT 1 OFFSET k``, the p90 ranks from the top. With ``ix_referrals_rank_*``
+    (duration, sent_at) SQLite walks the index in value order and reads no table row (migration 0014)."""
     out = {}
-    for metric, series in zip(_DURATIONS, zip(*rows, strict=True) if rows else [()] * 4, strict=True):
-        values = sorted(int(v) for v in series if v is not None)
-        n = len(values)
-        ranks = {k: values[k - 1] for k in {(n + 1) // 2, n // 2 + 1, (9 * n + 9) // 10, (9 * n + 9) // 10 + 1}
-                 if 1 <= k <= n}
-        out[metric] = rp.figures(n, sum(values), ranks, _DAY_S)
+    for metric, column in _DURATIONS.items():
+        value = R.c[column]
+        where = [*_cohort(params, wide), value.is_not(None)]
+        s = select(func.count(value).label("n"), func.coalesce(func.sum(value), 0).label("total")).where(*where)\
+            .cte(f"s_{metric}")
+        n = s.c.n
+
+        def at(offset: ColumnElement[Any], desc: bool = False, where: list[ColumnElement[bool]] = where,
+               value: ColumnElement[Any] = value, s: Any = s) -> ColumnElement[Any]:
+            skip = select(case((offset < 0, literal(0)), else_=offset)).select_from(s).scalar_subquery()
+            return select(value).where(*where).order_by(value.desc() if desc else value).limit(1).offset(skip)\
+                .scalar_subquery()
+
+        p90 = (9 * n + 9) // 10  # ceil(0.9 n) in integers; its float form can be one more (see report.figures)
+        row = conn.execute(select(n, s.c.total, at((n + 1) // 2 - 1), at(n // 2), at(n - p90, desc=True),
+                                  at(n - p90 - 1, desc=True)).select_from(s)).one()
+        count, total = int(row[0]), int(row[1])
+        lo, hi, p = (count + 1) // 2, count // 2 + 1, (9 * count + 9) // 10
+        ranks = {k: int(v) for k, v in ((lo, row[2]), (hi, row[3]), (p, row[4]), (p + 1, row[5]))
+                 if 1 <= k <= count and v is not None}
+        out[metric] = rp.figures(count, total, ranks, _DAY_S)
     return out
 
 
@@ -268,7 +296,10 @@ def cms50(conn: Connection, year: int) -> dict[str, Any]:
     The first candidate of each patient is the ``row_number() = 1`` of a window ordered by ``(sent_at, id)``;
     written here as one group per patient (read in ``ix_referrals_patient_first`` order, which covers the
     query: no sorting, no table rows). A patient whose candidates all met the measure, or none, needs no
-    ranking; only for a patient with both is the first candidate looked up (one index search).
+    ranking; only for a patient with both is the first candidate looked up (one index search). When the
+    candidate dates cover most of the store, the groups read that index whole (``+sent_at``, see :func:`_sent`):
+    SQLite otherwise walks ``ix_referrals_sent_at`` and sorts every candidate into its patient group, four
+    times slower.
     """
     start = datetime(year, 1, 1, tzinfo=UTC)
     cutoff = datetime(year, 11, 1, tzinfo=UTC)  # sent_at < 1 Nov 00:00 == on or before 31 Oct 23:59:59.999999
@@ -280,7 +311,7 @@ def cms50(conn: Connection, year: int) -> dict[str, Any]:
     def met(r: Any) -> ColumnElement[bool]:
         return and_(r.c.note_received_at.is_not(None), r.c.note_received_at > r.c.sent_at, r.c.note_received_at < end)
 
-    sent = R.c.sent_at
+    sent = _sent(wide_span(conn, start, cutoff))
     patients = (select(R.c.patient_key.label("pk"), func.count().label("n"), _count(met(R)).label("met"))
                 .where(*candidate(R, sent)).group_by(R.c.patient_key).subquery("patients"))
     first = R.alias("first")
