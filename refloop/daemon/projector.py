@@ -42,6 +42,10 @@ log = logging.getLogger("refloop.projector")
 
 #: pg_advisory_lock key held by the one projecting daemon ("rflp").
 ADVISORY_KEY = 0x72666C70
+#: Rows read by a batch's first query; each further read takes four times more, up to the batch size. A
+#: batch that gives the lock back to the journal writer after :data:`~refloop.daemon.gate.SLICE` has
+#: applied a few rows: reading (and decoding) a full batch of raw frames for those cost more than applying.
+FIRST_PAGE = 8
 #: How often the lag is re-read from the database while busy (in between, the in-memory count is used).
 REFRESH_SECONDS = 0.5
 
@@ -88,16 +92,21 @@ class Core:
                 failing.add(int(crashed.args[0]))
 
     def _apply_rows(self, conn: Connection, failing: set[int]) -> list[tuple[Any, Applied, ApplyResult]]:
-        rows = journal.unapplied(conn, self.batch_size)
         done: list[tuple[Any, Applied, ApplyResult]] = []
         t0 = time.perf_counter()
-        for row in rows:
-            if done and self.gate.writer_waiting and time.perf_counter() - t0 >= SLICE:
-                break  # the journal writer goes first: commit what is applied, give it the lock
-            fresh = row.outcome == Outcome.QUEUED
-            applied = apply_row(conn, row, settings=self.settings, router=self.router, clock=self.clock,
-                                replay=not fresh, savepoint=int(row.id) in failing)
-            done.append((row, applied, self._record(conn, row, applied, fresh)))
+        page, after = FIRST_PAGE, 0
+        while len(done) < self.batch_size:
+            rows = journal.unapplied(conn, min(page, self.batch_size - len(done)), after)
+            if not rows:
+                break
+            for row in rows:
+                if done and self.gate.writer_waiting and time.perf_counter() - t0 >= SLICE:
+                    return done  # the journal writer goes first: commit what is applied, give it the lock
+                fresh = row.outcome == Outcome.QUEUED
+                applied = apply_row(conn, row, settings=self.settings, router=self.router, clock=self.clock,
+                                    replay=not fresh, savepoint=int(row.id) in failing)
+                done.append((row, applied, self._record(conn, row, applied, fresh)))
+            after, page = int(rows[-1].id), page * 4
         return done
 
     def _record(self, conn: Connection, row: Any, applied: Applied, fresh: bool) -> ApplyResult:

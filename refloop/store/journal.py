@@ -67,7 +67,7 @@ class HotSql:
         self.unapplied = (
             "SELECT id, raw, received_at, sending_application, sending_facility, control_id, content_hash, "
             "outcome, ack, ack_code, encoding FROM messages WHERE outcome IN ('queued', 'requeued') "
-            f"ORDER BY id LIMIT {ph}"
+            f"AND id > {ph} ORDER BY id LIMIT {ph}"
         )
         self.key_update = (f"UPDATE message_keys SET ack_code = {ph}, err_code = {ph}, err_text = {ph}, "
                            f"err_location = {ph} WHERE message_id = {ph}")
@@ -194,9 +194,9 @@ def claim_many(conn: Connection, rows: list[dict[str, Any]]) -> set[int]:
     return won
 
 
-def unapplied(conn: Connection, limit: int) -> list[Any]:
-    """The oldest rows waiting for the projector, in journal order."""
-    return rawsql.rows(conn, hot(conn).unapplied, (limit,))
+def unapplied(conn: Connection, limit: int, after: int = 0) -> list[Any]:
+    """The oldest rows waiting for the projector after id *after*, in journal order."""
+    return rawsql.rows(conn, hot(conn).unapplied, (after, limit))
 
 
 def mark_applied(conn: Connection, message_id: int, values: dict[str, Any]) -> None:
