@@ -43,7 +43,7 @@ from refloop import referral as rf
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-GEN_VERSION = 4  # bump when the generated rows change (the cache key also has the schema revision)
+GEN_VERSION = 5  # bump when the generated rows change (the cache key also has the schema revision)
 AS_OF = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 YEAR = timedelta(days=365)
 SPECIALTIES = ("CARD", "DERM", "ENDO", "GAST", "NEUR", "ONC", "ORTH", "PULM", "RHEU", "URO")
@@ -97,7 +97,9 @@ class _Gen:
         assert self.ev_cols == ("referral_id", "message_id", "origin", "seq", "kind", "occurred_at", "control_id",
                                 "subject", "pending_key", "data"), self.ev_cols
         assert self.ref_cols[19:22] == ("updated_at", "no_show_at", "no_show_count"), self.ref_cols
-        self.clock_cols = self.ref_cols[22:]
+        # the clock columns, then first_marked_at: no alert or reminder yet (the scan marks what it raises)
+        self.clock_cols = self.ref_cols[22:-1]
+        assert self.ref_cols[-1] == "first_marked_at", self.ref_cols
         assert set(self.clock_cols) == {
             "clock_stage", "stage_started_at", "next_due_at", "leak_stage", "leak_at", "clock_version",
             "scheduling_due_at", "visit_due_at", "sent_to_scheduled_s", "sent_to_appointment_s",
@@ -228,7 +230,7 @@ class _Gen:
                           *(None if proj[k] is None else _ts(proj[k]) for k in
                             ("accepted_at", "scheduled_at", "appointment_at", "completed_at", "note_received_at",
                              "closed_at")), "", _ts(last), None if no_show_at is None else _ts(no_show_at),
-                          no_show_count, *self._clock(status, sent, proj, no_show_at, no_show_count, details)))
+                          no_show_count, *self._clock(status, sent, proj, no_show_at, no_show_count, details), None))
         for _, fn in applied:
             fn()
         if status == "closed":

@@ -10,17 +10,18 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, select, text
 
 from refloop.cli import main as cli_main
 from refloop.config.windows import WindowSettings, windows_from_settings
-from refloop.store import migrate
+from refloop.store import migrate, outbox
 from refloop.store import referrals as repo
 from refloop.store import report_queries as rq
+from refloop.store import scan as stall_scan
 from refloop.store.engine import make_engine
 from refloop.store.models import Alert
 from tests.utils import make_settings, running_daemon
@@ -92,6 +93,7 @@ def fixture(url: str) -> None:
             conn.execute(insert(Alert.__table__).values(referral_id=rid, stage="scheduling", level=1,
                                                         status="open", owner="", overdue_days=1.0,
                                                         raised_at=d("2026-02-20"), open_key=0))
+        repo.mark(conn, (b, c), d("2026-02-20"))  # what raising an alert keeps on the referral row
     engine.dispose()
 
 
@@ -179,3 +181,63 @@ def test_cli_json_equals_api_json(sqlite_url: str, tmp_path: Any, monkeypatch: p
     assert status == 200
     assert cli_doc == api_doc
     assert cli_doc["totals"]["sent"] == 9 and cli_doc["groups"][0]["key"] == "CARD"
+
+
+# -- the worklist mark kept on write (first_marked_at) ---------------------------------------------------
+def marked_at(engine: Any, rid: int) -> datetime | None:
+    with engine.connect() as conn:
+        return repo.aware(conn.execute(select(repo.REFERRALS.c.first_marked_at)
+                                       .where(repo.REFERRALS.c.id == rid)).scalar_one())
+
+
+def test_the_first_alert_or_reminder_marks_the_referral(db_url: str) -> None:
+    """The scan's alert sets ``first_marked_at``; a later alert or reminder never moves it; an earlier
+    reminder (outbox row) does; a notification naming no referral marks nothing."""
+    engine = make_engine(make_settings(db_url).database)
+    migrate.upgrade(engine)
+    with engine.begin() as conn:
+        rid = make(conn, "R1", "p1", [created("2026-05-01")])  # never booked: stalled by 1 June
+        other = make(conn, "R2", "p2", [created("2026-05-31")])
+    assert marked_at(engine, rid) is None
+    settings = make_settings(db_url)
+    stall_scan.run_scan(engine, settings, NOW)
+    assert marked_at(engine, rid) == NOW and marked_at(engine, other) is None
+    stall_scan.run_scan(engine, settings, NOW + timedelta(days=10))  # escalations: not a new mark
+    with engine.begin() as conn:
+        outbox.enqueue(conn, key="late", channel="webhook", event="x", now=NOW + timedelta(days=3), payload={},
+                       referral_id=rid)
+        outbox.enqueue(conn, key="anon", channel="webhook", event="x", now=d("2026-05-02"), payload={})
+    assert marked_at(engine, rid) == NOW
+    with engine.begin() as conn:
+        outbox.enqueue(conn, key="early", channel="webhook", event="x", now=d("2026-05-20"), payload={},
+                       referral_id=rid)
+        outbox.enqueue(conn, key="early", channel="webhook", event="x", now=d("2026-05-10"), payload={},
+                       referral_id=rid)  # the same key again: not enqueued, so no mark either
+    assert marked_at(engine, rid) == d("2026-05-20")
+    assert marked_at(engine, other) is None
+    engine.dispose()
+
+
+def test_migration_backfills_the_first_mark(sqlite_url: str) -> None:
+    """Migration 0015 sets ``first_marked_at`` from the alerts and outbox rows already stored (the earliest)."""
+    engine = make_engine(make_settings(sqlite_url).database)
+    migrate.upgrade(engine, "0014")
+    with engine.begin() as conn:
+        for rid in (1, 2, 3):
+            conn.execute(text("INSERT INTO referrals (id, placer_id, authority, status, priority, referred_to, "
+                              "referred_to_id, referring_provider, specialty, patient_key, flags, no_show_count, "
+                              "clock_stage, leak_stage, clock_version) VALUES (:id, :p, '', 'sent', '', '', '', "
+                              "'', '', '', '', 0, '', '', '')"), {"id": rid, "p": f"B{rid}"})
+        conn.execute(insert(Alert.__table__), [
+            {"referral_id": 1, "stage": "scheduling", "level": 1, "status": "open", "owner": "", "overdue_days": 0.0,
+             "raised_at": d("2026-03-05"), "last_action": "raised", "open_key": 0},
+            {"referral_id": 1, "stage": "visit", "level": 1, "status": "resolved", "owner": "", "overdue_days": 0.0,
+             "raised_at": d("2026-03-01"), "last_action": "raised", "open_key": 7}])
+        conn.execute(insert(outbox.OUTBOX), [
+            {"idempotency_key": k, "channel": "webhook", "target": "", "event": "x", "referral_id": rid,
+             "alert_id": None, "payload": "{}", "status": "pending", "attempts": 0, "next_attempt_at": at,
+             "last_error": "", "created_at": at}
+            for k, rid, at in (("a", 1, d("2026-03-03")), ("b", 2, d("2026-04-01")), ("c", None, d("2026-01-01")))])
+    migrate.upgrade(engine)
+    assert [marked_at(engine, rid) for rid in (1, 2, 3)] == [d("2026-03-01"), d("2026-04-01"), None]
+    engine.dispose()

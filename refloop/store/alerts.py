@@ -118,6 +118,7 @@ def _raise_all(conn: Connection, settings: Settings, refs: Mapping[int, Any], ra
         return
     ids = conn.execute(_INSERT, rows).scalars().all() if len(rows) > 1 else \
         [conn.execute(insert(ALERTS).values(rows[0]).returning(ALERTS.c.id)).scalar_one()]
+    repo.mark(conn, (rid for rid, _ in raised), now)
     for (rid, found), values, alert_id in zip(raised, rows, ids, strict=True):
         ref, row = refs[rid], {**values, "id": int(alert_id)}
         result.notifications += notices.notify_owner(conn, settings, ref, row, "alert_raised",

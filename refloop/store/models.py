@@ -189,6 +189,10 @@ class Referral(Base):
     sent_to_appointment_s: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     appointment_to_note_s: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     sent_to_closed_s: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # When the referral was first on the worklist or reminded: the earliest alert ``raised_at`` or outbox
+    # ``created_at`` naming it (migration 0015), kept on write by ``refloop.store.referrals.mark``, so the
+    # report's "recovered" figure is two counts in its aggregate pass instead of a join of every alert.
+    first_marked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     __table_args__ = (
         UniqueConstraint("placer_id", "authority", name="uq_referrals_placer"),

@@ -23,7 +23,7 @@ from sqlalchemy import Connection, Engine, Table, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from refloop.store.models import OutboxEntry
-from refloop.store.referrals import aware, iso, utc
+from refloop.store.referrals import aware, iso, mark, utc
 
 OUTBOX: Table = OutboxEntry.__table__  # type: ignore[assignment]
 
@@ -49,7 +49,10 @@ def enqueue(conn: Connection, *, key: str, channel: str, event: str, now: dateti
     }
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     stmt = dialect.insert(OUTBOX).values(values).on_conflict_do_nothing(index_elements=["idempotency_key"])
-    return bool(conn.execute(stmt.returning(OUTBOX.c.id)).first())
+    added = conn.execute(stmt.returning(OUTBOX.c.id)).first() is not None
+    if added and referral_id is not None:
+        mark(conn, [referral_id], now)  # a reminder puts the referral among the report's "recovered" candidates
+    return added
 
 
 def claim(engine: Engine, now: datetime, *, limit: int = 50, lease_seconds: float = 120.0) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, bindparam, delete, select, update
+from sqlalchemy import Connection, Table, bindparam, delete, or_, select, update
 
 from refloop import referral as rf
 from refloop import stall, x360
@@ -422,6 +422,21 @@ _DURATIONS = (("sent_to_scheduled_s", "scheduled_at", "sent_at"),
               ("appointment_to_note_s", "note_received_at", "appointment_at"),
               ("sent_to_closed_s", "closed_at", "sent_at"))
 _SECOND = timedelta(seconds=1)
+
+
+_MARKED = REFERRALS.c.first_marked_at
+_MARK = update(REFERRALS).where(
+    REFERRALS.c.id == bindparam("b_id"), or_(_MARKED.is_(None), bindparam("b_at", type_=_MARKED.type) < _MARKED)
+).values(first_marked_at=bindparam("b_at"))
+
+
+def mark(conn: Connection, ids: Iterable[int], at: datetime) -> None:
+    """Keep ``first_marked_at`` (the earliest instant the referral was on the worklist or reminded): called
+    in the transaction that raises an alert or enqueues a notification naming the referral, so the report
+    reads one column instead of joining every alert and outbox row (an earlier mark is never moved later)."""
+    params = [{"b_id": rid, "b_at": utc(at)} for rid in sorted(set(ids))]
+    if params:
+        conn.execute(_MARK, params)
 
 
 def durations(state: Any) -> dict[str, int | None]:

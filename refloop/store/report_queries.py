@@ -3,9 +3,11 @@
 Why it looks like this: every figure is plain SQL over the ``referrals`` projection, because the fold keeps
 on each row what the report needs (:func:`refloop.store.referrals.clock_values`): where and when the
 referral leaks (``leak_stage``/``leak_at``), when its scheduling and visit windows end, and the durations
-between milestones in whole seconds. So the report is one aggregate pass for the counts, rates and leak
-counts, one ranked pass per duration for exact medians and p90 (window functions, on SQLite and PostgreSQL
-alike), the appointment and no-show events, the worklist marks, the first ``leak_limit`` leaks, and CMS50.
+between milestones in whole seconds, and when it was first on the worklist or reminded
+(``first_marked_at``). So the report is one aggregate pass for the counts, rates, leak counts and the
+recovered figure; per duration one statement reading the count, the sum and the values at the exact ranks of
+the median and p90 by ORDER BY/OFFSET on an index (a ranked pass per duration for ``--by`` groups); the
+appointment and no-show events; the first ``leak_limit`` leaks; and CMS50.
 No sampling, no fallbacks, no second path: a window change is applied by rewriting rows (the scan does it
 in chunks), and a report run before that is done says how many rows still carry the old windows.
 Nothing here logs: rows carry patient hashes.
@@ -29,7 +31,6 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
-    union_all,
 )
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import ColumnElement, UnaryExpression
@@ -112,8 +113,9 @@ def _at(moment: datetime) -> ColumnElement[Any]:
 
 # -- the aggregate pass ----------------------------------------------------------------------------
 def counts(conn: Connection, params: ReportParams, wide: bool = False) -> dict[str, dict[str, int]]:
-    """Per group: :data:`refloop.report.COUNT_COLUMNS`, ``leak_<stage>`` for every leak stage, and ``_open``
-    (unclosed, not a final answer): one GROUP BY over the cohort's rows."""
+    """Per group: :data:`refloop.report.COUNT_COLUMNS`, ``leak_<stage>`` for every leak stage, ``_open``
+    (unclosed, not a final answer), ``_marked`` (on the worklist or reminded) and ``_recovered`` (of those,
+    completed at or after the first mark): one GROUP BY over the cohort's rows."""
     now = _at(params.now)
     is_open = R.c.status.in_(OPEN)
     cols: dict[str, ColumnElement[Any]] = {
@@ -128,6 +130,9 @@ def counts(conn: Connection, params: ReportParams, wide: bool = False) -> dict[s
         "completed_in_window": _count(R.c.completed_at <= R.c.visit_due_at),
         "visit_mature": _count(or_(R.c.completed_at <= R.c.visit_due_at, R.c.visit_due_at <= now)),
         "_open": _count(R.c.status.not_in(("closed", *_FINAL))),
+        # recovered: on the worklist or reminded (first_marked_at, kept on write), then completed at or after
+        "_marked": func.count(R.c.first_marked_at),
+        "_recovered": _count(and_(R.c.completed_at.is_not(None), R.c.first_marked_at <= R.c.completed_at)),
         "leak_cancelled": _count(R.c.status == "cancelled"),
         "leak_declined": _count(R.c.status.in_(("declined", "expired"))),
         # the stage test first: it is false for most rows, and SQLite stops at the first false term
@@ -217,22 +222,9 @@ def close_days(conn: Connection, params: ReportParams, wide: bool = False) -> li
 
 # -- events, the worklist, leaks ------------------------------------------------------------------
 def worklist_tables(conn: Connection) -> list[tuple[Table, str]]:
-    """The tables that mark a referral as on the worklist (alerts) or reminded (outbox), with their time."""
+    """The tables that mark a referral as on the worklist (alerts) or reminded (outbox), with their time:
+    ``referrals.first_marked_at`` is the earliest of these (kept on write, see ``referrals.mark``)."""
     return [(cast(Table, Alert.__table__), "raised_at"), (cast(Table, OutboxEntry.__table__), "created_at")]
-
-
-def worklist_counts(conn: Connection, params: ReportParams, tables: list[tuple[Table, str]], wide: bool = False
-                    ) -> dict[str, tuple[int, int]]:
-    """Per group: cohort referrals that were on the worklist or got a reminder, and those of them completed
-    at or after the first alert/reminder (``completed_at >= min(first)`` is "some mark at or before it")."""
-    marks = union_all(*(select(t.c.referral_id.label("rid"), t.c[when].label("at"))
-                        .where(t.c.referral_id.is_not(None)) for t, when in tables)).subquery("marks")
-    g = _group_expr(conn, params.by).label("g")
-    done_if = and_(R.c.completed_at.is_not(None), marks.c.at <= R.c.completed_at)
-    stmt = _grouped(select(g, func.count(func.distinct(marks.c.rid)).label("alerted"),
-                           func.count(func.distinct(case((done_if, marks.c.rid)))).label("done"))
-                    .select_from(marks.join(R, R.c.id == marks.c.rid)).where(*_cohort(params, wide)), g, params.by)
-    return {str(row.g or ""): (int(row.alerted), int(row.done)) for row in conn.execute(stmt)}
 
 
 def event_counts(conn: Connection, params: ReportParams, wide: bool = False) -> dict[str, dict[str, int]]:
@@ -354,14 +346,12 @@ def build_report(conn: Connection, params: ReportParams, windows: Windows) -> di
     per_group = counts(conn, params, wide)
     per_events = event_counts(conn, params, wide)
     tables = worklist_tables(conn)
-    marks = worklist_counts(conn, params, tables, wide) if tables else {}
-    names = [*rp.COUNT_COLUMNS, "_open", *(f"leak_{s}" for s in rp.LEAK_STAGES)]
+    names = [*rp.COUNT_COLUMNS, "_open", "_marked", "_recovered", *(f"leak_{s}" for s in rp.LEAK_STAGES)]
     whole_counts, whole_events = _sum(per_group, names), _sum(per_events, rp.EVENT_COLUMNS)
     whole_days = day_figures(conn, replace(params, by=None), wide).get("", {})
     whole = _block(whole_counts, whole_events, whole_days)
     whole["totals"]["leaks_by_stage"] = {s: whole_counts[f"leak_{s}"] for s in rp.LEAK_STAGES}
-    whole["rates"]["recovered"] = _recovered_block(sum(a for a, _ in marks.values()),
-                                                   sum(d for _, d in marks.values()), tables)
+    whole["rates"]["recovered"] = _recovered_block(whole_counts["_marked"], whole_counts["_recovered"], tables)
     groups = []
     if params.by:
         group_days = day_figures(conn, params, wide)
