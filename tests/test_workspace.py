@@ -174,6 +174,7 @@ def test_weekly_figures_add_up_to_the_report(conn_of: Any, store: str) -> None:
                 referral_id=rid, stage="visit", level=1, status="resolved", owner="alice", overdue_days=1.0,
                 raised_at=at, resolved_at=completed, last_action="auto_resolved", open_key=0)).inserted_primary_key[0]
             conn.execute(alerts.ALERTS.update().where(alerts.ALERTS.c.id == aid).values(open_key=aid))
+            repo.mark(conn, [rid], at)  # what raising the alert keeps on the referral row
     with conn_of.connect() as conn:
         first = weekly.week_start(NOW - timedelta(days=400), zone)
         stop = weekly.week_start(NOW, zone) + timedelta(days=7)

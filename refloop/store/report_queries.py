@@ -111,6 +111,12 @@ def _at(moment: datetime) -> ColumnElement[Any]:
     return literal(moment, DateTime(timezone=True))
 
 
+def recovered() -> ColumnElement[bool]:
+    """The "recovered" rule: completed at or after the referral was first on the worklist or reminded
+    (``first_marked_at``, kept on write). The weekly review counts the same rule week by week."""
+    return and_(R.c.completed_at.is_not(None), R.c.first_marked_at <= R.c.completed_at)
+
+
 # -- the aggregate pass ----------------------------------------------------------------------------
 def counts(conn: Connection, params: ReportParams, wide: bool = False) -> dict[str, dict[str, int]]:
     """Per group: :data:`refloop.report.COUNT_COLUMNS`, ``leak_<stage>`` for every leak stage, ``_open``
@@ -132,7 +138,7 @@ def counts(conn: Connection, params: ReportParams, wide: bool = False) -> dict[s
         "_open": _count(R.c.status.not_in(("closed", *_FINAL))),
         # recovered: on the worklist or reminded (first_marked_at, kept on write), then completed at or after
         "_marked": func.count(R.c.first_marked_at),
-        "_recovered": _count(and_(R.c.completed_at.is_not(None), R.c.first_marked_at <= R.c.completed_at)),
+        "_recovered": _count(recovered()),
         "leak_cancelled": _count(R.c.status == "cancelled"),
         "leak_declined": _count(R.c.status.in_(("declined", "expired"))),
         # the stage test first: it is false for most rows, and SQLite stops at the first false term

@@ -6,8 +6,8 @@ A coordinator's week is activity, not a cohort: "scheduled this week" means refe
 
 * **sent** ``sent_at``, **scheduled** ``scheduled_at`` (first booking), **completed** ``completed_at``,
   **closed** ``closed_at`` of a referral whose status is ``closed`` (the report's loop closure);
-* **recovered**: completed this week after an alert or a reminder (``alerts.raised_at`` or an outbox row's
-  ``created_at`` at or before ``completed_at``), the report's "recovered" definition;
+* **recovered**: completed this week at or after the referral was first on the worklist or reminded, by the
+  report's own rule (:func:`refloop.store.report_queries.recovered`);
 * **new leaks**: referrals that are leaks at the end of the week and were not at its start, by the report's
   own leak rule (:func:`refloop.store.report_queries.leaks`), so the rule lives in one place.
 
@@ -29,11 +29,11 @@ from sqlalchemy import Connection, and_, func, or_, select
 from refloop.config import Settings
 from refloop.config.windows import windows_from_settings
 from refloop.notify import policy
-from refloop.store import alerts, outbox
+from refloop.store import alerts
 from refloop.store import report_queries as rq
 from refloop.store.referrals import utc
 
-R, A, OUT = alerts.REFERRALS, alerts.ALERTS, outbox.OUTBOX
+R, A = alerts.REFERRALS, alerts.ALERTS
 FIGURES: Final = ("sent", "scheduled", "completed", "closed", "recovered", "new_leaks")
 _CHUNK: Final = 500
 
@@ -52,11 +52,9 @@ def _activity(conn: Connection, start: datetime, end: datetime) -> list[Any]:
     def inside(col: Any) -> Any:
         return and_(col >= lo, col < hi)
 
-    marked = or_(select(A.c.id).where(A.c.referral_id == R.c.id, A.c.raised_at <= R.c.completed_at).exists(),
-                 select(OUT.c.id).where(OUT.c.referral_id == R.c.id, OUT.c.created_at <= R.c.completed_at).exists())
     stmt = select(R.c.id, R.c.authority, R.c.referred_to, R.c.referred_to_id, R.c.specialty, R.c.status,
                   R.c.sent_at, R.c.scheduled_at, R.c.completed_at, R.c.closed_at,
-                  and_(R.c.completed_at.is_not(None), marked).label("marked")).where(
+                  rq.recovered().label("marked")).where(
         or_(inside(R.c.sent_at), inside(R.c.scheduled_at), inside(R.c.completed_at), inside(R.c.closed_at)))
     return list(conn.execute(stmt))
 
