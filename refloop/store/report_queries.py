@@ -190,10 +190,20 @@ def day_figures(conn: Connection, params: ReportParams, wide: bool = False) -> d
     return out
 
 
+def _pair(s: Any, value: ColumnElement[Any], where: list[ColumnElement[bool]], offset: ColumnElement[Any],
+          name: str, desc: bool = False) -> Any:
+    """Two adjacent values of *value* in the cohort, ``OFFSET offset`` (0 if negative; computed from the
+    count in *s*) from the bottom, or from the top with *desc*."""
+    skip = select(case((offset < 0, literal(0)), else_=offset)).select_from(s).scalar_subquery()
+    return select(value.label("v")).where(*where).order_by(value.desc() if desc else value).limit(2)\
+        .offset(skip).cte(name)
+
+
 def _total_figures(conn: Connection, params: ReportParams, wide: bool) -> dict[str, dict[str, Any]]:
     """The four metrics for the whole cohort: per metric one statement (one snapshot on either database) with
-    the count, the sum and the values at the four ranks :func:`refloop.report.figures` needs, each read by
-    ``ORDER BY <duration> LIMIT 1 OFFSET k``, the p90 ranks from the top. With ``ix_referrals_rank_*``
+    the count, the sum and the values at the ranks :func:`refloop.report.figures` needs: the two middle
+    ranks are one ``ORDER BY <duration> LIMIT 2 OFFSET k`` from the bottom, the two p90 ranks one from the
+    top (each pair read back as its min and max, so row order does not matter). With ``ix_referrals_rank_*``
     (duration, sent_at) SQLite walks the index in value order and reads no table row (migration 0014)."""
     out = {}
     for metric, column in _DURATIONS.items():
@@ -203,19 +213,20 @@ def _total_figures(conn: Connection, params: ReportParams, wide: bool) -> dict[s
             .cte(f"s_{metric}")
         n = s.c.n
 
-        def at(offset: ColumnElement[Any], desc: bool = False, where: list[ColumnElement[bool]] = where,
-               value: ColumnElement[Any] = value, s: Any = s) -> ColumnElement[Any]:
-            skip = select(case((offset < 0, literal(0)), else_=offset)).select_from(s).scalar_subquery()
-            return select(value).where(*where).order_by(value.desc() if desc else value).limit(1).offset(skip)\
-                .scalar_subquery()
-
-        p90 = (9 * n + 9) // 10  # ceil(0.9 n) in integers; its float form can be one more (see report.figures)
-        row = conn.execute(select(n, s.c.total, at((n + 1) // 2 - 1), at(n // 2), at(n - p90, desc=True),
-                                  at(n - p90 - 1, desc=True)).select_from(s)).one()
+        mid = _pair(s, value, where, (n + 1) // 2 - 1, f"mid_{metric}")  # ranks lo and lo + 1
+        top = _pair(s, value, where, n - (9 * n + 9) // 10 - 1, f"top_{metric}", desc=True)  # p + 1 and p
+        row = conn.execute(select(n, s.c.total, *(select(f(c.c.v)).scalar_subquery() for c in (mid, top)
+                                                  for f in (func.min, func.max))).select_from(s)).one()
         count, total = int(row[0]), int(row[1])
-        lo, hi, p = (count + 1) // 2, count // 2 + 1, (9 * count + 9) // 10
-        ranks = {k: int(v) for k, v in ((lo, row[2]), (hi, row[3]), (p, row[4]), (p + 1, row[5]))
-                 if 1 <= k <= count and v is not None}
+        if count == 0:
+            out[metric] = rp.figures(0, 0, {}, _DAY_S)
+            continue
+        lo, p = (count + 1) // 2, (9 * count + 9) // 10  # ceil(0.9 n) in integers (see report.figures)
+        ranks = {lo: int(row[2]), p: int(row[4] if p < count else row[5])}  # p = n: the top pair is n, n - 1
+        if lo + 1 <= count:
+            ranks[lo + 1] = int(row[3])
+        if p + 1 <= count:
+            ranks[p + 1] = int(row[5])
         out[metric] = rp.figures(count, total, ranks, _DAY_S)
     return out
 
