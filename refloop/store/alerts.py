@@ -20,8 +20,6 @@ from types import SimpleNamespace
 from typing import Any, Final
 
 from sqlalchemy import Connection, Table, bindparam, insert, select, update
-from sqlalchemy.sql import operators
-from sqlalchemy.sql.elements import UnaryExpression
 
 from refloop import referral as rf
 from refloop import stall
@@ -32,6 +30,7 @@ from refloop.notify import policy
 from refloop.store import audit, notices, outbox
 from refloop.store import referrals as repo
 from refloop.store.models import Alert
+from refloop.store.queries import unindexed
 
 ALERTS: Table = Alert.__table__  # type: ignore[assignment]
 REFERRALS = repo.REFERRALS
@@ -116,8 +115,7 @@ def _raise_all(conn: Connection, settings: Settings, refs: Mapping[int, Any], ra
                      "last_action": "raised", "last_action_at": repo.utc(now), "open_key": 0})
     if not rows:
         return
-    ids = conn.execute(_INSERT, rows).scalars().all() if len(rows) > 1 else \
-        [conn.execute(insert(ALERTS).values(rows[0]).returning(ALERTS.c.id)).scalar_one()]
+    ids = conn.execute(_INSERT, rows).scalars().all()
     repo.mark(conn, (rid for rid, _ in raised), now)
     for (rid, found), values, alert_id in zip(raised, rows, ids, strict=True):
         ref, row = refs[rid], {**values, "id": int(alert_id)}
@@ -168,16 +166,16 @@ def apply_diff(conn: Connection, settings: Settings, refs: Mapping[int, Any], op
         result.resolved.append(_row_json(settings, {**row._mapping, "status": RESOLVED}, refs[rid], now))
 
 
+#: ``+open_key``, the same value: keeps SQLite's planner on ``uq_alerts_open`` (referral_id first) for "the open
+#: alerts of these referrals"; on ``ix_alerts_open_key`` it read every open alert of the store (9 ms a chunk
+#: at 100k referrals) whenever the statistics did not tell it better.
+_OPEN_KEY: Final = unindexed(ALERTS.c.open_key)
+
+
 def open_alerts(conn: Connection, ids: list[int]) -> dict[tuple[int, str], Any]:
     """The unresolved alerts of *ids* by ``(referral_id, stage)`` (one per pair: ``uq_alerts_open``)."""
     return {(r.referral_id, r.stage): r for start in range(0, len(ids), _CHUNK) for r in conn.execute(
         select(ALERTS).where(ALERTS.c.referral_id.in_(ids[start:start + _CHUNK]), _OPEN_KEY == 0))}
-
-
-#: ``+open_key``, the same value: keeps SQLite's planner on ``uq_alerts_open`` (referral_id first) for "the open
-#: alerts of these referrals"; on ``ix_alerts_open_key`` it read every open alert of the store (9 ms a chunk
-#: at 100k referrals) whenever the statistics did not tell it better.
-_OPEN_KEY: Final = UnaryExpression(ALERTS.c.open_key, operator=operators.custom_op("+"), type_=ALERTS.c.open_key.type)
 
 
 def clock_diff(ref: Any, inp: stall.ClockInput, windows: stall.Windows, now: datetime

@@ -6,10 +6,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, select
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import ColumnElement, UnaryExpression
 
 from refloop.store.models import Message
 
 MESSAGE_FIELDS = ("id", "received_at", "sender", "type", "control_id", "outcome", "ack_code", "duplicate_of")
+
+
+def unindexed(column: ColumnElement[Any]) -> ColumnElement[Any]:
+    """``+column``: the same value on SQLite and PostgreSQL, but SQLite's planner will not use an index on
+    it. For a condition whose index is the wrong one (most rows match it, or another index is narrower):
+    a wrong plan costs speed, never a result."""
+    return UnaryExpression(column, operator=operators.custom_op("+"), type_=column.type)
 
 
 def as_utc(value: datetime | None) -> datetime | None:

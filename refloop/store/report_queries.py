@@ -32,8 +32,7 @@ from sqlalchemy import (
     or_,
     select,
 )
-from sqlalchemy.sql import operators
-from sqlalchemy.sql.elements import ColumnElement, UnaryExpression
+from sqlalchemy.sql.elements import ColumnElement
 
 from refloop import report as rp
 from refloop import stall
@@ -42,6 +41,7 @@ from refloop.report import default_params as default_params
 from refloop.report import parse_day as parse_day
 from refloop.stall import Windows
 from refloop.store.models import Alert, OutboxEntry, Referral, ReferralEvent
+from refloop.store.queries import unindexed
 from refloop.store.referrals import OPEN, aware
 
 R = Referral.__table__
@@ -69,8 +69,7 @@ def _sent(wide: bool) -> ColumnElement[Any]:
     """``sent_at``, or with ``wide`` (SQLite, :func:`wide_range`) ``+sent_at``, the same value, which tells the
     planner not to walk ``ix_referrals_sent_at`` with a lookup per row but to read the table (or a covering
     index) in order."""
-    return UnaryExpression(R.c.sent_at, operator=operators.custom_op("+"), type_=R.c.sent_at.type) if wide \
-        else R.c.sent_at
+    return unindexed(R.c.sent_at) if wide else R.c.sent_at
 
 
 def _cohort(params: ReportParams, wide: bool = False) -> list[ColumnElement[bool]]:
