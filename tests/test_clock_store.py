@@ -26,12 +26,15 @@ from tests.test_scan import T0, engine_for, open_alerts, refloop_cli, settings_f
 NY = ZoneInfo("America/New_York")
 
 
-def add(engine: Engine, rid: int, kind: str, at: datetime, windows: stall.Windows | None, **data: Any) -> None:
+def add(engine: Engine, rid: int, kind: str, at: datetime, windows: stall.Windows | None,
+        applied_at: datetime | None = None, **data: Any) -> None:
+    """An event that happened *at*, applied at *applied_at* (default: then); a late message has
+    ``applied_at`` after ``at``."""
     with engine.begin() as conn:
         conn.execute(insert(repo.EVENTS).values(
             referral_id=rid, message_id=None, origin=repo.MANUAL, seq=0, kind=kind, occurred_at=repo.utc(at),
             control_id="", subject="", pending_key="", data=json.dumps(data)))
-        repo.refresh(conn, rid, at, windows=windows)
+        repo.refresh(conn, rid, applied_at or at, windows=windows)
 
 
 def referral(engine: Engine, placer: str, sent: datetime, windows: stall.Windows | None, priority: str = "R") -> int:
@@ -64,11 +67,12 @@ def test_stored_clock_equals_the_clock_on_read(db_url: str, history: list[Any], 
     with engine.connect() as conn:
         n = conn.execute(select(repo.REFERRALS.c.id).order_by(repo.REFERRALS.c.id.desc())).first()
     rid = referral(engine, f"H{(n[0] if n else 0) + 1}", T0, windows, priority="S" if stat else "R")
-    now = T0
+    now = T0  # the clock applying the events only moves forward; an event may be about an earlier time
     for (kind, data), hours in history:
-        now = T0 + timedelta(hours=hours)
-        extra = {"start": (now + timedelta(days=2)).isoformat()} if kind == rf.APPOINTMENT_BOOKED else {}
-        add(engine, rid, kind, now, windows, **data, **extra)
+        at = T0 + timedelta(hours=hours)
+        now = max(now, at)
+        extra = {"start": (at + timedelta(days=2)).isoformat()} if kind == rf.APPOINTMENT_BOOKED else {}
+        add(engine, rid, kind, at, windows, now, **data, **extra)
     row = stored(engine, rid)
     with engine.connect() as conn:
         events = [repo.event_of(r) for r in repo.load_events(conn, rid)]
