@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine, Sized
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from sqlalchemy import Engine
@@ -39,6 +40,10 @@ class AppContext(Protocol):
     def database_ping(self) -> bool: ...
 
     def ingest_idle(self) -> bool: ...
+
+    def background_turn(self) -> AbstractContextManager[None]:
+        """Held around a background write transaction (the scan's chunks): the journal writer goes first."""
+        ...
 
     def apply_lag(self) -> tuple[int, float] | None: ...
 

@@ -86,7 +86,7 @@ class Core:
         failing: set[int] = set()
         while True:
             try:
-                with self.gate.projector(), conn.begin():
+                with self.gate.background(), conn.begin():
                     return self._apply_rows(conn, failing)
             except HandlerCrashed as crashed:  # rolled back: redo the batch with a savepoint around that row
                 failing.add(int(crashed.args[0]))

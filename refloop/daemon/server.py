@@ -72,6 +72,7 @@ class Server:
         self._next_writer = 0
         self.ingestor = Ingestor(settings, self.router, self.clock)
         self.projector: Projector = None  # type: ignore[assignment]  # set in startup
+        self.gate: WriteGate | None = None  # set in startup
         self.live = Live(settings, None, _networks(settings.mllp.allow_cidrs))
         self.hub: Hub = None  # type: ignore[assignment]  # set in startup (needs the running loop)
         self.mllp_server: asyncio.base_events.Server | None = None
@@ -150,7 +151,7 @@ class Server:
         stack.callback(engine.dispose)
         await asyncio.to_thread(self._check_schema, engine)
         self.metrics.database_up.set(1)
-        gate = WriteGate(enabled=is_sqlite(s.database.url))
+        self.gate = gate = WriteGate(enabled=is_sqlite(s.database.url))
         core = Core(s, self.router, self.clock, self.ingestor.acks, gate, self.metrics)
         self.projector = Projector(engine, core, self.metrics, self.loop, on_lag=self.on_lag)
         self.projector.start()  # resumes from the oldest unapplied row
@@ -357,6 +358,10 @@ class Server:
     def ingest_idle(self) -> bool:
         """No frame queued or being committed by any journal writer: background writers go between frames."""
         return all(w.idle() for w in self.writers)
+
+    def background_turn(self) -> contextlib.AbstractContextManager[None]:
+        """The write gate's background turn (the scan's chunks; a no-op before start-up and on PostgreSQL)."""
+        return self.gate.background() if self.gate is not None else contextlib.nullcontext()
 
     def database_ping(self) -> bool:
         """For /readyz: a fresh connection and a trivial query (not the writer's)."""

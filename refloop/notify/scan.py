@@ -62,7 +62,8 @@ async def scan_job(server: AppContext) -> None:
     engine = server.engine
     assert engine is not None
     now = server.clock.now()
-    result = await asyncio.to_thread(functools.partial(stall_scan.run_scan, pause=_ingest_first(server)),
+    result = await asyncio.to_thread(functools.partial(stall_scan.run_scan, pause=_ingest_first(server),
+                                                       turn=server.background_turn),
                                      engine, server.settings, now)
     if result is None:
         log.info("stall scan skipped", extra={"outcome": "skipped"})
