@@ -10,6 +10,7 @@ cost ~20 µs. The column lists come from the models, so the SQL cannot drift fro
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from typing import Any
 
@@ -166,8 +167,10 @@ def find_keys_many(conn: Connection, keys: list[tuple[str, str, str]]) -> list[A
     return found
 
 
+@functools.lru_cache(maxsize=64)
 def keys_sql(ph: str, n: int) -> str:
-    """The lookup of *n* whole keys (placeholder *ph*); separate so a test can ask for its query plan."""
+    """The lookup of *n* whole keys (placeholder *ph*); separate so a test can ask for its query plan, and
+    cached because every group commit asks for one (group sizes repeat)."""
     one = f"(k.sending_application = {ph} AND k.sending_facility = {ph} AND k.control_id = {ph})"
     return ("SELECT k.sending_application, k.sending_facility, k.control_id, k.content_hash, k.message_id, "
             "k.ack_code, k.err_code, k.err_text, k.err_location, m.outcome FROM message_keys k "
