@@ -43,7 +43,7 @@ from refloop import referral as rf
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-GEN_VERSION = 5  # bump when the generated rows change (the cache key also has the schema revision)
+GEN_VERSION = 6  # bump when the generated rows change (the cache key also has the schema revision)
 AS_OF = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 YEAR = timedelta(days=365)
 SPECIALTIES = ("CARD", "DERM", "ENDO", "GAST", "NEUR", "ONC", "ORTH", "PULM", "RHEU", "URO")
@@ -97,9 +97,12 @@ class _Gen:
         assert self.ev_cols == ("referral_id", "message_id", "origin", "seq", "kind", "occurred_at", "control_id",
                                 "subject", "pending_key", "data"), self.ev_cols
         assert self.ref_cols[19:22] == ("updated_at", "no_show_at", "no_show_count"), self.ref_cols
-        # the clock columns, then first_marked_at: no alert or reminder yet (the scan marks what it raises)
-        self.clock_cols = self.ref_cols[22:-1]
-        assert self.ref_cols[-1] == "first_marked_at", self.ref_cols
+        # the clock columns, then first_marked_at (no alert or reminder yet: the scan marks what it raises),
+        # then the report's appointment counts and bits
+        marked = self.ref_cols.index("first_marked_at")
+        self.clock_cols = self.ref_cols[22:marked]
+        assert self.ref_cols[marked:] == ("first_marked_at", "appointment_count", "no_show_appointments",
+                                          "report_bits"), self.ref_cols
         assert set(self.clock_cols) == {
             "clock_stage", "stage_started_at", "next_due_at", "leak_stage", "leak_at", "clock_version",
             "scheduling_due_at", "visit_due_at", "sent_to_scheduled_s", "sent_to_appointment_s",
@@ -225,12 +228,15 @@ class _Gen:
             if n >= 4:
                 status, proj["note_received_at"], proj["closed_at"] = "closed", note_at, note_at
         last = applied[-1][0]
+        appointments = int(story not in ("cancelled", "unbooked") and n >= 2)  # one appointment subject each
+        no_shows = int(story == "no_show" and n >= 3)
         self.refs.append((rid, placer, "CLINIC", status, prio, to, f"NPI{rid % 97:04d}", details["referring_provider"],
                           spec, f"{(rid * 2654435761) % (1 << 64):064x}", None, _ts(sent),
                           *(None if proj[k] is None else _ts(proj[k]) for k in
                             ("accepted_at", "scheduled_at", "appointment_at", "completed_at", "note_received_at",
                              "closed_at")), "", _ts(last), None if no_show_at is None else _ts(no_show_at),
-                          no_show_count, *self._clock(status, sent, proj, no_show_at, no_show_count, details), None))
+                          no_show_count, *self._clock(status, sent, proj, no_show_at, no_show_count, details,
+                                                      appointments, no_shows)))
         for _, fn in applied:
             fn()
         if status == "closed":
@@ -240,17 +246,21 @@ class _Gen:
         self.counts[status] = self.counts.get(status, 0) + 1
 
     def _clock(self, status: str, sent: datetime, proj: dict[str, Any], no_show_at: datetime | None,
-               no_show_count: int, details: dict[str, str]) -> list[Any]:
-        """The clock columns exactly as ``recompute`` writes them (the same functions on the same values)."""
+               no_show_count: int, details: dict[str, str], appointments: int, no_shows: int) -> list[Any]:
+        """The clock columns, then first_marked_at (None) and the report's columns, exactly as ``recompute``
+        writes them (the same functions on the same values)."""
         from types import SimpleNamespace
 
-        from refloop import stall
+        from refloop import report, stall
         from refloop.store import referrals as repo
 
         inp = stall.ClockInput(status, sent, proj["completed_at"], no_show_at, no_show_count, details["priority"],
                                details["referred_to"], details["specialty"])
-        values = {**repo.clock_columns(inp, self.windows), **repo.durations(SimpleNamespace(sent_at=sent, **proj))}
-        return [_ts(v) if isinstance(v, datetime) else v for v in (values[c] for c in self.clock_cols)]
+        values = {**repo.clock_columns(inp, self.windows), **repo.durations(SimpleNamespace(sent_at=sent, **proj)),
+                  "appointment_count": appointments, "no_show_appointments": no_shows}
+        bits = report.report_bits({**proj, **values})
+        return [*(_ts(v) if isinstance(v, datetime) else v for v in (values[c] for c in self.clock_cols)),
+                None, appointments, no_shows, bits]
 
     def flush(self) -> None:
         db = self.db
@@ -333,13 +343,9 @@ def verify_projection(path: Path, sample: int = 2000) -> int:
             ref = conn.execute(repo._REFERRAL_ROW, {"rid": rid}).one()
             rows = repo.load_events(conn, rid)
             state = rf.fold([repo._event(r) for r in rows], now=AS_OF, options=repo.fold_options(ref.presume_hours))
-            values: dict[str, Any] = {name: repo.utc(getattr(state, name)) for name in repo._MILESTONES}
-            values.update(status=state.status.value, priority=state.priority[:64], referred_to=state.referred_to[:255],
-                          referring_provider=state.referring_provider[:255], specialty=state.specialty[:64],
-                          **repo.no_show_values(state), **repo.durations(state))
             pauses = rf.paused_intervals(repo.event_of(r) for r in rows)
-            values.update(repo.clock_values(state, pauses, windows, AS_OF, before=ref,
-                                            presume_hours=ref.presume_hours))
+            values = repo.projection_values(state, rows, pauses, windows, AS_OF, before=ref,
+                                            presume_hours=ref.presume_hours)
             if not all(repo._same(getattr(ref, k), v) for k, v in values.items()):
                 bad += 1
                 if bad <= 3:

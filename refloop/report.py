@@ -68,6 +68,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Final
 
+from refloop.referral import OPEN_STATUSES
+
 #: Fields a cohort can be filtered or grouped by (``month`` only groups).
 GROUP_FIELDS: Final = ("referred_to", "specialty", "referring_provider", "priority", "month")
 FILTER_FIELDS: Final = ("referred_to", "specialty", "referring_provider", "priority")
@@ -84,6 +86,90 @@ COUNT_COLUMNS: Final = (
     "scheduled_in_window", "scheduling_mature", "completed_in_window", "visit_mature",
 )
 EVENT_COLUMNS: Final = ("appointments", "no_show_appointments", "no_show_referrals", "rebooked_after_no_show")
+
+#: What the report counts about one referral that does not depend on ``now``, kept on write as the bits of
+#: ``referrals.report_bits`` (:func:`report_bits`, bit i is ``BITS[i]``). The aggregate pass then groups the
+#: cohort by (status, leak stage, bits) along one covering index and adds up a dozen groups, instead of
+#: evaluating two dozen conditions on every row (3.9x a bare pass over ``referrals`` at 1M; now ~1.7x).
+BITS: Final = ("accepted", "scheduled", "completed", "note_of_completed", "scheduled_in_window",
+               "completed_in_window", "no_show", *(f"has_{m}" for m in DAY_METRICS))
+_BIT: Final = {name: 1 << i for i, name in enumerate(BITS)}
+_FINAL: Final = frozenset(("cancelled", "declined", "expired"))
+_OPEN: Final = frozenset(s.value for s in OPEN_STATUSES)
+OPEN_LEAKS: Final = ("never_scheduled", "not_seen", "no_show_not_rebooked", "seen_no_note")
+
+
+def _before(a: datetime | None, b: datetime | None) -> bool:
+    return a is not None and b is not None and a <= b
+
+
+def report_bits(row: Mapping[str, Any]) -> int:
+    """:data:`BITS` of one referral from its projection values (``accepted_at`` ... ``visit_due_at``, the
+    ``*_s`` durations and ``no_show_appointments``): a milestone is set, a milestone fell inside its
+    window (``scheduled_at <= scheduling_due_at``), the referral had a no-show, a duration is known."""
+    facts = {
+        "accepted": row.get("accepted_at") is not None, "scheduled": row.get("scheduled_at") is not None,
+        "completed": row.get("completed_at") is not None,
+        "note_of_completed": row.get("completed_at") is not None and row.get("note_received_at") is not None,
+        "scheduled_in_window": _before(row.get("scheduled_at"), row.get("scheduling_due_at")),
+        "completed_in_window": _before(row.get("completed_at"), row.get("visit_due_at")),
+        "no_show": int(row.get("no_show_appointments") or 0) > 0,
+        **{f"has_{m}": row.get(f"{m}_s") is not None for m in DAY_METRICS},
+    }
+    return sum(_BIT[name] for name, on in facts.items() if on)
+
+
+@dataclass(frozen=True)
+class Tally:
+    """One group of the aggregate pass: referrals of one status, leak stage and :data:`BITS`, with the
+    counts that depend on ``now`` (window over, leak reached), on the worklist marks, and the sums."""
+
+    status: str
+    leak_stage: str
+    bits: int
+    n: int
+    scheduling_over: int  # scheduling_due_at <= now
+    visit_over: int  # visit_due_at <= now
+    leaked: int  # leak_at <= now
+    marked: int  # first_marked_at set
+    recovered: int  # completed at or after first_marked_at
+    appointments: int
+    no_show_appointments: int
+    seconds: tuple[int, ...]  # the sum of each DAY_METRICS duration
+
+
+def tally(groups: Iterable[Tally]) -> dict[str, int]:
+    """The counts of one report group from its tallies: :data:`COUNT_COLUMNS`, :data:`EVENT_COLUMNS`,
+    ``leak_<stage>``, ``_open`` (neither closed nor a final answer), ``_marked``, ``_recovered``, and per
+    day metric ``n_<metric>`` and ``total_<metric>`` (count and sum of the known durations)."""
+    out = dict.fromkeys((*COUNT_COLUMNS, *EVENT_COLUMNS, "_open", "_marked", "_recovered",
+                         *(f"leak_{s}" for s in LEAK_STAGES), *(f"n_{m}" for m in DAY_METRICS),
+                         *(f"total_{m}" for m in DAY_METRICS)), 0)
+    for t in groups:
+        has = {name: bool(t.bits & bit) for name, bit in _BIT.items()}
+        for name in ("accepted", "scheduled", "completed", "note_of_completed", "scheduled_in_window",
+                     "completed_in_window"):
+            out[name] += t.n if has[name] else 0
+        out["sent"] += t.n
+        out["closed"] += t.n if t.status == "closed" else 0
+        out["scheduling_mature"] += t.n if has["scheduled_in_window"] else t.scheduling_over
+        out["visit_mature"] += t.n if has["completed_in_window"] else t.visit_over
+        out["_open"] += t.n if t.status != "closed" and t.status not in _FINAL else 0
+        out["_marked"] += t.marked
+        out["_recovered"] += t.recovered
+        out["leak_cancelled"] += t.n if t.status == "cancelled" else 0
+        out["leak_declined"] += t.n if t.status in ("declined", "expired") else 0
+        if t.leak_stage in OPEN_LEAKS and t.status in _OPEN:
+            out[f"leak_{t.leak_stage}"] += t.leaked
+        out["appointments"] += t.appointments
+        out["no_show_appointments"] += t.no_show_appointments
+        if has["no_show"]:
+            out["no_show_referrals"] += t.n
+            out["rebooked_after_no_show"] += t.n if t.status in ("scheduled", "completed", "closed") else 0
+        for metric, seconds in zip(DAY_METRICS, t.seconds, strict=True):
+            out[f"n_{metric}"] += t.n if has[f"has_{metric}"] else 0
+            out[f"total_{metric}"] += seconds
+    return out
 
 
 @dataclass(frozen=True)

@@ -263,11 +263,38 @@ def test_ranks_read_by_offset_are_the_sorted_values(db_url: str) -> None:
                     for i, v in enumerate(values)]
             rows += [{"placer_id": "OUT", "sent_at": d("2025-02-01"), "sent_to_closed_s": 1},
                      {"placer_id": "NULL", "sent_at": d("2026-02-01"), "sent_to_closed_s": None}]
-            conn.execute(insert(repo.REFERRALS), rows)
+            # the bits as the fold keeps them (``has_sent_to_closed``): the count comes from the aggregate pass
+            conn.execute(insert(repo.REFERRALS), [{**r, "report_bits": rp.report_bits(r)} for r in rows])
         data = sorted(values)
         expected = rp.figures(n, sum(data), {k: data[k - 1] for k in range(1, n + 1)}, 86400)
         with engine.connect() as conn:
             for wide in (False, True) if conn.dialect.name == "sqlite" else (False,):  # +sent_at: SQLite only
                 got = rq.day_figures(conn, params, wide)[""]["sent_to_closed"]
                 assert got == expected, (n, wide, values)
+    engine.dispose()
+
+
+def test_migration_backfills_the_report_columns(db_url: str) -> None:
+    """Migration 0016's SQL gives every referral of the hand-computed fixture (appointments, a rebooked and
+    an unrebooked no-show, a cancellation, a closed loop) the appointment counts and report bits the fold
+    keeps on write; and the bits are not all alike, so the comparison can fail."""
+    from alembic import command
+
+    fixture(db_url)
+    engine = make_engine(make_settings(db_url).database)
+    cols = ("appointment_count", "no_show_appointments", "report_bits")
+
+    def stored() -> dict[str, tuple[int, ...]]:
+        with engine.connect() as conn:
+            return {r.placer_id: tuple(int(r[i + 1]) for i in range(len(cols))) for r in conn.execute(
+                select(repo.REFERRALS.c.placer_id, *(repo.REFERRALS.c[c] for c in cols)))}
+
+    folded = stored()
+    assert len({bits for _, _, bits in folded.values()}) >= 4 and any(n for _, n, _ in folded.values())
+    cfg = migrate.alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0015")
+    migrate.upgrade(engine)
+    assert stored() == folded
     engine.dispose()

@@ -193,6 +193,13 @@ class Referral(Base):
     # ``created_at`` naming it (migration 0015), kept on write by ``refloop.store.referrals.mark``, so the
     # report's "recovered" figure is two counts in its aggregate pass instead of a join of every alert.
     first_marked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The report's per-referral facts kept on write (migration 0016): appointments ever reported (distinct
+    # ``appt:`` subjects of its events), those of them with a no-show, and ``refloop.report.report_bits``
+    # (what it counts that does not depend on now), so the report reads no event and groups the cohort by
+    # (status, leak stage, bits) along ``ix_referrals_report``.
+    appointment_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    no_show_appointments: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    report_bits: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         UniqueConstraint("placer_id", "authority", name="uq_referrals_placer"),
@@ -412,6 +419,15 @@ Index("ix_alerts_worklist_owner", Alert.open_key, Alert.owner, Alert.due_at, Ale
 for _column in (Referral.sent_to_scheduled_s, Referral.sent_to_appointment_s, Referral.appointment_to_note_s,
                 Referral.sent_to_closed_s):
     Index(f"ix_referrals_rank_{_column.key[:-2]}", _column, Referral.sent_at)
+
+# -- the report's aggregate pass (migration 0016) ----------------------------------------------------
+# One covering index in (status, leak stage, bits) order with every column the pass reads: the cohort's
+# groups come out in index order (no sort), and no table row is read. ``refloop.store.report_queries.counts``.
+Index("ix_referrals_report", Referral.status, Referral.leak_stage, Referral.report_bits, Referral.sent_at,
+      Referral.scheduling_due_at, Referral.visit_due_at, Referral.leak_at, Referral.first_marked_at,
+      Referral.completed_at, Referral.appointment_count, Referral.no_show_appointments,
+      Referral.sent_to_scheduled_s, Referral.sent_to_appointment_s, Referral.appointment_to_note_s,
+      Referral.sent_to_closed_s)
 
 # -- patient identity as a set (migration 0011) -----------------------------------------------------
 # A patient carries several identifiers (the referrer's MRN, the specialist's MRN, an enterprise ID, a

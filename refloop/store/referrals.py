@@ -25,7 +25,7 @@ from typing import Any, cast
 from sqlalchemy import Connection, Table, bindparam, delete, or_, select, update
 
 from refloop import referral as rf
-from refloop import stall, x360
+from refloop import report, stall, x360
 from refloop.store import identity, sqlhot
 from refloop.store.models import (
     Referral,
@@ -390,13 +390,9 @@ def recompute(conn: Connection, referral_id: int, now: datetime, *, rows: list[A
         ref = conn.execute(_REFERRAL_ROW, {"rid": referral_id}).one()
     events = [_event(r) for r in rows]
     state = rf.fold(events, now=now, options=fold_options(ref.presume_hours))
-    flags = _duplicate_flags(conn, ref, state, duplicate_window_days)
-    values: dict[str, Any] = {name: utc(getattr(state, name)) for name in _MILESTONES}
-    values.update(status=state.status.value, priority=state.priority[:64], referred_to=state.referred_to[:255],
-                  referring_provider=state.referring_provider[:255], specialty=state.specialty[:64],
-                  flags=",".join(flags), **no_show_values(state), **durations(state))
     pauses = rf.paused_intervals(events)
-    values.update(clock_values(state, pauses, windows, now, before=ref, presume_hours=ref.presume_hours))
+    values = projection_values(state, rows, pauses, windows, now, before=ref, presume_hours=ref.presume_hours)
+    values["flags"] = ",".join(_duplicate_flags(conn, ref, state, duplicate_window_days))
     # updated_at is when the projection last changed: an event that changes nothing writes nothing.
     changed = not all(_same(getattr(ref, k), v) for k, v in values.items())
     if changed:
@@ -415,6 +411,34 @@ def recompute(conn: Connection, referral_id: int, now: datetime, *, rows: list[A
     if changed and on_change is not None:  # after the documents point here: a loop-closed notice cites the note
         on_change(ref, values, state, pauses)
     return state
+
+
+def projection_values(state: rf.ReferralState, rows: Iterable[Any], pauses: list[stall.Pause],
+                      windows: stall.Windows | None, now: datetime, *, before: Any = None,
+                      presume_hours: float | None = None) -> dict[str, Any]:
+    """The projection row of a fold (all but the duplicate flags, which look at other referrals): the
+    milestones and details, the no-show clock, the report's durations, appointment counts and bits, and
+    the stage clock. :func:`recompute` writes this; the bench's generator is checked against it."""
+    values: dict[str, Any] = {name: utc(getattr(state, name)) for name in _MILESTONES}
+    values.update(status=state.status.value, priority=state.priority[:64], referred_to=state.referred_to[:255],
+                  referring_provider=state.referring_provider[:255], specialty=state.specialty[:64],
+                  **no_show_values(state), **durations(state), **appointment_values(rows))
+    values.update(clock_values(state, pauses, windows, now, before=before, presume_hours=presume_hours))
+    values["report_bits"] = report.report_bits(values)
+    return values
+
+
+def appointment_values(rows: Iterable[Any]) -> dict[str, int]:
+    """Appointments ever reported for the referral (distinct ``appt:`` subjects of its event rows, whatever
+    became of them) and those with a no-show: the report's no-show rate, kept on write."""
+    appointments: set[str] = set()
+    no_shows: set[str] = set()
+    for r in rows:
+        if r.subject.startswith("appt:"):
+            appointments.add(r.subject)
+            if r.kind == rf.APPOINTMENT_NO_SHOW:
+                no_shows.add(r.subject)
+    return {"appointment_count": len(appointments), "no_show_appointments": len(no_shows)}
 
 
 _DURATIONS = (("sent_to_scheduled_s", "scheduled_at", "sent_at"),

@@ -48,7 +48,6 @@ R = Referral.__table__
 E = ReferralEvent.__table__
 
 _FINAL = ("cancelled", "declined", "expired")
-_OPEN_LEAKS = ("never_scheduled", "not_seen", "no_show_not_rebooked", "seen_no_note")
 _DURATIONS = {"sent_to_scheduled": "sent_to_scheduled_s", "sent_to_appointment": "sent_to_appointment_s",
               "appointment_to_note": "appointment_to_note_s", "sent_to_closed": "sent_to_closed_s"}
 _DAY_S = 86400
@@ -117,35 +116,34 @@ def recovered() -> ColumnElement[bool]:
 
 
 # -- the aggregate pass ----------------------------------------------------------------------------
-def counts(conn: Connection, params: ReportParams, wide: bool = False) -> dict[str, dict[str, int]]:
-    """Per group: :data:`refloop.report.COUNT_COLUMNS`, ``leak_<stage>`` for every leak stage, ``_open``
-    (unclosed, not a final answer), ``_marked`` (on the worklist or reminded) and ``_recovered`` (of those,
-    completed at or after the first mark): one GROUP BY over the cohort's rows."""
+def _tallies(conn: Connection, params: ReportParams, wide: bool = False) -> dict[str, list[rp.Tally]]:
+    """The cohort grouped by (status, leak stage, ``report_bits``), per report group: a dozen groups whose
+    counts, ``now`` comparisons and sums :func:`refloop.report.tally` adds up. Without ``--by`` or filters
+    SQLite reads ``ix_referrals_report`` in its order (covering: no table row, no sort); a ``--by`` group
+    or a filter column outside the index costs a sort or table reads, never a different number."""
     now = _at(params.now)
-    is_open = R.c.status.in_(OPEN)
-    cols: dict[str, ColumnElement[Any]] = {
-        "sent": func.count(),
-        "accepted": func.count(R.c.accepted_at),
-        "scheduled": func.count(R.c.scheduled_at),
-        "completed": func.count(R.c.completed_at),
-        "note_of_completed": _count(and_(R.c.completed_at.is_not(None), R.c.note_received_at.is_not(None))),
-        "closed": _count(R.c.status == "closed"),
-        "scheduled_in_window": _count(R.c.scheduled_at <= R.c.scheduling_due_at),
-        "scheduling_mature": _count(or_(R.c.scheduled_at <= R.c.scheduling_due_at, R.c.scheduling_due_at <= now)),
-        "completed_in_window": _count(R.c.completed_at <= R.c.visit_due_at),
-        "visit_mature": _count(or_(R.c.completed_at <= R.c.visit_due_at, R.c.visit_due_at <= now)),
-        "_open": _count(R.c.status.not_in(("closed", *_FINAL))),
-        # recovered: on the worklist or reminded (first_marked_at, kept on write), then completed at or after
-        "_marked": func.count(R.c.first_marked_at),
-        "_recovered": _count(recovered()),
-        "leak_cancelled": _count(R.c.status == "cancelled"),
-        "leak_declined": _count(R.c.status.in_(("declined", "expired"))),
-        # the stage test first: it is false for most rows, and SQLite stops at the first false term
-        **{f"leak_{s}": _count(and_(R.c.leak_stage == s, R.c.leak_at <= now, is_open)) for s in _OPEN_LEAKS},
-    }
+    seconds = [func.coalesce(func.sum(R.c[column]), 0) for column in _DURATIONS.values()]
     g = _group_expr(conn, params.by).label("g")
-    stmt = _grouped(select(g, *(v.label(n) for n, v in cols.items())).where(*_cohort(params, wide)), g, params.by)
-    return {str(row.g or ""): {n: int(getattr(row, n) or 0) for n in cols} for row in conn.execute(stmt)}
+    keys = [R.c.status, R.c.leak_stage, R.c.report_bits]
+    stmt = select(g, *keys, func.count(), _count(R.c.scheduling_due_at <= now), _count(R.c.visit_due_at <= now),
+                  _count(R.c.leak_at <= now), func.count(R.c.first_marked_at), _count(recovered()),
+                  func.coalesce(func.sum(R.c.appointment_count), 0),
+                  func.coalesce(func.sum(R.c.no_show_appointments), 0), *seconds).where(*_cohort(params, wide))
+    stmt = stmt.group_by(g, *keys) if params.by else stmt.group_by(*keys)
+    out: dict[str, list[rp.Tally]] = {}
+    for row in conn.execute(stmt):
+        n = [int(v or 0) for v in row[3:]]
+        out.setdefault(str(row[0] or ""), []).append(rp.Tally(
+            str(row[1]), str(row[2] or ""), bits=n[0], n=n[1], scheduling_over=n[2], visit_over=n[3], leaked=n[4],
+            marked=n[5], recovered=n[6], appointments=n[7], no_show_appointments=n[8], seconds=tuple(n[9:])))
+    return out
+
+
+def counts(conn: Connection, params: ReportParams, wide: bool = False) -> dict[str, dict[str, int]]:
+    """Per group: :func:`refloop.report.tally` of its tallies (:data:`refloop.report.COUNT_COLUMNS`,
+    the event columns, ``leak_<stage>``, ``_open``, ``_marked``, ``_recovered`` and the day metrics' counts
+    and sums): one grouped pass over the cohort's rows."""
+    return {key: rp.tally(groups) for key, groups in _tallies(conn, params, wide).items()}
 
 
 def stale_rows(conn: Connection, params: ReportParams, windows: Windows, wide: bool = False) -> int:
@@ -158,12 +156,16 @@ def stale_rows(conn: Connection, params: ReportParams, windows: Windows, wide: b
 
 
 # -- durations: exact mean, median and p90 ---------------------------------------------------------
-def day_figures(conn: Connection, params: ReportParams, wide: bool = False) -> dict[str, dict[str, dict[str, Any]]]:
+def day_figures(conn: Connection, params: ReportParams, wide: bool = False,
+                whole: Mapping[str, int] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
     """Per group and metric: n, mean, median and nearest-rank p90 in days, exactly (see
-    :func:`refloop.report.figures`): the totals by ORDER BY/OFFSET for the ranks needed, the groups by one
-    ranked pass per metric that keeps only those ranks."""
+    :func:`refloop.report.figures`): the totals by ORDER BY/OFFSET for the ranks needed (``whole``: the
+    cohort's :func:`counts`, read in the same snapshot, else read here), the groups by one ranked pass per
+    metric that keeps only those ranks."""
     if not params.by:
-        return {"": _total_figures(conn, params, wide)}
+        if whole is None:
+            whole = counts(conn, params, wide).get("", rp.tally(()))
+        return {"": _total_figures(conn, params, wide, whole)}
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for metric, column in _DURATIONS.items():
         value = R.c[column]
@@ -189,43 +191,39 @@ def day_figures(conn: Connection, params: ReportParams, wide: bool = False) -> d
     return out
 
 
-def _pair(s: Any, value: ColumnElement[Any], where: list[ColumnElement[bool]], offset: ColumnElement[Any],
-          name: str, desc: bool = False) -> Any:
-    """Two adjacent values of *value* in the cohort, ``OFFSET offset`` (0 if negative; computed from the
-    count in *s*) from the bottom, or from the top with *desc*."""
-    skip = select(case((offset < 0, literal(0)), else_=offset)).select_from(s).scalar_subquery()
-    return select(value.label("v")).where(*where).order_by(value.desc() if desc else value).limit(2)\
-        .offset(skip).cte(name)
+def _pair(conn: Connection, value: ColumnElement[Any], where: list[ColumnElement[bool]], offset: int,
+          desc: bool = False) -> tuple[int, int]:
+    """The min and max of two adjacent values of *value* in the cohort, *offset* (0 if negative) from the
+    bottom, or from the top with *desc* (read back as min and max, so row order does not matter)."""
+    pair = select(value.label("v")).where(*where).order_by(value.desc() if desc else value).limit(2)\
+        .offset(max(offset, 0)).subquery()
+    lo, hi = conn.execute(select(func.min(pair.c.v), func.max(pair.c.v))).one()
+    return int(lo), int(hi)
 
 
-def _total_figures(conn: Connection, params: ReportParams, wide: bool) -> dict[str, dict[str, Any]]:
-    """The four metrics for the whole cohort: per metric one statement (one snapshot on either database) with
-    the count, the sum and the values at the ranks :func:`refloop.report.figures` needs: the two middle
-    ranks are one ``ORDER BY <duration> LIMIT 2 OFFSET k`` from the bottom, the two p90 ranks one from the
-    top (each pair read back as its min and max, so row order does not matter). With ``ix_referrals_rank_*``
-    (duration, sent_at) SQLite walks the index in value order and reads no table row (migration 0014)."""
+def _total_figures(conn: Connection, params: ReportParams, wide: bool,
+                   whole: Mapping[str, int]) -> dict[str, dict[str, Any]]:
+    """The four metrics for the whole cohort from its count and sum (``whole``, the aggregate pass) and the
+    values at the ranks :func:`refloop.report.figures` needs: the two middle ranks are one ``ORDER BY
+    <duration> LIMIT 2 OFFSET k`` from the bottom, the two p90 ranks one from the top (in the report's
+    snapshot, see :func:`build_report`).
+    With ``ix_referrals_rank_*`` (duration, sent_at) SQLite walks the index in value order and reads no
+    table row (migration 0014)."""
     out = {}
     for metric, column in _DURATIONS.items():
-        value = R.c[column]
-        where = [*_cohort(params, wide), value.is_not(None)]
-        s = select(func.count(value).label("n"), func.coalesce(func.sum(value), 0).label("total")).where(*where)\
-            .cte(f"s_{metric}")
-        n = s.c.n
-
-        mid = _pair(s, value, where, (n + 1) // 2 - 1, f"mid_{metric}")  # ranks lo and lo + 1
-        top = _pair(s, value, where, n - (9 * n + 9) // 10 - 1, f"top_{metric}", desc=True)  # p + 1 and p
-        row = conn.execute(select(n, s.c.total, *(select(f(c.c.v)).scalar_subquery() for c in (mid, top)
-                                                  for f in (func.min, func.max))).select_from(s)).one()
-        count, total = int(row[0]), int(row[1])
+        count, total = whole[f"n_{metric}"], whole[f"total_{metric}"]
         if count == 0:
             out[metric] = rp.figures(0, 0, {}, _DAY_S)
             continue
+        value = R.c[column]
+        where = [*_cohort(params, wide), value.is_not(None)]
         lo, p = (count + 1) // 2, (9 * count + 9) // 10  # ceil(0.9 n) in integers (see report.figures)
-        ranks = {lo: int(row[2]), p: int(row[4] if p < count else row[5])}  # p = n: the top pair is n, n - 1
+        row = (*_pair(conn, value, where, lo - 1), *_pair(conn, value, where, count - p - 1, desc=True))
+        ranks = {lo: int(row[0]), p: int(row[2] if p < count else row[3])}  # p = n: the top pair is n, n - 1
         if lo + 1 <= count:
-            ranks[lo + 1] = int(row[3])
+            ranks[lo + 1] = int(row[1])
         if p + 1 <= count:
-            ranks[p + 1] = int(row[5])
+            ranks[p + 1] = int(row[3])
         out[metric] = rp.figures(count, total, ranks, _DAY_S)
     return out
 
@@ -241,31 +239,6 @@ def worklist_tables(conn: Connection) -> list[tuple[Table, str]]:
     """The tables that mark a referral as on the worklist (alerts) or reminded (outbox), with their time:
     ``referrals.first_marked_at`` is the earliest of these (kept on write, see ``referrals.mark``)."""
     return [(cast(Table, Alert.__table__), "raised_at"), (cast(Table, OutboxEntry.__table__), "created_at")]
-
-
-def event_counts(conn: Connection, params: ReportParams, wide: bool = False) -> dict[str, dict[str, int]]:
-    """Per group: distinct appointments of cohort referrals, no-show appointments, referrals with a no-show
-    and those of them rebooked since (status scheduled, completed or closed)."""
-    g = _group_expr(conn, params.by).label("g")
-    joined = R.join(E, E.c.referral_id == R.c.id)
-    appt: list[ColumnElement[bool]] = [E.c.subject.like("appt:%")]
-    if conn.dialect.name == "sqlite":  # LIKE is case-insensitive there: every match sorts in [APPT:, appt;), a range
-        appt += [E.c.subject >= "APPT:", E.c.subject < "appt;"]  # of ix_referral_events_subject to start from
-    appts = _grouped(select(g, func.count(func.distinct(E.c.subject)).label("n")).select_from(joined)
-                     .where(*_cohort(params, conn.dialect.name == "sqlite"), *appt), g, params.by)
-    rebooked = R.c.status.in_(("scheduled", "completed", "closed"))
-    no_shows = _grouped(select(g, func.count(func.distinct(E.c.subject)).label("no_show_appointments"),
-                               func.count(func.distinct(R.c.id)).label("no_show_referrals"),
-                               func.count(func.distinct(case((rebooked, R.c.id)))).label("rebooked_after_no_show"))
-                        .select_from(joined).where(*_cohort(params, wide), E.c.kind == "appointment_no_show",
-                                                   E.c.subject.like("appt:%")), g, params.by)
-    out: dict[str, dict[str, int]] = {}
-    for row in conn.execute(appts):
-        out.setdefault(str(row.g or ""), dict.fromkeys(rp.EVENT_COLUMNS, 0))["appointments"] = int(row.n)
-    for row in conn.execute(no_shows):
-        block = out.setdefault(str(row.g or ""), dict.fromkeys(rp.EVENT_COLUMNS, 0))
-        block.update({n: int(getattr(row, n)) for n in rp.EVENT_COLUMNS[1:]})
-    return out
 
 
 def leaks(conn: Connection, params: ReportParams, windows: Windows) -> list[dict[str, Any]]:
@@ -334,12 +307,6 @@ def cms50(conn: Connection, year: int) -> dict[str, Any]:
 
 
 # -- the report ------------------------------------------------------------------------------------
-_EMPTY_COUNTS = dict.fromkeys(rp.COUNT_COLUMNS, 0)
-
-
-# -- the report ------------------------------------------------------------------------------------
-_EMPTY_COUNTS = dict.fromkeys(rp.COUNT_COLUMNS, 0)
-_EMPTY_EVENTS = dict.fromkeys(rp.EVENT_COLUMNS, 0)
 _NO_DAYS = {n: rp.figures(0, 0, {}, _DAY_S) for n in rp.DAY_METRICS}
 
 
@@ -349,7 +316,7 @@ def _sum(blocks: Mapping[str, Mapping[str, int]], names: tuple[str, ...] | list[
 
 def _block(c: Mapping[str, int], e: Mapping[str, int], days: Mapping[str, Any]) -> dict[str, Any]:
     leak = sum(c.get(f"leak_{s}", 0) for s in rp.LEAK_STAGES)
-    in_flight = c.get("_open", 0) - sum(c.get(f"leak_{s}", 0) for s in _OPEN_LEAKS)
+    in_flight = c.get("_open", 0) - sum(c.get(f"leak_{s}", 0) for s in rp.OPEN_LEAKS)
     totals = {"sent": c["sent"], "accepted": c["accepted"], "scheduled": c["scheduled"], "completed": c["completed"],
               "note_received": c["note_of_completed"], "closed": c["closed"], "appointments": e["appointments"],
               "no_shows": e["no_show_appointments"], "in_flight": in_flight, "leaks": leak}
@@ -357,21 +324,30 @@ def _block(c: Mapping[str, int], e: Mapping[str, int], days: Mapping[str, Any]) 
 
 
 def build_report(conn: Connection, params: ReportParams, windows: Windows) -> dict[str, Any]:
-    """The whole report as one JSON-ready dict; the CLI, ``GET /api/report`` and the dashboard return this."""
+    """The whole report as one JSON-ready dict; the CLI, ``GET /api/report`` and the dashboard return this.
+
+    Its statements read one snapshot: the medians' ranks come from the aggregate pass's counts. SQLite's
+    read transaction gives that; on PostgreSQL a connection not yet in a transaction reads in a
+    REPEATABLE READ one."""
+    if conn.dialect.name == "postgresql" and not conn.in_transaction():
+        with conn.execution_options(isolation_level="REPEATABLE READ").begin():
+            return _build(conn, params, windows)
+    return _build(conn, params, windows)
+
+
+def _build(conn: Connection, params: ReportParams, windows: Windows) -> dict[str, Any]:
     wide = wide_range(conn, params)
     per_group = counts(conn, params, wide)
-    per_events = event_counts(conn, params, wide)
     tables = worklist_tables(conn)
-    names = [*rp.COUNT_COLUMNS, "_open", "_marked", "_recovered", *(f"leak_{s}" for s in rp.LEAK_STAGES)]
-    whole_counts, whole_events = _sum(per_group, names), _sum(per_events, rp.EVENT_COLUMNS)
-    whole_days = day_figures(conn, replace(params, by=None), wide).get("", {})
-    whole = _block(whole_counts, whole_events, whole_days)
+    whole_counts = _sum(per_group, list(rp.tally(())))
+    whole_days = day_figures(conn, replace(params, by=None), wide, whole_counts).get("", {})
+    whole = _block(whole_counts, whole_counts, whole_days)
     whole["totals"]["leaks_by_stage"] = {s: whole_counts[f"leak_{s}"] for s in rp.LEAK_STAGES}
     whole["rates"]["recovered"] = _recovered_block(whole_counts["_marked"], whole_counts["_recovered"], tables)
     groups = []
     if params.by:
         group_days = day_figures(conn, params, wide)
-        groups = [{"key": key, **_block(per_group[key], per_events.get(key, _EMPTY_EVENTS), group_days.get(key, {}))}
+        groups = [{"key": key, **_block(per_group[key], per_group[key], group_days.get(key, {}))}
                   for key in sorted(per_group)]
     year = params.cms50_year or (params.end - timedelta(microseconds=1)).year
     cohort: dict[str, Any] = {
