@@ -102,7 +102,7 @@ class _Gen:
         marked = self.ref_cols.index("first_marked_at")
         self.clock_cols = self.ref_cols[22:marked]
         assert self.ref_cols[marked:] == ("first_marked_at", "appointment_count", "no_show_appointments",
-                                          "report_bits"), self.ref_cols
+                                          "report_bits", "cms50_first"), self.ref_cols
         assert set(self.clock_cols) == {
             "clock_stage", "stage_started_at", "next_due_at", "leak_stage", "leak_at", "clock_version",
             "scheduling_due_at", "visit_due_at", "sent_to_scheduled_s", "sent_to_appointment_s",
@@ -248,7 +248,8 @@ class _Gen:
     def _clock(self, status: str, sent: datetime, proj: dict[str, Any], no_show_at: datetime | None,
                no_show_count: int, details: dict[str, str], appointments: int, no_shows: int) -> list[Any]:
         """The clock columns, then first_marked_at (None) and the report's columns, exactly as ``recompute``
-        writes them (the same functions on the same values)."""
+        writes them (the same functions on the same values; ``cms50_first`` as :mod:`refloop.store.cms50`
+        marks a patient's only referral)."""
         from types import SimpleNamespace
 
         from refloop import report, stall
@@ -259,8 +260,9 @@ class _Gen:
         values = {**repo.clock_columns(inp, self.windows), **repo.durations(SimpleNamespace(sent_at=sent, **proj)),
                   "appointment_count": appointments, "no_show_appointments": no_shows}
         bits = report.report_bits({**proj, **values})
+        first = int(report.cms50_candidate(sent, status))  # every generated referral is its own patient's
         return [*(_ts(v) if isinstance(v, datetime) else v for v in (values[c] for c in self.clock_cols)),
-                None, appointments, no_shows, bits]
+                None, appointments, no_shows, bits, first]
 
     def flush(self) -> None:
         db = self.db

@@ -282,6 +282,24 @@ def leak_entry(row: LeakRow, stage: str, overdue: float, now: datetime) -> dict[
     }
 
 
+def cms50_candidate(sent_at: datetime | None, status: str) -> bool:
+    """A referral a patient's CMS50 denominator entry can come from (see the module docstring): sent from
+    1 January up to 31 October of its year (UTC), not cancelled by the referrer."""
+    return sent_at is not None and sent_at.astimezone(UTC).month <= 10 and status != "cancelled"
+
+
+def cms50_firsts(rows: Iterable[tuple[int, datetime | None, str]]) -> set[int]:
+    """Of one patient's referrals ``(id, sent_at, status)``, the first candidate of each year (earliest
+    ``sent_at``, then lowest id): what ``referrals.cms50_first`` marks, so the figure is one index range."""
+    first: dict[int, tuple[datetime, int]] = {}
+    for rid, sent, status in rows:
+        if sent is not None and cms50_candidate(sent, status):
+            year = sent.astimezone(UTC).year
+            if year not in first or (sent, rid) < first[year]:
+                first[year] = (sent, rid)
+    return {rid for _, rid in first.values()}
+
+
 def cms50_block(year: int, denominator: int, numerator: int) -> dict[str, Any]:
     return {
         "label": "CMS50-style (not a certified eCQM result)",

@@ -282,7 +282,7 @@ def test_migration_backfills_the_report_columns(db_url: str) -> None:
 
     fixture(db_url)
     engine = make_engine(make_settings(db_url).database)
-    cols = ("appointment_count", "no_show_appointments", "report_bits")
+    cols = ("appointment_count", "no_show_appointments", "report_bits", "cms50_first")
 
     def stored() -> dict[str, tuple[int, ...]]:
         with engine.connect() as conn:
@@ -290,11 +290,60 @@ def test_migration_backfills_the_report_columns(db_url: str) -> None:
                 select(repo.REFERRALS.c.placer_id, *(repo.REFERRALS.c[c] for c in cols)))}
 
     folded = stored()
-    assert len({bits for _, _, bits in folded.values()}) >= 4 and any(n for _, n, _ in folded.values())
+    assert len({v[2] for v in folded.values()}) >= 4 and any(v[1] for v in folded.values())
+    assert 0 < sum(v[3] for v in folded.values()) < len(folded)
     cfg = migrate.alembic_config()
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, "0015")
     migrate.upgrade(engine)
     assert stored() == folded
+    engine.dispose()
+
+
+def test_first_cms50_candidates_are_kept_on_write(db_url: str) -> None:
+    """``cms50_first`` marks each patient's first candidate of each year, whatever order the facts arrive
+    in: a later referral first, then an earlier one; the earlier one cancelled; a referral moved to another
+    patient; one sent in November (no candidate) and one the next year. After each step the marks equal
+    the rule evaluated over the whole table."""
+    from refloop import report as rp
+
+    engine = make_engine(make_settings(db_url).database)
+    migrate.upgrade(engine)
+
+    def marks() -> set[str]:
+        with engine.connect() as conn:
+            rows = conn.execute(select(repo.REFERRALS.c.id, repo.REFERRALS.c.placer_id, repo.REFERRALS.c.patient_key,
+                                       repo.REFERRALS.c.sent_at, repo.REFERRALS.c.status,
+                                       repo.REFERRALS.c.cms50_first)).all()
+        names = {r.id: r.placer_id for r in rows}
+        expected: set[str] = set()
+        for key in {r.patient_key for r in rows if r.patient_key}:
+            expected |= {names[i] for i in rp.cms50_firsts((r.id, repo.aware(r.sent_at), r.status)
+                                                           for r in rows if r.patient_key == key)}
+        stored = {r.placer_id for r in rows if r.cms50_first}
+        assert stored == expected
+        return stored
+
+    with engine.begin() as conn:
+        make(conn, "LATE", "p1", [created("2026-05-01")])
+        make(conn, "NOV", "p1", [created("2026-11-03")])
+        make(conn, "NEXT", "p1", [created("2027-02-01")])
+    assert marks() == {"LATE", "NEXT"}
+    with engine.begin() as conn:
+        early = make(conn, "EARLY", "p1", [created("2026-03-01")])
+    assert marks() == {"EARLY", "NEXT"}
+    with engine.begin() as conn:
+        conn.execute(insert(repo.EVENTS).values(
+            referral_id=early, message_id=None, origin=repo.MANUAL, seq=0, kind="referral_cancelled",
+            occurred_at=d("2026-03-02"), control_id="", subject="", pending_key="", data="{}"))
+        repo.refresh(conn, early, NOW, windows=windows_from_settings(WindowSettings()))
+    assert marks() == {"LATE", "NEXT"}
+    with engine.begin() as conn:
+        late = conn.execute(select(repo.REFERRALS.c.id).where(repo.REFERRALS.c.placer_id == "LATE")).scalar_one()
+        repo.set_identity(conn, late, patient_key="p2")  # it was another patient's referral after all
+    assert marks() == {"LATE", "NEXT"}  # LATE is now p2's first; p1 has no 2026 candidate left
+    with engine.begin() as conn:
+        make(conn, "P2EARLIER", "p2", [created("2026-04-01")])
+    assert marks() == {"P2EARLIER", "NEXT"}
     engine.dispose()

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from sqlalchemy import Connection
 
 from refloop import referral as rf
-from refloop.store import rawsql
+from refloop.store import cms50, rawsql
 from refloop.store.journal import sqlite_time
 
 _OPEN_SQL = ", ".join(f"'{s}'" for s in sorted(s.value for s in rf.OPEN_STATUSES))
@@ -138,6 +138,7 @@ def person_key(conn: Connection, ids: Sequence[Identifier]) -> str:
         ph = _ph(conn)
         rawsql.execute(conn, f"UPDATE referrals SET patient_key = {ph} WHERE patient_key IN "
                              f"({_marks(conn, len(others))})", (canonical, *others))
+        cms50.refresh(conn, [canonical])  # one patient now: one first candidate per year
     return canonical
 
 

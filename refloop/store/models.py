@@ -200,6 +200,8 @@ class Referral(Base):
     appointment_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     no_show_appointments: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     report_bits: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # 1 on the patient's first CMS50 candidate of its year (``refloop.store.cms50``), kept on write.
+    cms50_first: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         UniqueConstraint("placer_id", "authority", name="uq_referrals_placer"),
@@ -428,6 +430,10 @@ Index("ix_referrals_report", Referral.status, Referral.leak_stage, Referral.repo
       Referral.completed_at, Referral.appointment_count, Referral.no_show_appointments,
       Referral.sent_to_scheduled_s, Referral.sent_to_appointment_s, Referral.appointment_to_note_s,
       Referral.sent_to_closed_s)
+
+# The CMS50 figure: the marked first candidates of a year are one range of this partial index.
+Index("ix_referrals_cms50", Referral.sent_at, Referral.note_received_at,
+      sqlite_where=text("cms50_first = 1"), postgresql_where=text("cms50_first = 1"))
 
 # -- patient identity as a set (migration 0011) -----------------------------------------------------
 # A patient carries several identifiers (the referrer's MRN, the specialist's MRN, an enterprise ID, a

@@ -26,7 +26,7 @@ from sqlalchemy import Connection, Table, bindparam, delete, or_, select, update
 
 from refloop import referral as rf
 from refloop import report, stall, x360
-from refloop.store import identity, sqlhot
+from refloop.store import cms50, identity, sqlhot
 from refloop.store.models import (
     Referral,
     ReferralAlias,
@@ -196,14 +196,20 @@ def get_or_create(conn: Connection, placer_id: str, authority: str, now: datetim
     changed = {k: v for k, v in identity.items() if not hasattr(row, k) or getattr(row, k) != v}
     if changed:
         sqlhot.update_referral(conn, row.id, changed)
+        if "patient_key" in changed:  # the referral moves from one patient's CMS50 candidates to another's
+            cms50.refresh(conn, [row.patient_key, changed["patient_key"]])
     return int(row.id)
 
 
 def set_identity(conn: Connection, referral_id: int, **values: Any) -> None:
     """Matching keys the fold does not know (patient hash, referred-to id): the latest non-empty wins."""
     values = {k: v for k, v in values.items() if v not in ("", None)}
+    before = conn.execute(select(REFERRALS.c.patient_key).where(REFERRALS.c.id == referral_id)).scalar() \
+        if "patient_key" in values else None
     if values:
         sqlhot.update_referral(conn, referral_id, values)
+    if before is not None and before != values["patient_key"]:
+        cms50.refresh(conn, [before, values["patient_key"]])
 
 
 def forget_message(conn: Connection, message_id: int) -> set[int]:
@@ -397,6 +403,10 @@ def recompute(conn: Connection, referral_id: int, now: datetime, *, rows: list[A
     changed = not all(_same(getattr(ref, k), v) for k, v in values.items())
     if changed:
         sqlhot.update_referral(conn, referral_id, {"updated_at": utc(now), **values})
+        was = report.cms50_candidate(aware(ref.sent_at), ref.status)
+        if ref.patient_key and (not _same(ref.sent_at, values["sent_at"])
+                                or was != report.cms50_candidate(values["sent_at"], values["status"])):
+            cms50.refresh(conn, [ref.patient_key])  # its patient's first CMS50 candidate may have moved
     if documents:
         seen: set[tuple[str, str]] = set()
         params = []

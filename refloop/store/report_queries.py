@@ -1,13 +1,14 @@
 """SQL for the cohort report (:mod:`refloop.report` holds the definitions and the arithmetic on results).
 
 Why it looks like this: every figure is plain SQL over the ``referrals`` projection, because the fold keeps
-on each row what the report needs (:func:`refloop.store.referrals.clock_values`): where and when the
-referral leaks (``leak_stage``/``leak_at``), when its scheduling and visit windows end, and the durations
-between milestones in whole seconds, and when it was first on the worklist or reminded
-(``first_marked_at``). So the report is one aggregate pass for the counts, rates, leak counts and the
-recovered figure; per duration one statement reading the count, the sum and the values at the exact ranks of
-the median and p90 by ORDER BY/OFFSET on an index (a ranked pass per duration for ``--by`` groups); the
-appointment and no-show events; the first ``leak_limit`` leaks; and CMS50.
+on each row what the report needs (:func:`refloop.store.referrals.projection_values`): where and when the
+referral leaks (``leak_stage``/``leak_at``), when its scheduling and visit windows end, the durations between
+milestones in whole seconds, its appointment counts, and ``report_bits`` (what the report counts that does
+not depend on ``now``); ``first_marked_at`` (first on the worklist or reminded) and ``cms50_first`` (the
+patient's first CMS50 candidate of its year) are kept by their own writers. So the report is one grouped
+pass for the counts, rates, leak and appointment figures and the durations' counts and sums; per duration
+the values at the exact ranks of the median and p90 by ORDER BY/OFFSET on an index (a ranked pass per
+duration for ``--by`` groups); the first ``leak_limit`` leaks; and CMS50 as one index range.
 No sampling, no fallbacks, no second path: a window change is applied by rewriting rows (the scan does it
 in chunks), and a report run before that is done says how many rows still carry the old windows.
 Nothing here logs: rows carry patient hashes.
@@ -272,38 +273,19 @@ def _recovered_block(alerted: int, done: int, tables: list[tuple[Table, str]]) -
 
 
 def cms50(conn: Connection, year: int) -> dict[str, Any]:
-    """Denominator and numerator of the CMS50-style figure (see :mod:`refloop.report`), in one query.
-
-    The first candidate of each patient is the ``row_number() = 1`` of a window ordered by ``(sent_at, id)``;
-    written here as one group per patient (read in ``ix_referrals_patient_first`` order, which covers the
-    query: no sorting, no table rows). A patient whose candidates all met the measure, or none, needs no
-    ranking; only for a patient with both is the first candidate looked up (one index search). When the
-    candidate dates cover most of the store, the groups read that index whole (``+sent_at``, see :func:`_sent`):
-    SQLite otherwise walks ``ix_referrals_sent_at`` and sorts every candidate into its patient group, four
-    times slower.
-    """
+    """Denominator and numerator of the CMS50-style figure (see :mod:`refloop.report`): the patients'
+    first candidates of *year* are marked on write (``cms50_first``, :mod:`refloop.store.cms50`), so this
+    is one range of the partial index ``ix_referrals_cms50`` (``= 1`` is literal SQL so that the planner
+    matches the index's condition), counting those whose first final note came after the referral and
+    within the year."""
     start = datetime(year, 1, 1, tzinfo=UTC)
     cutoff = datetime(year, 11, 1, tzinfo=UTC)  # sent_at < 1 Nov 00:00 == on or before 31 Oct 23:59:59.999999
     end = datetime(year + 1, 1, 1, tzinfo=UTC)
-
-    def candidate(r: Any, sent: Any) -> list[ColumnElement[bool]]:
-        return [r.c.patient_key != "", sent.is_not(None), sent >= start, sent < cutoff, r.c.status != "cancelled"]
-
-    def met(r: Any) -> ColumnElement[bool]:
-        return and_(r.c.note_received_at.is_not(None), r.c.note_received_at > r.c.sent_at, r.c.note_received_at < end)
-
-    sent = _sent(wide_span(conn, start, cutoff))
-    patients = (select(R.c.patient_key.label("pk"), func.count().label("n"), _count(met(R)).label("met"))
-                .where(*candidate(R, sent)).group_by(R.c.patient_key).subquery("patients"))
-    first = R.alias("first")
-    first_met = (select(case((met(first), literal(1)), else_=literal(0)))
-                 .where(first.c.patient_key == patients.c.pk, *candidate(first, first.c.sent_at))
-                 .order_by(first.c.sent_at, first.c.id).limit(1).scalar_subquery())
-    mixed = and_(patients.c.met > 0, patients.c.met < patients.c.n)
-    row = conn.execute(select(func.count().label("den"),
-                              _count(or_(patients.c.met == patients.c.n, and_(mixed, first_met == 1))).label("num"))
-                       .select_from(patients)).one()
-    return rp.cms50_block(year, int(row.den), int(row.num))
+    note = R.c.note_received_at
+    met = and_(note.is_not(None), note > R.c.sent_at, note < end)
+    row = conn.execute(select(func.count(), _count(met)).where(
+        R.c.cms50_first == literal_column("1"), R.c.sent_at >= start, R.c.sent_at < cutoff)).one()
+    return rp.cms50_block(year, int(row[0]), int(row[1]))
 
 
 # -- the report ------------------------------------------------------------------------------------
