@@ -347,3 +347,39 @@ def test_first_cms50_candidates_are_kept_on_write(db_url: str) -> None:
         make(conn, "P2EARLIER", "p2", [created("2026-04-01")])
     assert marks() == {"P2EARLIER", "NEXT"}
     engine.dispose()
+
+
+def test_dashboard_trend_and_histogram_equal_the_rows(db_url: str) -> None:
+    """The dashboard's monthly trend and days-to-close bins, read as index range counts, equal what the
+    cohort's rows say when counted one by one (months with no referral left out; a value on a bin edge
+    goes to the upper bin; the last bin takes the longest)."""
+    import math
+    import random
+
+    fixture(db_url)
+    engine = make_engine(make_settings(db_url).database)
+    rng = random.Random(5)
+    with engine.begin() as conn:
+        conn.execute(insert(repo.REFERRALS), [
+            {"placer_id": f"H{i}", "sent_at": d("2026-01-03") + timedelta(days=rng.randrange(0, 140)),
+             "status": "closed" if i % 3 else "sent",
+             "sent_to_closed_s": (rng.choice((0, 86400 * 7, 86400 * 14)) if i % 5 == 0 else rng.randrange(0, 86400 * 60))
+             if i % 3 else None} for i in range(60)])
+    params = rq.default_params(NOW, start="2026-01-01", end="2026-06-01")
+    with engine.connect() as conn:
+        rows = conn.execute(select(repo.REFERRALS.c.sent_at, repo.REFERRALS.c.status,
+                                   repo.REFERRALS.c.sent_to_closed_s)).all()
+        cohort = [r for r in rows if r.sent_at is not None and params.start <= repo.aware(r.sent_at) < params.end]
+        months: dict[str, list[int]] = {}
+        for r in cohort:
+            m = months.setdefault(f"{repo.aware(r.sent_at):%Y-%m}", [0, 0])
+            m[0] += 1
+            m[1] += r.status == "closed"
+        assert rq.monthly(conn, params) == [(k, a, b) for k, (a, b) in sorted(months.items())]
+        days = [r.sent_to_closed_s / 86400 for r in cohort if r.sent_to_closed_s is not None]
+        width = math.ceil(max(max(days), 1.0) / 10) or 1
+        bins = [0] * 10
+        for v in days:
+            bins[min(int(max(v, 0) // width), 9)] += 1
+        assert rq.close_bins(conn, params) == (width, bins) and sum(bins) > 30 and len(months) >= 5
+    engine.dispose()

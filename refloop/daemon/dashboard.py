@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import math
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,16 +69,10 @@ def trend(groups: list[dict[str, Any]]) -> dict[str, Any]:
     return {"points": " ".join(coords), "rows": pts}
 
 
-def histogram(values: list[float], bins: int = 10) -> list[dict[str, Any]]:
-    """Days to close in equal-width bins (bar heights as % of the tallest)."""
-    if not values:
-        return []
-    hi = max(max(values), 1.0)
-    width = math.ceil(hi / bins) or 1
-    counts = [0] * bins
-    for v in values:
-        counts[min(int(max(v, 0) // width), bins - 1)] += 1
-    top = max(counts) or 1
+def histogram(width: int, counts: list[int]) -> list[dict[str, Any]]:
+    """Days to close in equal-width bins (:func:`refloop.store.report_queries.close_bins`; bar heights as
+    % of the tallest)."""
+    top = max(counts, default=0) or 1
     return [{"label": f"{i * width}–{(i + 1) * width}", "count": c, "height": round(100 * c / top, 1)}
             for i, c in enumerate(counts)]
 
@@ -117,21 +110,19 @@ def add_routes(app: web.Application, server: AppContext) -> None:
         return web.json_response(await asyncio.to_thread(_report, p))
 
     def _dashboard(p: rq.ReportParams) -> dict[str, Any]:
-        from dataclasses import replace
 
         from refloop import report as rp
         from refloop.store import alerts
 
         with engine().connect() as conn:
             doc = rq.build_report(conn, p, windows())  # once per page; the charts read two small aggregates
-            monthly = [{"key": key, "rates": {"loop_closure": rp.ratio(c["closed"], c["sent"])},
-                        "totals": {"sent": c["sent"]}}
-                       for key, c in sorted(rq.counts(conn, replace(p, by="month")).items())]
-            closing = rq.close_days(conn, p)
+            monthly = [{"key": key, "rates": {"loop_closure": rp.ratio(closed, sent)}, "totals": {"sent": sent}}
+                       for key, sent, closed in rq.monthly(conn, p)]
+            closing = rq.close_bins(conn, p)
             work = alerts.worklist(conn, server.settings, server.clock.now())[:DASHBOARD_ROWS]
             work_note = ""
             unmatched = repo.list_unmatched(conn)
-        return {"r": doc, "funnel": funnel(doc["totals"]), "trend": trend(monthly), "hist": histogram(closing),
+        return {"r": doc, "funnel": funnel(doc["totals"]), "trend": trend(monthly), "hist": histogram(*closing),
                 "work": work, "work_note": work_note, "unmatched": unmatched[:200],
                 "actions": ("acknowledge", "snooze", "assign", "note", "close")}
 

@@ -16,6 +16,7 @@ Nothing here logs: rows carry patient hashes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -229,10 +230,41 @@ def _total_figures(conn: Connection, params: ReportParams, wide: bool,
     return out
 
 
-def close_days(conn: Connection, params: ReportParams, wide: bool = False) -> list[float]:
-    """Days from sent to closed of every closed cohort referral (the dashboard's histogram)."""
-    stmt = select(R.c.sent_to_closed_s).where(*_cohort(params, wide), R.c.sent_to_closed_s.is_not(None))
-    return [int(v) / _DAY_S for (v,) in conn.execute(stmt)]
+def close_bins(conn: Connection, params: ReportParams, bins: int = 10) -> tuple[int, list[int]]:
+    """The dashboard's days-to-close histogram: ``bins`` equal bins of whole days from 0 (the width is the
+    longest closed referral's days over ``bins``, rounded up, at least 1; a negative value counts in the
+    first bin, anything past the last in the last), as (width in days, count per bin). One count per bin
+    over ``ix_referrals_rank_sent_to_closed`` in value order: no closed referral is read into Python."""
+    wide = wide_range(conn, params)
+    value = R.c.sent_to_closed_s
+    where = [*_cohort(params, wide), value.is_not(None)]
+    top = conn.execute(select(value).where(*where).order_by(value.desc()).limit(1)).scalar()
+    if top is None:
+        return 1, []
+    width = max(math.ceil(max(top / _DAY_S, 1.0) / bins), 1)
+    edges = [i * width * _DAY_S for i in range(1, bins)]  # bin i holds [edges[i-1], edges[i]) in seconds
+    counts = []
+    for i in range(bins):
+        bounds = ([value >= edges[i - 1]] if i else []) + ([value < edges[i]] if i < bins - 1 else [])
+        counts.append(int(conn.execute(select(func.count()).where(*where, *bounds)).scalar_one()))
+    return width, counts
+
+
+def monthly(conn: Connection, params: ReportParams) -> list[tuple[str, int, int]]:
+    """Sent and closed referrals per sent month (UTC) of the cohort, months with none left out: the
+    dashboard's trend. Two counts per month, each an index range (``ix_referrals_sent_at``,
+    ``ix_referrals_status_sent``), where a GROUP BY month sorts the whole cohort (3 s at 1M)."""
+    out = []
+    month = datetime(params.start.year, params.start.month, 1, tzinfo=UTC)
+    while month < params.end:
+        after = datetime(month.year + month.month // 12, month.month % 12 + 1, 1, tzinfo=UTC)
+        span = replace(params, start=max(params.start, month), end=min(params.end, after))
+        sent = int(conn.execute(select(func.count()).where(*_cohort(span))).scalar_one())
+        if sent:
+            closed = int(conn.execute(select(func.count()).where(*_cohort(span), R.c.status == "closed")).scalar_one())
+            out.append((f"{month:%Y-%m}", sent, closed))
+        month = after
+    return out
 
 
 # -- events, the worklist, leaks ------------------------------------------------------------------
