@@ -14,27 +14,29 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, select, update
+from sqlalchemy import Connection
 
 from refloop import report as rp
-from refloop.store.models import Referral
-
-R: Table = Referral.__table__  # type: ignore[assignment]
-_MARK = update(R).where(R.c.id == bindparam("b_id")).values(cms50_first=bindparam("b_first"))
+from refloop.store import rawsql
 
 
-def _utc(moment: datetime | None) -> datetime | None:
-    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment  # SQLite: naive UTC
+def _utc(value: Any) -> datetime | None:
+    """A stored time as an aware UTC instant (the DB-API gives SQLite's text, PostgreSQL's aware value)."""
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(value).replace(tzinfo=UTC)
 
 
 def refresh(conn: Connection, patient_keys: Iterable[str]) -> None:
-    """Re-mark the first candidates of these patients' referrals (in the caller's transaction)."""
+    """Re-mark the first candidates of these patients' referrals (in the caller's transaction). Driver-level
+    SQL (:mod:`refloop.store.rawsql`): the fold calls this for every new referral, on the apply path."""
+    ph = "?" if conn.dialect.name == "sqlite" else "%s"
     for key in sorted({k for k in patient_keys if k}):
-        rows = conn.execute(select(R.c.id, R.c.sent_at, R.c.status, R.c.cms50_first)
-                            .where(R.c.patient_key == key)).all()
+        rows = rawsql.rows(conn, f"SELECT id, sent_at, status, cms50_first FROM referrals WHERE patient_key = {ph}",
+                           (key,))
         firsts = rp.cms50_firsts((int(r.id), _utc(r.sent_at), str(r.status)) for r in rows)
-        changed = [{"b_id": r.id, "b_first": int(r.id in firsts)} for r in rows
-                   if int(r.cms50_first or 0) != int(r.id in firsts)]
+        changed = [(int(r.id in firsts), r.id) for r in rows if int(r.cms50_first or 0) != int(r.id in firsts)]
         if changed:
-            conn.execute(_MARK, changed)
+            rawsql.executemany(conn, f"UPDATE referrals SET cms50_first = {ph} WHERE id = {ph}", changed)
