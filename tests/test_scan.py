@@ -139,6 +139,36 @@ def test_notifications_are_enqueued_once_per_change(db_url: str) -> None:
     engine.dispose()
 
 
+def test_scan_result_rows_are_the_alerts_as_the_scan_wrote_them(db_url: str) -> None:
+    """The scan's worklist rows are rendered when read, not when written, yet each is its alert as the scan
+    left it: the row the worklist itself renders at that moment (``get_alert``), even once a coordinator has
+    acted on the alert since; a resolved row is the open alert with status resolved."""
+    engine, settings = engine_for(db_url), settings_for(db_url)
+    rid, other = new_referral(engine, "R1"), new_referral(engine, "R2")
+
+    def stored(now: datetime) -> list[dict[str, Any]]:
+        with engine.connect() as conn:
+            ids = conn.execute(select(alerts.ALERTS.c.id).order_by(alerts.ALERTS.c.id)).scalars().all()
+            return [alerts.get_alert(conn, settings, a, now) or {} for a in ids]
+
+    day15, day29, day31 = (T0 + timedelta(days=d) for d in (15, 29, 31))
+    first = scan(engine, settings, day15)
+    written = stored(day15)
+    with engine.begin() as conn:  # acted on before the scan's rows are read
+        alerts.act(conn, settings, written[0]["alert_id"], "acknowledge", day15, actor="tester")
+    assert (len(first.raised), len(first.escalated), len(first.resolved)) == (2, 0, 0)
+    assert first.as_json() == {"raised": written, "escalated": [], "resolved": []}
+    assert [r["status"] for r in first.raised] == ["open", "open"]
+    later = scan(engine, settings, day29)
+    assert later.as_json()["escalated"] == stored(day29)  # the acknowledged alert reopened: it got worse
+    add_event(engine, other, rf.REFERRAL_CANCELLED, day29 + timedelta(hours=1))
+    before = stored(day31)[1]
+    moved = scan(engine, settings, day31)
+    assert list(moved.resolved) == [{**before, "status": "resolved"}] and json.loads(json.dumps(moved.as_json()))
+    assert moved.as_json()["raised"] == moved.as_json()["escalated"] == [] and rid != other
+    engine.dispose()
+
+
 def test_concurrent_scans_on_postgres_make_one_set_of_alerts(pg_url: str) -> None:
     """Two daemons (two engines, two threads) scan the same instant: one set of alerts and rows."""
     setup = engine_for(pg_url)

@@ -13,11 +13,11 @@ rewritten just because time passed. Levels are bounded (``stall.max_level``) and
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import SimpleNamespace
-from typing import Any, Final
+from typing import Any, Final, NamedTuple, overload
 
 from sqlalchemy import Connection, Table, bindparam, insert, select, update
 
@@ -46,17 +46,95 @@ ACTIONS: Final = ("acknowledge", "snooze", "assign", "note", "hold", "close")
 _CHUNK: Final = 500
 
 
+class Shown(NamedTuple):
+    """What a worklist row shows of one alert and its referral, as the row was when read or written;
+    :func:`render` turns it into the row."""
+
+    alert_id: int | None
+    referral: int
+    placer_id: str
+    stage: str
+    level: int
+    due_at: datetime | None
+    overdue_days: float
+    owner: str
+    status: str
+    last_action: str
+    snoozed_until: datetime | None
+    raised_at: datetime | None
+    parties: policy.Parties
+
+    @classmethod
+    def of(cls, row: Any, ref: Any) -> Shown:
+        """From an alert (a row or a dict of its columns) and its referral (anything with the referral's
+        identifying attributes)."""
+        get: Callable[[str], Any] = row.get if isinstance(row, dict) else row._mapping.get
+        return cls(get("id"), ref.id, ref.placer_id, get("stage"), get("level"), get("due_at"), get("overdue_days"),
+                   get("owner"), get("status"), get("last_action"), get("snoozed_until"), get("raised_at"),
+                   policy.Parties.of(ref))
+
+
+def render(settings: Settings, shown: Shown, now: datetime) -> dict[str, Any]:
+    """The worklist row of one alert at *now* (how overdue it is is computed here, on read)."""
+    return {
+        "alert_id": shown.alert_id, "referral": shown.referral, "placer_id": shown.placer_id, "stage": shown.stage,
+        "level": shown.level, "level_name": level_name(settings, int(shown.level or 1)),
+        "overdue_days": round(overdue_days(settings, shown.due_at, shown.overdue_days or 0.0, now), 2),
+        "owner": shown.owner,
+        "status": shown.status, "mode": policy.mode_for(settings.worklist, shown.parties),
+        "last_action": shown.last_action, "snoozed_until": repo.iso(repo.aware(shown.snoozed_until)),
+        "raised_at": repo.iso(repo.aware(shown.raised_at)),
+    }
+
+
+class Changes(Sequence[dict[str, Any]]):
+    """The worklist rows of one kind of change in a scan, rendered when first read.
+
+    Why lazy: the daemon's scan job only counts the changes, and rendering a row (the level's name, how
+    overdue, the relationship's mode) cost about as much as writing the alert; ``refloop scan`` and the HTTP
+    scan read them, and get each row as it was when the alert was written (:class:`Shown` is a snapshot,
+    rendered at the scan's own instant)."""
+
+    def __init__(self) -> None:
+        self._shown: list[tuple[Settings, datetime, Shown]] = []
+        self._rows: list[dict[str, Any]] = []
+
+    def add(self, settings: Settings, shown: Shown, now: datetime) -> None:
+        self._shown.append((settings, now, shown))
+
+    def _rendered(self) -> list[dict[str, Any]]:
+        for settings, now, shown in self._shown[len(self._rows):]:
+            self._rows.append(render(settings, shown, now))
+        return self._rows
+
+    def __len__(self) -> int:
+        return len(self._shown)
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[dict[str, Any]]: ...
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        return self._rendered()[index]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self._rendered())
+
+    def __repr__(self) -> str:
+        return f"Changes({len(self)})"
+
+
 @dataclass
 class ScanResult:
-    """What one scan changed; the lists hold worklist rows (see :func:`worklist_row`)."""
+    """What one scan changed: worklist rows (see :func:`render`), rendered only when read."""
 
-    raised: list[dict[str, Any]] = field(default_factory=list)
-    escalated: list[dict[str, Any]] = field(default_factory=list)
-    resolved: list[dict[str, Any]] = field(default_factory=list)
+    raised: Changes = field(default_factory=Changes)
+    escalated: Changes = field(default_factory=Changes)
+    resolved: Changes = field(default_factory=Changes)
     notifications: int = 0
 
     def as_json(self) -> dict[str, Any]:
-        return {"raised": self.raised, "escalated": self.escalated, "resolved": self.resolved}
+        return {"raised": list(self.raised), "escalated": list(self.escalated), "resolved": list(self.resolved)}
 
 
 class ActionError(Exception):
@@ -93,10 +171,14 @@ def _expired(until: datetime | None, now: datetime) -> bool:
 
 #: The chunk's alert writes as prepared statements run once per chunk with many rows (executemany): the
 #: scan one day later escalates hundreds of alerts, and building one UPDATE per alert cost more than the SQL.
-_ESCALATE: Final = update(ALERTS).where(ALERTS.c.id == bindparam("b_id")).values(
+#: An escalation that leaves the status as it was (an open alert stays open: nearly all of them) does not
+#: name ``status``: SQLite rewrites the index entries of every column a SET names, changed or not, and
+#: ``ix_alerts_status`` was then one more page written per escalation (~1,700 of the 28,000 a day-later
+#: scan of 1M referrals wrote).
+_ESCALATE_LEVEL: Final = update(ALERTS).where(ALERTS.c.id == bindparam("b_id")).values(
     level=bindparam("b_level"), overdue_days=bindparam("b_overdue"), escalated_at=bindparam("b_at"),
-    status=bindparam("b_status"), snoozed_until=bindparam("b_until"), last_action="escalated",
-    last_action_at=bindparam("b_at"))
+    snoozed_until=bindparam("b_until"), last_action="escalated", last_action_at=bindparam("b_at"))
+_ESCALATE: Final = _ESCALATE_LEVEL.values(status=bindparam("b_status"))
 _RESOLVE: Final = update(ALERTS).where(ALERTS.c.id == bindparam("b_id")).values(
     status=RESOLVED, resolved_at=bindparam("b_at"), open_key=bindparam("b_id"), last_action="auto_resolved",
     last_action_at=bindparam("b_at"))
@@ -124,30 +206,35 @@ def _raise_all(conn: Connection, settings: Settings, refs: Mapping[int, Any], ra
         if found.stage == stall.SCHEDULING:
             result.notifications += notices.notify_patient(conn, settings, ref, "booking_reminder",
                                                            f"patient:booking:{alert_id}", now, alert_id=alert_id)
-        result.raised.append(_row_json(settings, row, ref, now))
+        result.raised.add(settings, Shown.of(row, ref), now)
 
 
 def _escalate_all(conn: Connection, settings: Settings, refs: Mapping[int, Any],
                   open_rows: Mapping[tuple[int, str], Any], escalated: Any, now: datetime, result: ScanResult) -> None:
     """Raise levels in place. A snoozed alert stays snoozed (and quiet) until its date; an acknowledged
     one is reopened, because it got worse since someone looked at it."""
-    params, rows = [], []
+    same: list[dict[str, Any]] = []  # the status stays as it is
+    moved: list[dict[str, Any]] = []  # reopened
+    rows = []
     for rid, found in escalated:
         old = open_rows[(rid, found.stage)]
         snoozed = old.status == SNOOZED and not _expired(old.snoozed_until, now)
         values = {"level": found.level, "overdue_days": found.overdue_days, "escalated_at": repo.utc(now),
                   "status": SNOOZED if snoozed else OPEN, "snoozed_until": old.snoozed_until if snoozed else None,
                   "last_action": "escalated", "last_action_at": repo.utc(now)}
-        params.append({"b_id": old.id, "b_level": found.level, "b_overdue": found.overdue_days,
-                       "b_at": repo.utc(now), "b_status": values["status"], "b_until": values["snoozed_until"]})
+        (same if values["status"] == old.status else moved).append({
+            "b_id": old.id, "b_level": found.level, "b_overdue": found.overdue_days, "b_at": repo.utc(now),
+            "b_status": values["status"], "b_until": values["snoozed_until"]})
         rows.append((rid, found, old, snoozed, {**old._mapping, **values}))
-    if params:
-        conn.execute(_ESCALATE, params)
+    if same:
+        conn.execute(_ESCALATE_LEVEL, same)
+    if moved:
+        conn.execute(_ESCALATE, moved)
     for rid, found, old, snoozed, row in rows:
         if not snoozed:
             result.notifications += notices.notify_owner(conn, settings, refs[rid], row, "alert_escalated",
                                                          f"alert:{old.id}:{found.level}", now)
-        result.escalated.append(_row_json(settings, row, refs[rid], now))
+        result.escalated.add(settings, Shown.of(row, refs[rid]), now)
 
 
 def apply_diff(conn: Connection, settings: Settings, refs: Mapping[int, Any], open_rows: Mapping[tuple[int, str], Any],
@@ -163,19 +250,21 @@ def apply_diff(conn: Connection, settings: Settings, refs: Mapping[int, Any], op
         conn.execute(_RESOLVE, [{"b_id": open_rows[key].id, "b_at": repo.utc(now)} for key in diff.resolved])
     for rid, stage in diff.resolved:
         row = open_rows[(rid, stage)]
-        result.resolved.append(_row_json(settings, {**row._mapping, "status": RESOLVED}, refs[rid], now))
+        result.resolved.add(settings, Shown.of(row, refs[rid])._replace(status=RESOLVED), now)
 
 
 #: ``+open_key``, the same value: keeps SQLite's planner on ``uq_alerts_open`` (referral_id first) for "the open
 #: alerts of these referrals"; on ``ix_alerts_open_key`` it read every open alert of the store (9 ms a chunk
 #: at 100k referrals) whenever the statistics did not tell it better.
 _OPEN_KEY: Final = unindexed(ALERTS.c.open_key)
+#: Built once (an expanding IN): building the statement with the ids as literals cost more than running it.
+_OPEN_OF: Final = select(ALERTS).where(ALERTS.c.referral_id.in_(bindparam("b_ids", expanding=True)), _OPEN_KEY == 0)
 
 
 def open_alerts(conn: Connection, ids: list[int]) -> dict[tuple[int, str], Any]:
     """The unresolved alerts of *ids* by ``(referral_id, stage)`` (one per pair: ``uq_alerts_open``)."""
-    return {(r.referral_id, r.stage): r for start in range(0, len(ids), _CHUNK) for r in conn.execute(
-        select(ALERTS).where(ALERTS.c.referral_id.in_(ids[start:start + _CHUNK]), _OPEN_KEY == 0))}
+    return {(r.referral_id, r.stage): r for start in range(0, len(ids), _CHUNK)
+            for r in conn.execute(_OPEN_OF, {"b_ids": ids[start:start + _CHUNK]})}
 
 
 def clock_diff(ref: Any, inp: stall.ClockInput, windows: stall.Windows, now: datetime
@@ -230,19 +319,6 @@ def on_projection_change(conn: Connection, settings: Settings, now: datetime, be
 
 
 # -- worklist -----------------------------------------------------------------------------------------
-def _row_json(settings: Settings, row: Any, ref: Any, now: datetime) -> dict[str, Any]:
-    get = row.get if isinstance(row, dict) else row._mapping.get
-    return {
-        "alert_id": get("id"), "referral": ref.id, "placer_id": ref.placer_id, "stage": get("stage"),
-        "level": get("level"), "level_name": level_name(settings, int(get("level") or 1)),
-        "overdue_days": round(overdue_days(settings, get("due_at"), get("overdue_days") or 0.0, now), 2),
-        "owner": get("owner"),
-        "status": get("status"), "mode": policy.mode_for(settings.worklist, policy.Parties.of(ref)),
-        "last_action": get("last_action"), "snoozed_until": repo.iso(repo.aware(get("snoozed_until"))),
-        "raised_at": repo.iso(repo.aware(get("raised_at"))),
-    }
-
-
 def worklist(conn: Connection, settings: Settings, now: datetime, *, owner: str | None = None,
              include_snoozed: bool = False) -> list[dict[str, Any]]:
     """Unresolved alerts, most overdue first, each with its relationship's mode and worst delivery state;
@@ -259,7 +335,7 @@ def worklist(conn: Connection, settings: Settings, now: datetime, *, owner: str 
     for r in rows:
         ref = SimpleNamespace(id=r.referral_id, placer_id=r.placer_id, authority=r.authority,
                               referred_to=r.referred_to, referred_to_id=r.referred_to_id, specialty=r.specialty)
-        item = _row_json(settings, r, ref, now)
+        item = render(settings, Shown.of(r, ref), now)
         item["delivery"] = worst.get(r.id, "")
         out.append(item)
     out.sort(key=lambda item: (-item["overdue_days"], -item["level"], item["alert_id"]))  # computed on read
@@ -360,4 +436,4 @@ def get_alert(conn: Connection, settings: Settings, alert_id: int, now: datetime
     if row is None:
         return None
     ref = conn.execute(select(REFERRALS).where(REFERRALS.c.id == row.referral_id)).one()
-    return _row_json(settings, row, ref, now)
+    return render(settings, Shown.of(row, ref), now)

@@ -60,23 +60,29 @@ def _fan_out(conn: Connection, settings: Settings, ref: Any, channels: list[tupl
 
 def notify_owner(conn: Connection, settings: Settings, ref: Any, row: dict[str, Any], event: str, key: str,
                   now: datetime) -> int:
+    """Tell the alert's owner (or who ``escalation_owners`` names for its level); the payload is only built
+    when a channel is configured (a scan calls this for every alert it raises or escalates)."""
     level = int(row["level"])
+    target = escalation_owner(settings, level, row["owner"])
+    channels = policy.owner_channels(settings.notify, settings.worklist, target)
+    if not channels:
+        return 0
     payload = {**_base_payload(settings, ref, event, now), "alert_id": row["id"], "stage": row["stage"],
                "level": level, "level_name": level_name(settings.stall, level),
                "overdue_days": round(float(row["overdue_days"]), 2), "owner": row["owner"]}
-    target = escalation_owner(settings, level, row["owner"])
     if target != row["owner"]:
         payload["escalated_to"] = target
-    channels = policy.owner_channels(settings.notify, settings.worklist, target)
     return _fan_out(conn, settings, ref, channels, event, key, payload, now, alert_id=row["id"])
 
 
 def notify_patient(conn: Connection, settings: Settings, ref: Any, event: str, key: str, now: datetime,
                     alert_id: int | None = None) -> int:
     """The patient-engagement system resolves the patient from the placer ID; refloop holds no contact data."""
+    channels = policy.patient_channels(settings.notify)
+    if not channels:
+        return 0
     payload = {"event": event, "referral_id": ref.id, "placer_id": ref.placer_id, "at": now.isoformat()}
-    return _fan_out(conn, settings, ref, policy.patient_channels(settings.notify), event, key, payload, now,
-                    alert_id=alert_id)
+    return _fan_out(conn, settings, ref, channels, event, key, payload, now, alert_id=alert_id)
 
 
 def no_show_reminder(conn: Connection, settings: Settings, ref: Any, no_show_count: int, now: datetime) -> int:
