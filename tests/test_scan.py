@@ -169,6 +169,40 @@ def test_scan_result_rows_are_the_alerts_as_the_scan_wrote_them(db_url: str) -> 
     engine.dispose()
 
 
+def test_catch_ups_enqueue_what_the_apply_did_not_once(db_url: str) -> None:
+    """Channels configured later: the scan's catch-ups enqueue the no-show reminder and the loop-closed notice
+    under the apply's keys, once; a loop announced on one channel is not announced again when another is
+    added; a second no-show is a new reminder."""
+    engine = engine_for(db_url)
+    no_show, closed = new_referral(engine, "R1"), new_referral(engine, "R2")
+    for rid, appt, at in ((no_show, "A1", T0 + timedelta(days=2)), (closed, "A2", T0 + timedelta(days=1))):
+        add_event(engine, rid, rf.APPOINTMENT_BOOKED, at, appointment_id=appt,
+                  start=(at + timedelta(days=1)).isoformat())
+    add_event(engine, no_show, rf.APPOINTMENT_NO_SHOW, T0 + timedelta(days=3), appointment_id="A1")
+    add_event(engine, closed, rf.APPOINTMENT_COMPLETED, T0 + timedelta(days=2), appointment_id="A2")
+    add_event(engine, closed, rf.NOTE_RECEIVED, T0 + timedelta(days=4), document_id="D2", final=True)
+
+    def keys() -> list[str]:
+        with engine.connect() as conn:
+            return sorted(k for k in conn.execute(select(OUTBOX.c.idempotency_key)).scalars() if "alert" not in k)
+
+    at = T0 + timedelta(days=5)
+    assert scan(engine, settings_for(db_url), at).notifications == 0 and keys() == []
+    hooks = {"webhook_url": "http://127.0.0.1:9/hook", "patient_webhook_url": "http://127.0.0.1:9/patient"}
+    assert scan(engine, settings_for(db_url, **hooks), at).notifications == 2
+    assert keys() == [f"loop_closed:{closed}:webhook", f"patient:no_show:{no_show}:1:patient"]
+    assert scan(engine, settings_for(db_url, **hooks), at + timedelta(hours=1)).notifications == 0
+    mail = settings_for(db_url, **hooks, smtp_host="127.0.0.1", smtp_to_default="desk@test.invalid")
+    assert scan(engine, mail, at + timedelta(hours=2)).notifications == 0  # announced already (on the webhook)
+    add_event(engine, no_show, rf.APPOINTMENT_BOOKED, T0 + timedelta(days=6), appointment_id="A3",
+              start=(T0 + timedelta(days=7)).isoformat())
+    add_event(engine, no_show, rf.APPOINTMENT_NO_SHOW, T0 + timedelta(days=7), appointment_id="A3")
+    scan(engine, settings_for(db_url, **hooks), T0 + timedelta(days=8))  # (a second no-show also raises an alert)
+    assert keys() == [f"loop_closed:{closed}:webhook", f"patient:no_show:{no_show}:1:patient",
+                      f"patient:no_show:{no_show}:2:patient"]
+    engine.dispose()
+
+
 def test_concurrent_scans_on_postgres_make_one_set_of_alerts(pg_url: str) -> None:
     """Two daemons (two engines, two threads) scan the same instant: one set of alerts and rows."""
     setup = engine_for(pg_url)
