@@ -158,7 +158,7 @@ def test_scan_result_rows_are_the_alerts_as_the_scan_wrote_them(db_url: str) -> 
         alerts.act(conn, settings, written[0]["alert_id"], "acknowledge", day15, actor="tester")
     assert (len(first.raised), len(first.escalated), len(first.resolved)) == (2, 0, 0)
     assert first.as_json() == {"raised": written, "escalated": [], "resolved": []}
-    assert [r["status"] for r in first.raised] == ["open", "open"]
+    assert first.raised == written and first.escalated == [] and [r["status"] for r in first.raised] == ["open"] * 2
     later = scan(engine, settings, day29)
     assert later.as_json()["escalated"] == stored(day29)  # the acknowledged alert reopened: it got worse
     add_event(engine, other, rf.REFERRAL_CANCELLED, day29 + timedelta(hours=1))

@@ -120,6 +120,14 @@ class Changes(Sequence[dict[str, Any]]):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self._rendered())
 
+    def __eq__(self, other: object) -> bool:
+        """Equal to a list (or another ``Changes``) of the same rows, as the plain lists it replaced were."""
+        if isinstance(other, Changes | list):
+            return self._rendered() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
     def __repr__(self) -> str:
         return f"Changes({len(self)})"
 

@@ -48,8 +48,8 @@ SCAN_LOCK: Final = 0x72666C7363616E
 CHUNK: Final = 50
 _HOLD_KINDS: Final = (rf.HOLD_STARTED, rf.HOLD_ENDED)
 _MOVE_DUE: Final = update(REFERRALS).where(REFERRALS.c.id == bindparam("b_id")).values(next_due_at=bindparam("b_due"))
-#: A chunk's reads, built once with expanding INs (building them per chunk with the ids as literals, a bind
-#: parameter object each, cost a tenth of a day-later scan).
+#: A chunk's reads, built once with expanding INs: built per chunk with the ids as literals (a bind parameter
+#: object each) they and the open alerts' read cost ~8 % of a day-later scan of 1M referrals.
 _CHUNK_ROWS: Final = select(REFERRALS).where(
     REFERRALS.c.id.in_(bindparam("b_ids", expanding=True)),
     or_(REFERRALS.c.next_due_at <= bindparam("b_now"), REFERRALS.c.clock_version != bindparam("b_version")))
