@@ -16,7 +16,8 @@ came back, ~6 % no-shows, ~5 % cancelled, ~9 % never booked, ~5 % booked but the
 
 Measured with the real functions, at the instant ``AS_OF``: (a) :func:`refloop.store.stall_scan.run_scan` (what
 ``refloop scan --as-of`` runs) twice: the first raises every genuinely overdue alert, the second at the same
-instant is the steady state and should be (nearly) a no-op; (b) :func:`refloop.store.alerts.worklist`;
+instant is the steady state and should be (nearly) a no-op; (b) the worklist's first page with its counts
+(:func:`refloop.store.worklist_view.page`);
 (c) :func:`refloop.store.report_queries.build_report` for the default one-year cohort (``refloop report``);
 (d) ``refloop show``: :func:`refloop.store.referrals.resolve_key` + :func:`referral_json`. Each
 measurement runs on a copy of the cached generated store (bench/results/, keyed by the schema revision and
@@ -424,7 +425,7 @@ def measure(base: Path, n: int, *, check: bool) -> dict[str, Any]:
 
     from refloop.config import DatabaseSettings, Settings
     from refloop.config.windows import windows_from_settings
-    from refloop.store import alerts
+    from refloop.store import alerts, worklist_view
     from refloop.store import referrals as repo
     from refloop.store import report_queries as rq
     from refloop.store import scan as stall_scan
@@ -463,8 +464,8 @@ def measure(base: Path, n: int, *, check: bool) -> dict[str, Any]:
             out[label] = {"raised": len(moved.raised), "escalated": len(moved.escalated),
                           "resolved": len(moved.resolved)}
         with engine.connect() as conn:
-            t, rows = _timed(lambda: alerts.worklist(conn, settings, AS_OF), 3)
-            out["worklist_s"], out["worklist_rows"] = t, len(rows)
+            t, first = _timed(lambda: worklist_view.page(conn, settings, AS_OF, worklist_view.Filters()), 3)
+            out["worklist_s"], out["worklist_rows"] = t, first.total
             params = rq.default_params(AS_OF)
             windows = windows_from_settings(settings.stall)
             t, doc = _timed(lambda: rq.build_report(conn, params, windows), 3)

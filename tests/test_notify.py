@@ -32,7 +32,7 @@ from refloop.notify.policy import retry_delay
 from refloop.store import alerts, digest, outbox
 from tests.samples import CANARY_NAME, mdm_msg, ref_msg, siu_msg
 from tests.test_scan import T0, engine_for, new_referral, scan, settings_for
-from tests.utils import FS, VT, MllpClient, free_port, make_settings, msa, running_daemon, wait_for
+from tests.utils import FS, VT, MllpClient, free_port, make_settings, msa, running_daemon, wait_for, work
 
 SECRET = "s3cret-for-tests"
 
@@ -264,8 +264,7 @@ def test_mllp_nak_retries_then_dead_letters_on_the_worklist(db_url: str) -> None
         dispatch_once(engine, settings, now + timedelta(seconds=31))  # delivers the dead-letter notice
         assert [r["body"]["event"] for r in hook.received] == ["loop_closed", "dead_letter"]
         with engine.connect() as conn:
-            work = alerts.worklist(conn, settings, now)
-        [dead] = [w for w in work if w["status"] == "dead"]
+            [dead] = alerts.dead_letters(conn, settings)
         assert (dead["placer_id"], dead["event"], dead["last_action"]) == ("R5000", "loop_closed", "ack AE")
     with mllp_receiver("AA") as ack:
         settings = replace(settings, notify=replace(settings.notify, mllp_port=ack.port))
@@ -289,7 +288,7 @@ def test_observe_mode_suppresses_and_active_does_not_replay(db_url: str) -> None
         assert dispatch_once(engine, observe, T0 + timedelta(days=15))["delivered"] == 0
         active = replace(observe, worklist=WorklistSettings(mode="observe", relationship_modes=("CLINIC>CARD=active",)))
         with engine.connect() as conn:
-            assert [w["mode"] for w in alerts.worklist(conn, active, T0)] == ["active"]
+            assert [w["mode"] for w in work(conn, active, T0)] == ["active"]
         assert dispatch_once(engine, active, T0 + timedelta(days=16))["delivered"] == 0  # nothing replayed
         scan(engine, active, T0 + timedelta(days=29))
         assert dispatch_once(engine, active, T0 + timedelta(days=29))["delivered"] == 1

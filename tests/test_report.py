@@ -363,8 +363,8 @@ def test_dashboard_trend_and_histogram_equal_the_rows(db_url: str) -> None:
         conn.execute(insert(repo.REFERRALS), [
             {"placer_id": f"H{i}", "sent_at": d("2026-01-03") + timedelta(days=rng.randrange(0, 140)),
              "status": "closed" if i % 3 else "sent",
-             "sent_to_closed_s": (rng.choice((0, 86400 * 7, 86400 * 14)) if i % 5 == 0 else rng.randrange(0, 86400 * 60))
-             if i % 3 else None} for i in range(60)])
+             "sent_to_closed_s": None if i % 3 == 0 else rng.choice((0, 86400 * 7, 86400 * 14)) if i % 5 == 0
+             else rng.randrange(0, 86400 * 60)} for i in range(60)])
     params = rq.default_params(NOW, start="2026-01-01", end="2026-06-01")
     with engine.connect() as conn:
         rows = conn.execute(select(repo.REFERRALS.c.sent_at, repo.REFERRALS.c.status,

@@ -21,7 +21,7 @@ from refloop.store import alerts
 from refloop.store import referrals as repo
 from refloop.store.models import AuditEntry
 from tests.test_scan import T0, engine_for, new_referral, open_alerts, refloop_cli, scan, settings_for
-from tests.utils import make_settings, running_daemon
+from tests.utils import make_settings, running_daemon, work
 
 OWNERS = WorklistSettings(mode="active", owners=("practice:CLINIC=alice", "specialty:NEURO=bob",
                                                  "referred_to:Heartwell Hana=carol"))
@@ -42,15 +42,15 @@ def test_owners_from_config_and_most_overdue_first(db_url: str) -> None:
     c = new_referral(engine, "RC", sent=T0 - timedelta(days=2), authority="OTHER")
     scan(engine, settings, T0 + timedelta(days=15))
     with engine.connect() as conn:
-        rows = alerts.worklist(conn, settings, T0 + timedelta(days=15))
+        rows = work(conn, settings, T0 + timedelta(days=15))
         assert [(r["referral"], r["owner"]) for r in rows] == [(b, "bob"), (c, "coordinator"), (a, "alice")]
         assert [r["overdue_days"] for r in rows] == [6.0, 3.0, 1.0]
-        assert [r["referral"] for r in alerts.worklist(conn, settings, T0 + timedelta(days=15), owner="alice")] == [a]
+        assert [r["referral"] for r in work(conn, settings, T0 + timedelta(days=15), owner="alice")] == [a]
     with_rt = settings_for(db_url, worklist=OWNERS)
     d = new_referral(engine, "RD", sent=T0)
     scan(engine, with_rt, T0 + timedelta(days=15))
     with engine.connect() as conn:
-        assert [r["owner"] for r in alerts.worklist(conn, with_rt, T0) if r["referral"] == d] == ["carol"]
+        assert [r["owner"] for r in work(conn, with_rt, T0) if r["referral"] == d] == ["carol"]
     engine.dispose()
 
 
@@ -74,7 +74,7 @@ def test_actions_are_timeline_events_and_audited(db_url: str) -> None:
         with pytest.raises(alerts.ActionError):
             alerts.act(conn, settings, 999, "acknowledge", now, actor="dana")
     with engine.connect() as conn:  # snoozed alerts leave the default worklist
-        assert alerts.worklist(conn, settings, now) == []
+        assert work(conn, settings, now) == []
     assert timeline(engine, rid).count(rf.COORDINATOR_NOTE) == 4
     with engine.connect() as conn:
         audit_rows = [(a.actor, a.action, a.target) for a in conn.execute(select(AuditEntry.__table__))]

@@ -300,3 +300,11 @@ def start_daemon_process(tmp: Path, db_url: str, extra_env: dict[str, str] | Non
     d = DaemonProcess(proc, port, http_port, log_path)
     d.wait_ready()
     return d
+
+
+def work(conn: Any, settings: Any, now: Any, owner: str = "") -> list[dict[str, Any]]:
+    """The whole active worklist (everyone's, or one owner's), most overdue first: the worklist's one query
+    (:func:`refloop.store.worklist_view.page`), as the page, the API and ``refloop worklist`` read it."""
+    from refloop.store import worklist_view
+
+    return list(worklist_view.iterate(conn, settings, now, worklist_view.Filters(owner=owner)))

@@ -112,14 +112,16 @@ def add_routes(app: web.Application, server: AppContext) -> None:
     def _dashboard(p: rq.ReportParams) -> dict[str, Any]:
 
         from refloop import report as rp
-        from refloop.store import alerts
+        from refloop.store import alerts, worklist_view
 
         with engine().connect() as conn:
             doc = rq.build_report(conn, p, windows())  # once per page; the charts read two small aggregates
             monthly = [{"key": key, "rates": {"loop_closure": rp.ratio(closed, sent)}, "totals": {"sent": sent}}
                        for key, sent, closed in rq.monthly(conn, p)]
             closing = rq.close_bins(conn, p)
-            work = alerts.worklist(conn, server.settings, server.clock.now())[:DASHBOARD_ROWS]
+            first = worklist_view.page(conn, server.settings, server.clock.now(), worklist_view.Filters(),
+                                       limit=DASHBOARD_ROWS, with_counts=False)  # the worklist's own query
+            work = first.rows + alerts.dead_letters(conn, server.settings)
             work_note = ""
             unmatched = repo.list_unmatched(conn)
         return {"r": doc, "funnel": funnel(doc["totals"]), "trend": trend(monthly), "hist": histogram(*closing),

@@ -16,7 +16,6 @@ import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from types import SimpleNamespace
 from typing import Any, Final, NamedTuple, overload
 
 from sqlalchemy import Connection, Table, bindparam, insert, select, update
@@ -327,36 +326,18 @@ def on_projection_change(conn: Connection, settings: Settings, now: datetime, be
 
 
 # -- worklist -----------------------------------------------------------------------------------------
-def worklist(conn: Connection, settings: Settings, now: datetime, *, owner: str | None = None,
-             include_snoozed: bool = False) -> list[dict[str, Any]]:
-    """Unresolved alerts, most overdue first, each with its relationship's mode and worst delivery state;
-    then dead-lettered notifications, which need a human as much as a stalled referral does."""
-    statuses = UNRESOLVED if include_snoozed else (OPEN, ACKNOWLEDGED)
-    stmt = (select(ALERTS, REFERRALS.c.placer_id, REFERRALS.c.authority, REFERRALS.c.referred_to,
-                   REFERRALS.c.referred_to_id, REFERRALS.c.specialty, REFERRALS.c.status.label("referral_status"))
-            .join(REFERRALS, REFERRALS.c.id == ALERTS.c.referral_id).where(ALERTS.c.status.in_(statuses)))
-    if owner:
-        stmt = stmt.where(ALERTS.c.owner == owner)
-    rows = list(conn.execute(stmt))
-    worst = _delivery_states(conn, [r.id for r in rows])
-    out = []
-    for r in rows:
-        ref = SimpleNamespace(id=r.referral_id, placer_id=r.placer_id, authority=r.authority,
-                              referred_to=r.referred_to, referred_to_id=r.referred_to_id, specialty=r.specialty)
-        item = render(settings, Shown.of(r, ref), now)
-        item["delivery"] = worst.get(r.id, "")
-        out.append(item)
-    out.sort(key=lambda item: (-item["overdue_days"], -item["level"], item["alert_id"]))  # computed on read
-    if owner in (None, "", settings.worklist.default_owner):
-        for d in conn.execute(select(outbox.OUTBOX, REFERRALS.c.placer_id).outerjoin(
+def dead_letters(conn: Connection, settings: Settings) -> list[dict[str, Any]]:
+    """Dead-lettered notifications that name no alert, as worklist rows: they need a human as much as a
+    stalled referral does (the dashboard lists them under the most overdue alerts of
+    :func:`refloop.store.worklist_view.page`)."""
+    return [{"alert_id": None, "referral": d.referral_id, "placer_id": d.placer_id or "", "stage": "delivery",
+             "level": None, "overdue_days": 0.0, "owner": settings.worklist.default_owner, "status": "dead",
+             "mode": policy.ACTIVE, "last_action": d.last_error, "outbox_id": d.id, "event": d.event,
+             "delivery": "dead"}
+            for d in conn.execute(select(outbox.OUTBOX, REFERRALS.c.placer_id).outerjoin(
                 REFERRALS, REFERRALS.c.id == outbox.OUTBOX.c.referral_id).where(
                 outbox.OUTBOX.c.status == outbox.DEAD, outbox.OUTBOX.c.alert_id.is_(None))
-                .order_by(outbox.OUTBOX.c.id)):
-            out.append({"alert_id": None, "referral": d.referral_id, "placer_id": d.placer_id or "",
-                        "stage": "delivery", "level": None, "overdue_days": 0.0,
-                        "owner": settings.worklist.default_owner, "status": "dead", "mode": policy.ACTIVE,
-                        "last_action": d.last_error, "outbox_id": d.id, "event": d.event, "delivery": "dead"})
-    return out
+                .order_by(outbox.OUTBOX.c.id))]
 
 
 _DELIVERY_RANK: Final = {"dead": 4, "failed": 3, "pending": 2, "suppressed": 1, "delivered": 0}
