@@ -49,7 +49,6 @@ from refloop.store.referrals import OPEN, aware
 R = Referral.__table__
 E = ReferralEvent.__table__
 
-_FINAL = ("cancelled", "declined", "expired")
 _DURATIONS = {"sent_to_scheduled": "sent_to_scheduled_s", "sent_to_appointment": "sent_to_appointment_s",
               "appointment_to_note": "appointment_to_note_s", "sent_to_closed": "sent_to_closed_s"}
 _DAY_S = 86400
@@ -96,11 +95,6 @@ def wide_span(conn: Connection, start: datetime, end: datetime) -> bool:
         return False
     span = (hi - lo).total_seconds()
     return span <= 0 or (min(hi, end) - max(lo, start)).total_seconds() / span > 0.2
-
-
-def _grouped(stmt: Any, g: ColumnElement[Any], by: str | None) -> Any:
-    """GROUP BY the group key, or not at all for the totals (PostgreSQL rejects GROUP BY a constant)."""
-    return stmt.group_by(g) if by else stmt
 
 
 def _count(cond: ColumnElement[bool]) -> ColumnElement[Any]:
@@ -279,14 +273,15 @@ def leaks(conn: Connection, params: ReportParams, windows: Windows) -> list[dict
     if params.leak_limit <= 0:
         return []
     now = _at(params.now)
-    leaking = or_(R.c.status.in_(_FINAL), and_(R.c.status.in_(OPEN), R.c.leak_stage != "", R.c.leak_at <= now))
+    leaking = or_(R.c.status.in_(rp.FINAL_STATUSES),
+                  and_(R.c.status.in_(OPEN), R.c.leak_stage != "", R.c.leak_at <= now))
     stmt = (select(R.c.id, R.c.placer_id, R.c.status, R.c.priority, R.c.referred_to, R.c.specialty, R.c.sent_at,
                    R.c.leak_stage, R.c.leak_at).where(*_cohort(params), leaking)
             .order_by(R.c.sent_at, R.c.id).limit(params.leak_limit))
     calendar = stall.Calendar(windows)
     out = []
     for row in conn.execute(stmt):
-        final = row.status in _FINAL
+        final = row.status in rp.FINAL_STATUSES
         stage = ("cancelled" if row.status == "cancelled" else "declined") if final else row.leak_stage
         leak_at = aware(row.leak_at)
         overdue = 0.0 if final or leak_at is None else stall.elapsed(calendar, leak_at, params.now) / timedelta(days=1)
