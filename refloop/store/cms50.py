@@ -13,30 +13,22 @@ keys concerned (the fold in :func:`refloop.store.referrals.recompute`, a new pat
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
-from typing import Any
 
 from sqlalchemy import Connection
 
 from refloop import report as rp
-from refloop.store import rawsql
-
-
-def _utc(value: Any) -> datetime | None:
-    """A stored time as an aware UTC instant (the DB-API gives SQLite's text, PostgreSQL's aware value)."""
-    if value is None or isinstance(value, datetime):
-        return value
-    return datetime.fromisoformat(value).replace(tzinfo=UTC)
+from refloop.store import rawsql, sqlhot
 
 
 def refresh(conn: Connection, patient_keys: Iterable[str]) -> None:
     """Re-mark the first candidates of these patients' referrals (in the caller's transaction). Driver-level
-    SQL (:mod:`refloop.store.rawsql`): the fold calls this for every new referral, on the apply path."""
-    ph = "?" if conn.dialect.name == "sqlite" else "%s"
+    SQL (:mod:`refloop.store.sqlhot`'s pattern): the fold calls this for every new referral, on the apply path."""
+    sql = sqlhot.hot(conn)
     for key in sorted({k for k in patient_keys if k}):
-        rows = rawsql.rows(conn, f"SELECT id, sent_at, status, cms50_first FROM referrals WHERE patient_key = {ph}",
+        rows = rawsql.rows(conn, f"SELECT id, sent_at, status, cms50_first FROM referrals WHERE patient_key = {sql.ph}",
                            (key,))
-        firsts = rp.cms50_firsts((int(r.id), _utc(r.sent_at), str(r.status)) for r in rows)
+        firsts = rp.cms50_firsts((int(r.id), sqlhot.sqlite_read_time(r.sent_at) if sql.sqlite else r.sent_at,
+                                  str(r.status)) for r in rows)
         changed = [(int(r.id in firsts), r.id) for r in rows if int(r.cms50_first or 0) != int(r.id in firsts)]
         if changed:
-            rawsql.executemany(conn, f"UPDATE referrals SET cms50_first = {ph} WHERE id = {ph}", changed)
+            rawsql.executemany(conn, f"UPDATE referrals SET cms50_first = {sql.ph} WHERE id = {sql.ph}", changed)
