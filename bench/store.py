@@ -443,12 +443,10 @@ def measure(base: Path, n: int, *, check: bool) -> dict[str, Any]:
         sys.stderr.write(f"  scan #1 at {AS_OF:%Y-%m-%d} ({n:,} referrals) ...\n")
         t, first = _timed(lambda: stall_scan.run_scan(engine, settings, AS_OF), 1)
         out["scan_first_s"] = t
-        out["scan_first"] = {"raised": len(first.raised), "escalated": len(first.escalated),
-                             "resolved": len(first.resolved)}
+        out["scan_first"] = first.counts()
         t, again = _timed(lambda: stall_scan.run_scan(engine, settings, AS_OF), 3)
         out["scan_second_s"] = t
-        out["scan_second"] = {"raised": len(again.raised), "escalated": len(again.escalated),
-                              "resolved": len(again.resolved)}
+        out["scan_second"] = again.counts()
         if check:
             with engine.connect() as conn:
                 stored = {(r.referral_id, r.stage, int(r.level)) for r in conn.execute(
@@ -461,8 +459,7 @@ def measure(base: Path, n: int, *, check: bool) -> dict[str, Any]:
         for label, later in (("scan_5min", timedelta(minutes=5)), ("scan_next_day", timedelta(days=1))):
             t, moved = _timed(lambda later=later: stall_scan.run_scan(engine, settings, AS_OF + later), 1)
             out[f"{label}_s"] = t
-            out[label] = {"raised": len(moved.raised), "escalated": len(moved.escalated),
-                          "resolved": len(moved.resolved)}
+            out[label] = moved.counts()
         with engine.connect() as conn:
             t, first = _timed(lambda: worklist_view.page(conn, settings, AS_OF, worklist_view.Filters()), 3)
             out["worklist_s"], out["worklist_rows"] = t, first.total

@@ -230,22 +230,6 @@ def ratio(num: int, den: int) -> dict[str, Any]:
     return {"num": int(num), "den": int(den), "rate": round(num / den, 4) if den else None}
 
 
-def distribution(values: Iterable[float], *, presorted: bool = False) -> dict[str, Any]:
-    """Mean, median and nearest-rank p90 in days (2 decimals); None for all three when there is no value.
-
-    ``presorted``: *values* is already an ascending list (the SQL side sorts each series once), so it is
-    used as is; the mean is the same left-to-right sum over the sorted values either way.
-    """
-    data = values if presorted and isinstance(values, list) else sorted(values)
-    n = len(data)
-    if n == 0:
-        return {"n": 0, "mean": None, "median": None, "p90": None}
-    mid = n // 2
-    median = data[mid] if n % 2 else (data[mid - 1] + data[mid]) / 2
-    p90 = data[max(math.ceil(0.9 * n) - 1, 0)]
-    return {"n": n, "mean": round(sum(data) / n, 2), "median": round(median, 2), "p90": round(p90, 2)}
-
-
 def figures(n: int, total: int, ranks: Mapping[int, int], unit: int) -> dict[str, Any]:
     """:func:`distribution` from what SQL ranks: ``n`` values summing to ``total`` and the values at the
     1-based ranks the median and p90 need (``ranks``), in units of ``unit`` per day (seconds: 86400)."""
@@ -257,9 +241,9 @@ def figures(n: int, total: int, ranks: Mapping[int, int], unit: int) -> dict[str
     return {"n": n, "mean": round(total / unit / n, 2), "median": round(median, 2), "p90": round(p90, 2)}
 
 
-def rates(counts: Mapping[str, int], events: Mapping[str, int]) -> dict[str, Any]:
-    """The rate block of one group from its SQL counts (see the module docstring for each definition)."""
-    sent = counts.get("sent", 0)
+def rates(counts: Mapping[str, int]) -> dict[str, Any]:
+    """The rate block of one group from its :func:`tally` (see the module docstring for each definition)."""
+    sent, events = counts.get("sent", 0), counts
     return {
         "accepted": ratio(counts.get("accepted", 0), sent),
         "scheduled": ratio(counts.get("scheduled", 0), sent),
@@ -271,6 +255,18 @@ def rates(counts: Mapping[str, int], events: Mapping[str, int]) -> dict[str, Any
         "note_received": ratio(counts.get("note_of_completed", 0), counts.get("completed", 0)),
         "loop_closure": ratio(counts.get("closed", 0), sent),
     }
+
+
+def block(c: Mapping[str, int], days: Mapping[str, Any]) -> dict[str, Any]:
+    """One report group (or the whole cohort): totals and rates from its :func:`tally`, and its day metrics'
+    :func:`figures` (*days*; a metric with no value reads as n = 0)."""
+    totals = {"sent": c["sent"], "accepted": c["accepted"], "scheduled": c["scheduled"], "completed": c["completed"],
+              "note_received": c["note_of_completed"], "closed": c["closed"], "appointments": c["appointments"],
+              "no_shows": c["no_show_appointments"],
+              "in_flight": c["_open"] - sum(c[f"leak_{s}"] for s in OPEN_LEAKS),
+              "leaks": sum(c[f"leak_{s}"] for s in LEAK_STAGES)}
+    return {"totals": totals, "rates": rates(c),
+            "days": {n: days.get(n) or figures(0, 0, {}, 86400) for n in DAY_METRICS}}
 
 
 def leak_entry(row: LeakRow, stage: str, overdue: float, now: datetime) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from refloop.config.windows import WindowSettings
 from refloop.daemon.metrics import Metrics
 from refloop.notify.dispatch import dispatch_once
 from refloop.notify.policy import retry_delay
-from refloop.store import alerts, digest, outbox
+from refloop.store import digest, outbox, worklist_view
 from tests.samples import CANARY_NAME, mdm_msg, ref_msg, siu_msg
 from tests.test_scan import T0, engine_for, new_referral, scan, settings_for
 from tests.utils import FS, VT, MllpClient, free_port, make_settings, msa, running_daemon, wait_for, work
@@ -264,7 +264,7 @@ def test_mllp_nak_retries_then_dead_letters_on_the_worklist(db_url: str) -> None
         dispatch_once(engine, settings, now + timedelta(seconds=31))  # delivers the dead-letter notice
         assert [r["body"]["event"] for r in hook.received] == ["loop_closed", "dead_letter"]
         with engine.connect() as conn:
-            [dead] = alerts.dead_letters(conn, settings)
+            [dead] = worklist_view.dead_letters(conn, settings)
         assert (dead["placer_id"], dead["event"], dead["last_action"]) == ("R5000", "loop_closed", "ack AE")
     with mllp_receiver("AA") as ack:
         settings = replace(settings, notify=replace(settings.notify, mllp_port=ack.port))

@@ -112,7 +112,7 @@ def add_routes(app: web.Application, server: AppContext) -> None:
     def _dashboard(p: rq.ReportParams) -> dict[str, Any]:
 
         from refloop import report as rp
-        from refloop.store import alerts, worklist_view
+        from refloop.store import worklist_view
 
         with engine().connect() as conn:
             doc = rq.build_report(conn, p, windows())  # once per page; the charts read two small aggregates
@@ -121,7 +121,7 @@ def add_routes(app: web.Application, server: AppContext) -> None:
             closing = rq.close_bins(conn, p)
             first = worklist_view.page(conn, server.settings, server.clock.now(), worklist_view.Filters(),
                                        limit=DASHBOARD_ROWS, with_counts=False)  # the worklist's own query
-            work = first.rows + alerts.dead_letters(conn, server.settings)
+            work = first.rows + worklist_view.dead_letters(conn, server.settings)
             work_note = ""
             unmatched = repo.list_unmatched(conn)
         return {"r": doc, "funnel": funnel(doc["totals"]), "trend": trend(monthly), "hist": histogram(*closing),

@@ -28,7 +28,7 @@ from aiohttp import web
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy import func, select
 
-from refloop.config.windows import windows_from_settings
+from refloop.config.windows import level_name, windows_from_settings
 from refloop.daemon import identity
 from refloop.store import alerts, audit, outbox, weekly
 from refloop.store import referrals as repo
@@ -365,7 +365,7 @@ def referral_context(conn: Connection, settings: Settings, rid: int, doc: dict[s
     clocks = []
     for a in open_alerts:
         clock = wv.clock_view(settings, windows, a.stage, a, ref, now)
-        clocks.append({"alert": a, "level_name": alerts.level_name(settings, int(a.level)), **clock})
+        clocks.append({"alert": a, "level_name": level_name(settings.stall, int(a.level)), **clock})
     stage = STATUS_STAGE.get(doc["status"])
     current = wv.clock_view(settings, windows, stage, None, ref, now) if stage else None
     if current is not None and current["started_at"] is not None:

@@ -68,8 +68,8 @@ async def scan_job(server: AppContext) -> None:
     if result is None:
         log.info("stall scan skipped", extra={"outcome": "skipped"})
     else:
-        log.info("stall scan", extra={"outcome": "done", "count": len(result.raised) + len(result.escalated)
-                                      + len(result.resolved), "messages": result.notifications})
+        log.info("stall scan", extra={"outcome": "done", "count": sum(result.counts().values()),
+                                      "messages": result.notifications})
     await asyncio.to_thread(update_gauges, engine, server.metrics)
 
 

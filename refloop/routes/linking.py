@@ -26,7 +26,7 @@ from refloop.config.windows import windows_from_settings
 from refloop.message import Message
 from refloop.routes.context import HandlerContext, HandlerResult
 from refloop.routes.extract import PatientId, Provider, patient_ids, shared_ids, values_at
-from refloop.store import alerts, identity
+from refloop.store import effects, identity
 from refloop.store import referrals as repo
 from refloop.store.models import Outcome
 
@@ -181,7 +181,7 @@ def record(ctx: HandlerContext, msg: Message, placement: Placement, events: list
 
 def _refresh_all(ctx: HandlerContext, referral_ids: Iterable[int]) -> None:
     now = ctx.clock.now()
-    on_change = functools.partial(alerts.on_projection_change, ctx.conn, ctx.settings, now)
+    on_change = functools.partial(effects.on_projection_change, ctx.conn, ctx.settings, now)
     for rid in sorted(referral_ids):
         # A first delivery only appends events; a replay also removed some (see repo.refresh).
         repo.refresh(ctx.conn, rid, now, duplicate_window_days=ctx.profile.duplicate_window_days, on_change=on_change,

@@ -16,7 +16,7 @@ from refloop.message import Message
 from refloop.routes import adopt, linking, validate
 from refloop.routes.context import ContentError, HandlerContext, HandlerResult
 from refloop.routes.extract import occurred_at, prd, values_at
-from refloop.store import alerts, identity
+from refloop.store import effects, identity
 from refloop.store import referrals as repo
 from refloop.store.models import Outcome
 
@@ -56,7 +56,7 @@ def apply_referral(ctx: HandlerContext, msg: Message, *, placer_id: str, authori
                   fresh=not ctx.replay)
     now = ctx.clock.now()
     windows = windows_from_settings(ctx.settings.stall)
-    on_change = functools.partial(alerts.on_projection_change, conn, ctx.settings, now)
+    on_change = functools.partial(effects.on_projection_change, conn, ctx.settings, now)
     for other in sorted(touched - {rid}):
         repo.refresh(conn, other, now, duplicate_window_days=ctx.profile.duplicate_window_days, windows=windows,
                      on_change=on_change)

@@ -13,20 +13,19 @@ rewritten just because time passed. Levels are bounded (``stall.max_level``) and
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Final, NamedTuple, overload
+from typing import Any, Final, NamedTuple
 
 from sqlalchemy import Connection, Table, bindparam, insert, select, update
 
 from refloop import referral as rf
 from refloop import stall
 from refloop.config import Settings
-from refloop.config.windows import level_name as _level_name
-from refloop.config.windows import windows_from_settings
+from refloop.config.windows import level_name, windows_from_settings
 from refloop.notify import policy
-from refloop.store import audit, notices, outbox
+from refloop.store import audit, notices
 from refloop.store import referrals as repo
 from refloop.store.models import Alert
 from refloop.store.queries import unindexed
@@ -77,7 +76,7 @@ def render(settings: Settings, shown: Shown, now: datetime) -> dict[str, Any]:
     """The worklist row of one alert at *now* (how overdue it is is computed here, on read)."""
     return {
         "alert_id": shown.alert_id, "referral": shown.referral, "placer_id": shown.placer_id, "stage": shown.stage,
-        "level": shown.level, "level_name": level_name(settings, int(shown.level or 1)),
+        "level": shown.level, "level_name": level_name(settings.stall, int(shown.level or 1)),
         "overdue_days": round(overdue_days(settings, shown.due_at, shown.overdue_days or 0.0, now), 2),
         "owner": shown.owner,
         "status": shown.status, "mode": policy.mode_for(settings.worklist, shown.parties),
@@ -86,62 +85,32 @@ def render(settings: Settings, shown: Shown, now: datetime) -> dict[str, Any]:
     }
 
 
-class Changes(Sequence[dict[str, Any]]):
-    """The worklist rows of one kind of change in a scan, rendered when first read.
-
-    Why lazy: the daemon's scan job only counts the changes, and rendering every row (the level's name, how
-    overdue, the relationship's mode) was ~6 % of a day-later scan of 1M referrals; ``refloop scan`` and the
-    HTTP scan read them, and get each row as it was when the alert was written (:class:`Shown` is a
-    snapshot, rendered at the scan's own instant)."""
-
-    def __init__(self) -> None:
-        self._shown: list[tuple[Settings, datetime, Shown]] = []
-        self._rows: list[dict[str, Any]] = []
-
-    def add(self, settings: Settings, shown: Shown, now: datetime) -> None:
-        self._shown.append((settings, now, shown))
-
-    def _rendered(self) -> list[dict[str, Any]]:
-        for settings, now, shown in self._shown[len(self._rows):]:
-            self._rows.append(render(settings, shown, now))
-        return self._rows
-
-    def __len__(self) -> int:
-        return len(self._shown)
-
-    @overload
-    def __getitem__(self, index: int) -> dict[str, Any]: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[dict[str, Any]]: ...
-    def __getitem__(self, index: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
-        return self._rendered()[index]
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self._rendered())
-
-    def __eq__(self, other: object) -> bool:
-        """Equal to a list (or another ``Changes``) of the same rows, as the plain lists it replaced were."""
-        if isinstance(other, Changes | list):
-            return self._rendered() == list(other)
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"Changes({len(self)})"
-
-
 @dataclass
 class ScanResult:
-    """What one scan changed: worklist rows (see :func:`render`), rendered only when read."""
+    """What one scan (or one apply) changed, as :class:`Shown` snapshots of each alert when it was written.
 
-    raised: Changes = field(default_factory=Changes)
-    escalated: Changes = field(default_factory=Changes)
-    resolved: Changes = field(default_factory=Changes)
+    Why snapshots: the daemon's scan job only counts the changes, and rendering every row (the level's name,
+    how overdue, the relationship's mode) was ~6 % of a day-later scan of 1M referrals, so rows are rendered
+    (at the scan's own instant, see :func:`render`) only when ``refloop scan`` or the HTTP scan reads them."""
+
+    settings: Settings
+    now: datetime
+    shown: dict[str, list[Shown]] = field(default_factory=lambda: {k: [] for k in ("raised", "escalated", "resolved")})
     notifications: int = 0
 
+    def rows(self, kind: str) -> list[dict[str, Any]]:
+        return [render(self.settings, s, self.now) for s in self.shown[kind]]
+
+    raised = property(lambda self: self.rows("raised"))
+    escalated = property(lambda self: self.rows("escalated"))
+    resolved = property(lambda self: self.rows("resolved"))
+
+    def counts(self) -> dict[str, int]:
+        """How many alerts were raised, escalated and resolved."""
+        return {kind: len(shown) for kind, shown in self.shown.items()}
+
     def as_json(self) -> dict[str, Any]:
-        return {"raised": list(self.raised), "escalated": list(self.escalated), "resolved": list(self.resolved)}
+        return {kind: self.rows(kind) for kind in self.shown}
 
 
 class ActionError(Exception):
@@ -157,11 +126,6 @@ def level_label(level: int) -> str:
     return str(level) if level < 3 else "3+"
 
 
-def level_name(settings: Settings, level: int) -> str:
-    """A level's name for people: ``stall.level_names`` ('due', 'overdue', 'escalated' by default)."""
-    return _level_name(settings.stall, level)
-
-
 def overdue_days(settings: Settings, due_at: datetime | None, stored: float, now: datetime) -> float:
     """How overdue an alert is at *now*, in (business) days since its window ended; the value stored when
     it was raised for alerts from before the clock kept ``due_at``."""
@@ -172,10 +136,6 @@ def overdue_days(settings: Settings, due_at: datetime | None, stored: float, now
 
 
 # -- alert writes (shared by the scan and the apply) ------------------------------------------------------
-def _expired(until: datetime | None, now: datetime) -> bool:
-    return until is None or repo.aware(until) <= now  # type: ignore[operator]
-
-
 #: The chunk's alert writes as prepared statements run once per chunk with many rows (executemany): the
 #: scan one day later escalates hundreds of alerts, and building one UPDATE per alert cost more than the SQL.
 #: An escalation that leaves the status as it was (an open alert stays open: nearly all of them) does not
@@ -213,7 +173,7 @@ def _raise_all(conn: Connection, settings: Settings, refs: Mapping[int, Any], ra
         if found.stage == stall.SCHEDULING:
             result.notifications += notices.notify_patient(conn, settings, ref, "booking_reminder",
                                                            f"patient:booking:{alert_id}", now, alert_id=alert_id)
-        result.raised.add(settings, Shown.of(row, ref), now)
+        result.shown["raised"].append(Shown.of(row, ref))
 
 
 def _escalate_all(conn: Connection, settings: Settings, refs: Mapping[int, Any],
@@ -225,7 +185,8 @@ def _escalate_all(conn: Connection, settings: Settings, refs: Mapping[int, Any],
     rows = []
     for rid, found in escalated:
         old = open_rows[(rid, found.stage)]
-        snoozed = old.status == SNOOZED and not _expired(old.snoozed_until, now)
+        until = repo.aware(old.snoozed_until)
+        snoozed = old.status == SNOOZED and until is not None and until > now
         values = {"level": found.level, "overdue_days": found.overdue_days, "escalated_at": repo.utc(now),
                   "status": SNOOZED if snoozed else OPEN, "snoozed_until": old.snoozed_until if snoozed else None,
                   "last_action": "escalated", "last_action_at": repo.utc(now)}
@@ -241,7 +202,7 @@ def _escalate_all(conn: Connection, settings: Settings, refs: Mapping[int, Any],
         if not snoozed:
             result.notifications += notices.notify_owner(conn, settings, refs[rid], row, "alert_escalated",
                                                          f"alert:{old.id}:{found.level}", now)
-        result.escalated.add(settings, Shown.of(row, refs[rid]), now)
+        result.shown["escalated"].append(Shown.of(row, refs[rid]))
 
 
 def apply_diff(conn: Connection, settings: Settings, refs: Mapping[int, Any], open_rows: Mapping[tuple[int, str], Any],
@@ -257,7 +218,7 @@ def apply_diff(conn: Connection, settings: Settings, refs: Mapping[int, Any], op
         conn.execute(_RESOLVE, [{"b_id": open_rows[key].id, "b_at": repo.utc(now)} for key in diff.resolved])
     for rid, stage in diff.resolved:
         row = open_rows[(rid, stage)]
-        result.resolved.add(settings, Shown.of(row, refs[rid])._replace(status=RESOLVED), now)
+        result.shown["resolved"].append(Shown.of(row, refs[rid])._replace(status=RESOLVED))
 
 
 #: ``+open_key``, the same value: keeps SQLite's planner on ``uq_alerts_open`` (referral_id first) for "the open
@@ -295,66 +256,6 @@ def sync_referral(conn: Connection, settings: Settings, ref: Any, inp: stall.Clo
     return cursor
 
 
-class _Projected:
-    """The referral row as just written: the old row's columns with the recomputed values over them."""
-
-    def __init__(self, before: Any, values: dict[str, Any]) -> None:
-        names = before._mapping.keys() if hasattr(before, "_mapping") else REFERRALS.columns.keys()
-        self.__dict__.update({n: getattr(before, n) for n in names})
-        self.__dict__.update(values)
-
-
-def on_projection_change(conn: Connection, settings: Settings, now: datetime, before: Any, values: dict[str, Any],
-                         state: rf.ReferralState, pauses: list[stall.Pause]) -> None:
-    """What a message's state change causes, in the message's own transaction: the loop closed by a consult
-    note (referrer notice), a new no-show (patient re-engagement reminder), and, when the referral's stored
-    due time has already passed (a late message, a stage that stopped), its alerts brought in line at once
-    (:func:`sync_referral`), so the worklist agrees with the report without waiting for the next scan.
-    Same idempotency keys as the scan's catch-up, so whichever runs first enqueues and the other finds the
-    key taken."""
-    due = values.get("next_due_at")
-    windows = windows_from_settings(settings.stall)
-    if due is not None and due <= now and values.get("clock_version") == windows.version:
-        inp = stall.ClockInput.of_state(state, pauses)
-        cursor = sync_referral(conn, settings, _Projected(before, values), inp, windows, now, ScanResult())
-        conn.execute(update(REFERRALS).where(REFERRALS.c.id == before.id).values(next_due_at=repo.utc(cursor)))
-    closed_now = state.status is rf.Status.CLOSED and before.status != rf.Status.CLOSED.value
-    if closed_now and state.note_received_at is not None and policy.referrer_channels(settings.notify):
-        notices.announce_loop_closed(conn, settings, _Projected(before, values), now)
-    if state.status is rf.Status.NO_SHOW and state.no_show_count > int(before.no_show_count or 0):
-        notices.no_show_reminder(conn, settings, _Projected(before, values), state.no_show_count, now)
-
-
-# -- worklist -----------------------------------------------------------------------------------------
-def dead_letters(conn: Connection, settings: Settings) -> list[dict[str, Any]]:
-    """Dead-lettered notifications that name no alert, as worklist rows: they need a human as much as a
-    stalled referral does (the dashboard lists them under the most overdue alerts of
-    :func:`refloop.store.worklist_view.page`)."""
-    return [{"alert_id": None, "referral": d.referral_id, "placer_id": d.placer_id or "", "stage": "delivery",
-             "level": None, "overdue_days": 0.0, "owner": settings.worklist.default_owner, "status": "dead",
-             "mode": policy.ACTIVE, "last_action": d.last_error, "outbox_id": d.id, "event": d.event,
-             "delivery": "dead"}
-            for d in conn.execute(select(outbox.OUTBOX, REFERRALS.c.placer_id).outerjoin(
-                REFERRALS, REFERRALS.c.id == outbox.OUTBOX.c.referral_id).where(
-                outbox.OUTBOX.c.status == outbox.DEAD, outbox.OUTBOX.c.alert_id.is_(None))
-                .order_by(outbox.OUTBOX.c.id))]
-
-
-_DELIVERY_RANK: Final = {"dead": 4, "failed": 3, "pending": 2, "suppressed": 1, "delivered": 0}
-
-
-def _delivery_states(conn: Connection, alert_ids: list[int]) -> dict[int, str]:
-    out: dict[int, str] = {}
-    if not alert_ids:
-        return out
-    for start in range(0, len(alert_ids), _CHUNK):  # chunked: SQLite caps bound parameters per statement
-        for alert_id, status in conn.execute(select(outbox.OUTBOX.c.alert_id, outbox.OUTBOX.c.status).where(
-                outbox.OUTBOX.c.alert_id.in_(alert_ids[start:start + _CHUNK]))):
-            if _DELIVERY_RANK.get(status, 0) >= _DELIVERY_RANK.get(out.get(alert_id, "delivered"), 0):
-                out[alert_id] = status
-    return out
-
-
 # -- coordinator actions ------------------------------------------------------------------------------
 def add_manual_event(conn: Connection, rid: int, kind: str, at: datetime, data: dict[str, Any]) -> None:
     """A manual referral event, so every coordinator (or scheduler) action shows on the referral's timeline."""
@@ -390,28 +291,23 @@ def act(conn: Connection, settings: Settings, alert_id: int, action: str, now: d
         raise ActionError(400, "note needs a 'note'")
     if note:
         data["note"] = note  # free text: kept in event data, which fold keeps off the timeline detail
-    if action == "hold":
-        # pauses the referral's stall clock (referral.paused_intervals) until *until*, or until someone ends it
+    if action in ("hold", "close"):
+        # a hold pauses the referral's stall clock (referral.paused_intervals) until *until*, or until ended
         if not reason.strip():
-            raise ActionError(400, "hold needs a 'reason'")
-        if until is not None and until <= now:
+            raise ActionError(400, f"{action} needs a 'reason'")
+        if action == "hold" and until is not None and until <= now:
             raise ActionError(400, "hold 'until' must be in the future")
-        hold = {"actor": actor, "reason": reason.strip()[:255], "alert_id": alert_id}
-        if until is not None:
-            hold["resume_at"] = until.isoformat()
-        add_manual_event(conn, row.referral_id, rf.HOLD_STARTED, now, hold)
+        why = {"actor": actor, "reason": reason.strip()[:255], "alert_id": alert_id}
+        if action == "hold" and until is not None:
+            why["resume_at"] = until.isoformat()
+        add_manual_event(conn, row.referral_id, rf.HOLD_STARTED if action == "hold" else rf.MANUAL_CLOSED, now, why)
         repo.refresh(conn, row.referral_id, now, windows=windows_from_settings(settings.stall))
-        conn.execute(update(ALERTS).where(ALERTS.c.id == alert_id).values(
-            **values, status=ACKNOWLEDGED if row.status != RESOLVED else RESOLVED))
-    elif action == "close":
-        if not reason.strip():
-            raise ActionError(400, "close needs a 'reason'")
-        add_manual_event(conn, row.referral_id, rf.MANUAL_CLOSED, now, {"actor": actor, "reason": reason.strip()[:255],
-                                                                 "alert_id": alert_id})
-        repo.refresh(conn, row.referral_id, now, windows=windows_from_settings(settings.stall))
-        conn.execute(update(ALERTS).where(ALERTS.c.referral_id == row.referral_id, ALERTS.c.open_key == 0).values(
-            status=RESOLVED, resolved_at=repo.utc(now), open_key=ALERTS.c.id, last_action="close",
-            last_action_at=repo.utc(now)))
+        if action == "hold":
+            conn.execute(update(ALERTS).where(ALERTS.c.id == alert_id).values(
+                **values, status=ACKNOWLEDGED if row.status != RESOLVED else RESOLVED))
+        else:  # closing the referral resolves every open alert of it
+            conn.execute(update(ALERTS).where(ALERTS.c.referral_id == row.referral_id, ALERTS.c.open_key == 0)
+                         .values(**values, status=RESOLVED, resolved_at=repo.utc(now), open_key=ALERTS.c.id))
     else:
         add_manual_event(conn, row.referral_id, rf.COORDINATOR_NOTE, now, data)
         conn.execute(update(ALERTS).where(ALERTS.c.id == alert_id).values(**values))

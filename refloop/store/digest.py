@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from refloop.config import Settings
-from refloop.config.windows import windows_from_settings
+from refloop.config.windows import level_name, windows_from_settings
 from refloop.notify import policy
 from refloop.store import alerts, outbox
 from refloop.store import referrals as repo
@@ -46,7 +46,7 @@ def digest(conn: Connection, settings: Settings, now: datetime) -> int:
         listed = active or found
         payload = {"event": "digest", "owner": owner, "date": day, "alerts": [
             {"alert_id": x.id, "placer_id": x.placer_id, "stage": x.stage, "level": x.level,
-             "level_name": alerts.level_name(settings, int(x.level)),
+             "level_name": level_name(settings.stall, int(x.level)),
              "overdue_days": round(alerts.overdue_days(settings, x.due_at, x.overdue_days, now), 2),
              "new": repo.aware(x.raised_at) >= since}  # type: ignore[operator]
             for x in listed]}

@@ -424,7 +424,7 @@ for _column in (Referral.sent_to_scheduled_s, Referral.sent_to_appointment_s, Re
 
 # -- the report's aggregate pass (migration 0016) ----------------------------------------------------
 # One covering index in (status, leak stage, bits) order with every column the pass reads: the cohort's
-# groups come out in index order (no sort), and no table row is read. ``refloop.store.report_queries.counts``.
+# groups come out in index order (no sort), and no table row is read. ``refloop.store.report_queries._tallies``.
 Index("ix_referrals_report", Referral.status, Referral.leak_stage, Referral.report_bits, Referral.sent_at,
       Referral.scheduling_due_at, Referral.visit_due_at, Referral.leak_at, Referral.first_marked_at,
       Referral.completed_at, Referral.appointment_count, Referral.no_show_appointments,

@@ -92,8 +92,9 @@ def no_show_reminder(conn: Connection, settings: Settings, ref: Any, no_show_cou
 
 
 def loop_closed_catch_up(conn: Connection, settings: Settings, now: datetime) -> int:
-    """Catch-up for :func:`on_projection_change`: referrals closed by a consult note (not by hand) since the
-    lookback and not yet announced (e.g. a status reached through a replay or an older version)."""
+    """Catch-up for :func:`refloop.store.effects.on_projection_change`: referrals closed by a consult note
+    (not by hand) since the lookback and not yet announced
+    (e.g. a status reached through a replay or an older version)."""
     if not policy.referrer_channels(settings.notify):
         return 0  # nothing to enqueue (and nothing marks them announced): skip the per-referral lookups
     key = literal("loop_closed:") + cast(REFERRALS.c.id, String)  # announce_loop_closed's key, in SQL

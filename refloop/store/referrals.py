@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import Connection, Table, bindparam, delete, or_, select, update
+from sqlalchemy.sql.elements import ColumnElement
 
 from refloop import referral as rf
 from refloop import report, stall, x360
@@ -531,6 +532,12 @@ def clock_columns(inp: stall.ClockInput, windows: stall.Windows, extra: Iterable
 
 
 _FAR = datetime.max.replace(tzinfo=UTC)
+
+
+def stale(version: str) -> ColumnElement[bool]:
+    """Rows whose clock columns were computed under other windows than *version*: two ranges of
+    ``ix_referrals_clock_version`` around it (``!=`` would read the whole index)."""
+    return or_(REFERRALS.c.clock_version < version, REFERRALS.c.clock_version > version)
 
 
 def clock_input(row: Any, pauses: Iterable[stall.Pause] = ()) -> stall.ClockInput:

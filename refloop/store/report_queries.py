@@ -20,12 +20,11 @@ import math
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import (
     Connection,
     DateTime,
-    Table,
     and_,
     case,
     func,
@@ -42,7 +41,8 @@ from refloop.report import ReportParams as ReportParams  # the CLI's and the API
 from refloop.report import default_params as default_params
 from refloop.report import parse_day as parse_day
 from refloop.stall import Windows
-from refloop.store.models import Alert, OutboxEntry, Referral, ReferralEvent
+from refloop.store import referrals as repo
+from refloop.store.models import Referral, ReferralEvent
 from refloop.store.queries import unindexed
 from refloop.store.referrals import OPEN, aware
 
@@ -80,12 +80,7 @@ def _cohort(params: ReportParams, wide: bool = False) -> list[ColumnElement[bool
 
 
 def wide_range(conn: Connection, params: ReportParams) -> bool:
-    """Whether the cohort covers most stored sent dates (see :func:`wide_span`)."""
-    return wide_span(conn, params.start, params.end)
-
-
-def wide_span(conn: Connection, start: datetime, end: datetime) -> bool:
-    """Whether ``[start, end)`` covers most stored sent dates (two index probes, assuming they spread evenly):
+    """Whether the cohort covers most stored sent dates (two index probes, assuming they spread evenly):
     then a table scan beats the index on SQLite. A wrong guess costs speed, never a number."""
     if conn.dialect.name != "sqlite":
         return False
@@ -94,7 +89,7 @@ def wide_span(conn: Connection, start: datetime, end: datetime) -> bool:
     if lo is None or hi is None:
         return False
     span = (hi - lo).total_seconds()
-    return span <= 0 or (min(hi, end) - max(lo, start)).total_seconds() / span > 0.2
+    return span <= 0 or (min(hi, params.end) - max(lo, params.start)).total_seconds() / span > 0.2
 
 
 def _count(cond: ColumnElement[bool]) -> ColumnElement[Any]:
@@ -135,17 +130,9 @@ def _tallies(conn: Connection, params: ReportParams, wide: bool = False) -> dict
     return out
 
 
-def counts(conn: Connection, params: ReportParams, wide: bool = False) -> dict[str, dict[str, int]]:
-    """Per group: :func:`refloop.report.tally` of its tallies (:data:`refloop.report.COUNT_COLUMNS`,
-    the event columns, ``leak_<stage>``, ``_open``, ``_marked``, ``_recovered`` and the day metrics' counts
-    and sums): one grouped pass over the cohort's rows."""
-    return {key: rp.tally(groups) for key, groups in _tallies(conn, params, wide).items()}
-
-
 def stale_rows(conn: Connection, params: ReportParams, windows: Windows, wide: bool = False) -> int:
     """Cohort rows whose clock columns were computed under other windows (the scan is rewriting them)."""
-    v = windows.version
-    stale = or_(R.c.clock_version < v, R.c.clock_version > v)
+    stale = repo.stale(windows.version)
     if conn.execute(select(R.c.id).where(stale).limit(1)).first() is None:  # ix_referrals_clock_version
         return 0
     return int(conn.execute(select(func.count()).where(*_cohort(params, wide), stale)).scalar_one())
@@ -156,11 +143,11 @@ def day_figures(conn: Connection, params: ReportParams, wide: bool = False,
                 whole: Mapping[str, int] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
     """Per group and metric: n, mean, median and nearest-rank p90 in days, exactly (see
     :func:`refloop.report.figures`): the totals by ORDER BY/OFFSET for the ranks needed (``whole``: the
-    cohort's :func:`counts`, read in the same snapshot, else read here), the groups by one ranked pass per
+    cohort's :func:`refloop.report.tally`, read in the same snapshot, else read here), the groups by one ranked pass per
     metric that keeps only those ranks."""
     if not params.by:
         if whole is None:
-            whole = counts(conn, params, wide).get("", rp.tally(()))
+            whole = rp.tally(t for group in _tallies(conn, params, wide).values() for t in group)
         return {"": _total_figures(conn, params, wide, whole)}
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for metric, column in _DURATIONS.items():
@@ -261,13 +248,7 @@ def monthly(conn: Connection, params: ReportParams) -> list[tuple[str, int, int]
     return out
 
 
-# -- events, the worklist, leaks ------------------------------------------------------------------
-def worklist_tables(conn: Connection) -> list[tuple[Table, str]]:
-    """The tables that mark a referral as on the worklist (alerts) or reminded (outbox), with their time:
-    ``referrals.first_marked_at`` is the earliest of these (kept on write, see ``referrals.mark``)."""
-    return [(cast(Table, Alert.__table__), "raised_at"), (cast(Table, OutboxEntry.__table__), "created_at")]
-
-
+# -- leaks ------------------------------------------------------------------
 def leaks(conn: Connection, params: ReportParams, windows: Windows) -> list[dict[str, Any]]:
     """The first ``leak_limit`` leaks, oldest first (then by placer ID as rounded ages tie)."""
     if params.leak_limit <= 0:
@@ -292,13 +273,6 @@ def leaks(conn: Connection, params: ReportParams, windows: Windows) -> list[dict
     return out
 
 
-def _recovered_block(alerted: int, done: int, tables: list[tuple[Table, str]]) -> dict[str, Any]:
-    if not tables:
-        return {**rp.ratio(0, 0), "count": 0, "note": "no alerts table in this database yet: reported as 0"}
-    return {**rp.ratio(done, alerted), "count": done,
-            "note": "on the worklist: " + ", ".join(t.name for t, _ in tables)}
-
-
 def cms50(conn: Connection, year: int) -> dict[str, Any]:
     """Denominator and numerator of the CMS50-style figure (see :mod:`refloop.report`): the patients'
     first candidates of *year* are marked on write (``cms50_first``, :mod:`refloop.store.cms50`), so this
@@ -316,22 +290,6 @@ def cms50(conn: Connection, year: int) -> dict[str, Any]:
 
 
 # -- the report ------------------------------------------------------------------------------------
-_NO_DAYS = {n: rp.figures(0, 0, {}, _DAY_S) for n in rp.DAY_METRICS}
-
-
-def _sum(blocks: Mapping[str, Mapping[str, int]], names: tuple[str, ...] | list[str]) -> dict[str, int]:
-    return {n: sum(b.get(n, 0) for b in blocks.values()) for n in names}
-
-
-def _block(c: Mapping[str, int], e: Mapping[str, int], days: Mapping[str, Any]) -> dict[str, Any]:
-    leak = sum(c.get(f"leak_{s}", 0) for s in rp.LEAK_STAGES)
-    in_flight = c.get("_open", 0) - sum(c.get(f"leak_{s}", 0) for s in rp.OPEN_LEAKS)
-    totals = {"sent": c["sent"], "accepted": c["accepted"], "scheduled": c["scheduled"], "completed": c["completed"],
-              "note_received": c["note_of_completed"], "closed": c["closed"], "appointments": e["appointments"],
-              "no_shows": e["no_show_appointments"], "in_flight": in_flight, "leaks": leak}
-    return {"totals": totals, "rates": rp.rates(c, e), "days": {n: days.get(n, _NO_DAYS[n]) for n in rp.DAY_METRICS}}
-
-
 def build_report(conn: Connection, params: ReportParams, windows: Windows) -> dict[str, Any]:
     """The whole report as one JSON-ready dict; the CLI, ``GET /api/report`` and the dashboard return this.
 
@@ -346,18 +304,17 @@ def build_report(conn: Connection, params: ReportParams, windows: Windows) -> di
 
 def _build(conn: Connection, params: ReportParams, windows: Windows) -> dict[str, Any]:
     wide = wide_range(conn, params)
-    per_group = counts(conn, params, wide)
-    tables = worklist_tables(conn)
-    whole_counts = _sum(per_group, list(rp.tally(())))
+    tallies = _tallies(conn, params, wide)
+    whole_counts = rp.tally(t for group in tallies.values() for t in group)
     whole_days = day_figures(conn, replace(params, by=None), wide, whole_counts).get("", {})
-    whole = _block(whole_counts, whole_counts, whole_days)
+    whole = rp.block(whole_counts, whole_days)
     whole["totals"]["leaks_by_stage"] = {s: whole_counts[f"leak_{s}"] for s in rp.LEAK_STAGES}
-    whole["rates"]["recovered"] = _recovered_block(whole_counts["_marked"], whole_counts["_recovered"], tables)
+    whole["rates"]["recovered"] = {**rp.ratio(whole_counts["_recovered"], whole_counts["_marked"]),
+                                   "count": whole_counts["_recovered"], "note": "on the worklist: alerts, outbox"}
     groups = []
     if params.by:
         group_days = day_figures(conn, params, wide)
-        groups = [{"key": key, **_block(per_group[key], per_group[key], group_days.get(key, {}))}
-                  for key in sorted(per_group)]
+        groups = [{"key": key, **rp.block(rp.tally(tallies[key]), group_days.get(key, {}))} for key in sorted(tallies)]
     year = params.cms50_year or (params.end - timedelta(microseconds=1)).year
     cohort: dict[str, Any] = {
         "from": params.start.isoformat(), "to": params.end.isoformat(), "by": params.by,

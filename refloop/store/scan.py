@@ -79,7 +79,7 @@ def run_scan(engine: Engine, settings: Settings, now: datetime, *, pause: Callab
                 due = due_ids(reader, windows, now)
             writer = conn.execution_options(sqlite_begin="IMMEDIATE")
             hold = turn or contextlib.nullcontext
-            result = alerts.ScanResult()
+            result = alerts.ScanResult(settings, now)
             for start in range(0, len(due), CHUNK):
                 if pause is not None:
                     pause()
@@ -106,8 +106,7 @@ def due_ids(conn: Connection, windows: stall.Windows, now: datetime) -> list[int
     (two index ranges around the current version)."""
     version = windows.version
     due = select(REFERRALS.c.id).where(REFERRALS.c.next_due_at <= repo.utc(now))
-    stale = select(REFERRALS.c.id).where(or_(REFERRALS.c.clock_version < version,
-                                             REFERRALS.c.clock_version > version))
+    stale = select(REFERRALS.c.id).where(repo.stale(version))
     return sorted({rid for (rid,) in conn.execute(due)} | {rid for (rid,) in conn.execute(stale)})
 
 
@@ -176,20 +175,15 @@ def recompute_stale(engine: Engine, windows: stall.Windows, now: datetime) -> in
     """Rewrite the clock columns of every row computed under other windows, in short chunks, without
     touching alerts (the next scan diffs them): what ``refloop report`` does first on a store no daemon has
     brought up to date (after migration 0012, or a window change while it was down). Returns the count."""
-    version, done = windows.version, 0
     with engine.connect() as conn:
         with engine.connect() as reader, reader.begin():
-            stale = sorted(rid for (rid,) in reader.execute(select(REFERRALS.c.id).where(
-                or_(REFERRALS.c.clock_version < version, REFERRALS.c.clock_version > version))))
+            ids = sorted(rid for (rid,) in reader.execute(select(REFERRALS.c.id).where(repo.stale(windows.version))))
         writer = conn.execution_options(sqlite_begin="IMMEDIATE")
-        for start in range(0, len(stale), CHUNK):
-            def chunk(ids: list[int] = stale[start:start + CHUNK]) -> None:
-                for rid in ids:
+        for start in range(0, len(ids), CHUNK):
+            with writer.begin():
+                for rid in ids[start:start + CHUNK]:
                     repo.recompute(writer, rid, now, documents=False, windows=windows)
-
-            _write(writer, chunk)
-            done += len(stale[start:start + CHUNK])
-    return done
+    return len(ids)
 
 
 def _wake_snoozed(conn: Connection, now: datetime) -> None:

@@ -32,9 +32,11 @@ from sqlalchemy.sql.elements import ColumnElement
 from refloop import stall
 from refloop.config import Settings
 from refloop.config.notify import parse_relationship
-from refloop.config.windows import windows_from_settings
+from refloop.config.windows import level_name, windows_from_settings
+from refloop.notify import policy
 from refloop.store import alerts
 from refloop.store import referrals as repo
+from refloop.store.outbox import DEAD, OUTBOX
 
 A, R = alerts.ALERTS, alerts.REFERRALS
 
@@ -265,7 +267,7 @@ def page(conn: Connection, settings: Settings, now: datetime, f: Filters, *, aft
     found = found[:limit]
     windows = windows_from_settings(settings.stall)
     rows = [_row(r, settings, windows, now) for r in found]
-    worst = alerts._delivery_states(conn, [r["alert_id"] for r in rows])  # the notifications' worst state
+    worst = delivery_states(conn, [r["alert_id"] for r in rows])  # the notifications' worst state
     for row in rows:
         row["delivery"] = worst.get(row["alert_id"], "")
     last = found[-1] if more and found else None
@@ -373,7 +375,7 @@ def _row(r: Any, settings: Settings, windows: stall.Windows, now: datetime) -> d
     clock = clock_view(settings, windows, r.stage, r, r, now)
     return {
         "alert_id": r.id, "referral": r.referral_id, "placer_id": r.placer_id, "stage": r.stage,
-        "level": int(r.level), "level_name": alerts.level_name(settings, int(r.level)),
+        "level": int(r.level), "level_name": level_name(settings.stall, int(r.level)),
         "overdue_days": round(clock["overdue_days"], 2), "owner": r.owner, "status": r.status,
         "mode": r.mode, "priority": stall.priority_class(r.priority or ""), "specialty": r.specialty,
         "referred_to": r.referred_to, "practice": r.authority, "referral_status": r.referral_status,
@@ -387,3 +389,32 @@ def _row(r: Any, settings: Settings, windows: stall.Windows, now: datetime) -> d
 COLUMNS: Final = ("alert_id", "referral", "placer_id", "stage", "level", "level_name", "overdue_days", "due_at",
                   "next_due_at", "owner", "status", "priority", "specialty", "referred_to", "practice", "mode",
                   "raised_at", "last_action", "snoozed_until", "delivery")
+
+
+def dead_letters(conn: Connection, settings: Settings) -> list[dict[str, Any]]:
+    """Dead-lettered notifications that name no alert, as worklist rows: they need a human as much as a
+    stalled referral does (the dashboard lists them under the first :func:`page`)."""
+    return [{"alert_id": None, "referral": d.referral_id, "placer_id": d.placer_id or "", "stage": "delivery",
+             "level": None, "overdue_days": 0.0, "owner": settings.worklist.default_owner, "status": "dead",
+             "mode": policy.ACTIVE, "last_action": d.last_error, "outbox_id": d.id, "event": d.event,
+             "delivery": "dead"}
+            for d in conn.execute(select(OUTBOX, R.c.placer_id).outerjoin(
+                R, R.c.id == OUTBOX.c.referral_id).where(
+                OUTBOX.c.status == DEAD, OUTBOX.c.alert_id.is_(None))
+                .order_by(OUTBOX.c.id))]
+
+
+_DELIVERY_RANK: Final = {"dead": 4, "failed": 3, "pending": 2, "suppressed": 1, "delivered": 0}
+
+
+def delivery_states(conn: Connection, alert_ids: list[int]) -> dict[int, str]:
+    """The worst delivery state of each alert's notifications (dead, failed, pending, suppressed, delivered)."""
+    out: dict[int, str] = {}
+    if not alert_ids:
+        return out
+    for start in range(0, len(alert_ids), 500):  # chunked: SQLite caps bound parameters per statement
+        for alert_id, status in conn.execute(select(OUTBOX.c.alert_id, OUTBOX.c.status).where(
+                OUTBOX.c.alert_id.in_(alert_ids[start:start + 500]))):
+            if _DELIVERY_RANK.get(status, 0) >= _DELIVERY_RANK.get(out.get(alert_id, "delivered"), 0):
+                out[alert_id] = status
+    return out
