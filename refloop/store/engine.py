@@ -10,7 +10,7 @@ error text, because those parameters are message contents (PHI).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -30,6 +30,11 @@ def sqlite_path(url: str) -> Path | None:
     return Path(db)
 
 
+#: Set on every SQLite connection (after ``busy_timeout``): WAL, FULL commits (what an ACK waits for is on
+#: disk), foreign keys, and deleted PHI overwritten in the file rather than left in free pages.
+SQLITE_PRAGMAS: Final = ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON", "secure_delete=ON")
+
+
 def make_engine(db: DatabaseSettings, **kw: Any) -> Engine:
     url = db.url
     if is_sqlite(url):
@@ -46,10 +51,8 @@ def make_engine(db: DatabaseSettings, **kw: Any) -> Engine:
             dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (savepoints need it)
             cur = dbapi_conn.cursor()
             cur.execute(f"PRAGMA busy_timeout={busy}")
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA secure_delete=ON")
+            for pragma in SQLITE_PRAGMAS:
+                cur.execute(f"PRAGMA {pragma}")
             cur.close()
 
         @event.listens_for(engine, "begin")
