@@ -96,10 +96,15 @@ class Sender:
 
 
 def message(cid: str, n: int) -> str:
-    """Alternate SIU and REF (each REF for a referral of its own), as a mixed feed would."""
+    """Alternate SIU and REF (each REF for a referral of its own), as a mixed feed would, spread over 50
+    patients. One patient for every message made each SIU's heuristic read all of that patient's open
+    referrals (thousands by the last round): the apply slowed to ~50 msg/s on PostgreSQL and, under a
+    busy machine, the final catch-up once took longer than the test waits. That is a cost of a patient
+    with thousands of open referrals (see docs/performance.md), not of crash recovery."""
+    mrn = f"CRASH{n // 2 % 50:02d}"
     if n % 2:
-        return samples.siu(cid)
-    return samples.ref(cid, referral=f"CR{cid}")
+        return samples.siu(cid, mrn=mrn)
+    return samples.ref(cid, referral=f"CR{cid}", mrn=mrn)
 
 
 def kill(d: DaemonProcess) -> None:
