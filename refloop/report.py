@@ -279,10 +279,24 @@ def leak_entry(row: LeakRow, stage: str, overdue: float, now: datetime) -> dict[
     }
 
 
+#: The referrer's own cancellation: such a referral is never a CMS50 candidate.
+CMS50_EXCLUDED: Final = "cancelled"
+
+
+def cms50_window(year: int) -> tuple[datetime, datetime, datetime]:
+    """``(1 January, 1 November, next 1 January)`` of *year* in UTC: candidates are sent in the first
+    range (``sent_at < 1 Nov 00:00`` is "on or before 31 October"), the note counts until the last."""
+    return (datetime(year, 1, 1, tzinfo=UTC), datetime(year, 11, 1, tzinfo=UTC), datetime(year + 1, 1, 1, tzinfo=UTC))
+
+
 def cms50_candidate(sent_at: datetime | None, status: str) -> bool:
     """A referral a patient's CMS50 denominator entry can come from (see the module docstring): sent from
     1 January up to 31 October of its year (UTC), not cancelled by the referrer."""
-    return sent_at is not None and sent_at.astimezone(UTC).month <= 10 and status != "cancelled"
+    if sent_at is None or status == CMS50_EXCLUDED:
+        return False
+    moment = sent_at.astimezone(UTC)
+    start, cutoff, _ = cms50_window(moment.year)
+    return start <= moment < cutoff
 
 
 def cms50_firsts(rows: Iterable[tuple[int, datetime | None, str]]) -> set[int]:

@@ -14,6 +14,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import insert, select, text
 
 from refloop.cli import main as cli_main
@@ -299,6 +301,41 @@ def test_migration_backfills_the_report_columns(db_url: str) -> None:
     migrate.upgrade(engine)
     assert stored() == folded
     engine.dispose()
+
+
+#: Sent instants that sit on the rule's edges: New Year, the 31 October / 1 November cutoff (UTC), a tie.
+_CMS50_SENT = st.sampled_from([
+    datetime(2025, 12, 31, 23, 59, tzinfo=UTC), datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 3, 1, tzinfo=UTC),
+    datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 10, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 30, tzinfo=UTC), datetime(2027, 2, 1, tzinfo=UTC), None])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.tuples(st.sampled_from(["p1", "p2"]), _CMS50_SENT,
+                               st.sampled_from(["sent", "scheduled", "cancelled", "closed"]), st.booleans()),
+                     max_size=12))
+def test_cms50_refresh_marks_what_the_rule_says(db_url: str, rows: list[Any]) -> None:
+    """Whatever the rows and whatever they were marked before, :func:`refloop.store.cms50.refresh` leaves
+    exactly :func:`refloop.report.cms50_firsts` of each patient marked (by year probes and SQL, without
+    reading the patient's referrals into Python)."""
+    from refloop import report as rp
+    from refloop.store import cms50
+
+    engine = make_engine(make_settings(db_url).database)
+    migrate.upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(repo.REFERRALS.delete())
+        if rows:
+            conn.execute(insert(repo.REFERRALS), [
+                {"placer_id": f"C{i}", "patient_key": key, "sent_at": sent, "status": status,
+                 "cms50_first": int(marked)} for i, (key, sent, status, marked) in enumerate(rows)])
+        cms50.refresh(conn, ["p1", "p2"])
+        found = conn.execute(select(repo.REFERRALS.c.id, repo.REFERRALS.c.patient_key, repo.REFERRALS.c.sent_at,
+                                    repo.REFERRALS.c.status, repo.REFERRALS.c.cms50_first)).all()
+    engine.dispose()
+    expected = set().union(*(rp.cms50_firsts((r.id, repo.aware(r.sent_at), r.status) for r in found
+                                             if r.patient_key == key) for key in ("p1", "p2")))
+    assert {r.id for r in found if r.cms50_first} == expected
 
 
 def test_first_cms50_candidates_are_kept_on_write(db_url: str) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import create_engine, inspect, select, text
 
 from refloop.config import DatabaseSettings
@@ -139,3 +141,31 @@ def test_dedup_lookup_is_an_index_search(engine) -> None:  # type: ignore[no-unt
             conn.exec_driver_sql("SET enable_seqscan = off")  # an empty table: ask whether an index *can* serve
             plan = " | ".join(str(r[0]) for r in conn.exec_driver_sql("EXPLAIN " + stmt, params))
             assert "Seq Scan on message_keys" not in plan and "uq_message_keys_key" in plan, plan
+
+
+_SENT = st.sampled_from([datetime(2026, 3, 1, tzinfo=UTC) + timedelta(days=d) for d in (0, 0, 1, 29, 30, 31, 45)])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.tuples(_SENT, st.sampled_from(["CARD", "DERM"]), st.sampled_from(["sent", "closed"])),
+                     min_size=1, max_size=8))
+def test_earlier_open_referral_is_the_duplicate_rule(engine, rows) -> None:  # type: ignore[no-untyped-def]
+    """The duplicate flag's query (one bounded index range) says what the rule says, computed here over all
+    the rows: another open referral of the patient in the specialty, sent within the window before this
+    one, or at the same instant with a lower id. Ties, the window's edge (30 days) and closed ones included."""
+    from refloop import referral as rf
+    from refloop.store import referrals as repo
+    from refloop.store import sqlhot
+
+    window = timedelta(days=30)
+    with engine.begin() as conn:
+        conn.execute(repo.REFERRALS.delete())
+        ids = [conn.execute(repo.REFERRALS.insert().values(placer_id=f"D{i}", patient_key="p", sent_at=sent,
+                                                           specialty=spec, status=status)).inserted_primary_key[0]
+               for i, (sent, spec, status) in enumerate(rows)]
+        open_ = {s.value for s in rf.OPEN_STATUSES}
+        for rid, (sent, spec, _) in zip(ids, rows, strict=True):
+            expected = any(other != rid and o_spec == spec and o_status in open_ and (o_sent, other) < (sent, rid)
+                           and sent - o_sent <= window
+                           for other, (o_sent, o_spec, o_status) in zip(ids, rows, strict=True))
+            assert sqlhot.earlier_open_same_specialty(conn, "p", rid, spec, sent, window) == expected, (rid, rows)

@@ -556,17 +556,13 @@ def no_show_values(state: rf.ReferralState) -> dict[str, Any]:
 
 
 def _duplicate_flags(conn: Connection, ref: Any, state: rf.ReferralState, window_days: int) -> list[str]:
-    """``possible_duplicate`` on the later of two open referrals for one patient and specialty (flag, not merge)."""
+    """``possible_duplicate`` on the later of two open referrals for one patient and specialty sent within
+    ``window_days`` of each other (flag, not merge; "later" by sent time, then id)."""
     if not ref.patient_key or not state.specialty or state.sent_at is None or state.status not in rf.OPEN_STATUSES:
         return []
-    window = timedelta(days=window_days)
-    others = sqlhot.other_open_same_specialty(conn, ref.patient_key, ref.id, state.specialty)
-    mine = (utc(state.sent_at), ref.id)
-    for other_id, other_sent in others:
-        theirs = (aware(other_sent), other_id)
-        if theirs < mine and abs(mine[0] - theirs[0]) <= window:  # type: ignore[operator]
-            return ["possible_duplicate"]
-    return []
+    earlier = sqlhot.earlier_open_same_specialty(conn, ref.patient_key, ref.id, state.specialty,
+                                                 state.sent_at.astimezone(UTC), timedelta(days=window_days))
+    return ["possible_duplicate"] if earlier else []
 
 
 # -- coordinator actions ----------------------------------------------------------------------------

@@ -279,9 +279,7 @@ def cms50(conn: Connection, year: int) -> dict[str, Any]:
     is one range of the partial index ``ix_referrals_cms50`` (``= 1`` is literal SQL so that the planner
     matches the index's condition), counting those whose first final note came after the referral and
     within the year."""
-    start = datetime(year, 1, 1, tzinfo=UTC)
-    cutoff = datetime(year, 11, 1, tzinfo=UTC)  # sent_at < 1 Nov 00:00 == on or before 31 Oct 23:59:59.999999
-    end = datetime(year + 1, 1, 1, tzinfo=UTC)
+    start, cutoff, end = rp.cms50_window(year)
     note = R.c.note_received_at
     met = and_(note.is_not(None), note > R.c.sent_at, note < end)
     row = conn.execute(select(func.count(), _count(met)).where(

@@ -17,7 +17,7 @@ through untouched (psycopg returns aware datetimes).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import Connection, DateTime, Table
@@ -105,9 +105,12 @@ class ReferralSql:
             "SELECT DISTINCT message_id FROM referral_events "
             f"WHERE referral_id IS NULL AND origin = '{_MESSAGE}' AND pending_key = {ph}"
         )
-        self.other_open_same_specialty = (
-            f"SELECT id, sent_at FROM referrals WHERE patient_key = {ph} AND status IN ({_OPEN_SQL}) "
-            f"AND id != {ph} AND specialty = {ph} AND sent_at IS NOT NULL"
+        # a range of ix_referrals_patient_first (patient, sent_at) bounded by the window: a patient with
+        # thousands of open referrals (a test patient) costs what the window holds, not all of them
+        self.earlier_open_same_specialty = (
+            f"SELECT 1 FROM referrals WHERE patient_key = {ph} AND sent_at >= {ph} AND sent_at <= {ph} "
+            f"AND status IN ({_OPEN_SQL}) AND specialty = {ph} AND id != {ph} AND (sent_at < {ph} OR id < {ph}) "
+            "LIMIT 1"
         )
 
     def marks(self, n: int) -> str:
@@ -186,13 +189,17 @@ def parked_messages(conn: Connection, keys: Sequence[str]) -> list[int]:
     return [m for (m,) in found]
 
 
-def other_open_same_specialty(conn: Connection, patient_key: str, rid: int, specialty: str) -> list[tuple[int, Any]]:
-    """``(id, sent_at)`` of the patient's other open referrals in a specialty; sent_at aware on both dialects."""
+def earlier_open_same_specialty(conn: Connection, patient_key: str, rid: int, specialty: str, sent: datetime,
+                                window: timedelta) -> bool:
+    """Whether the patient has another open referral in *specialty* sent within *window* before *sent*
+    (or at the same instant with a lower id): one bounded index range, no row read into Python."""
     sql = hot(conn)
-    rows = rawsql.rows(conn, sql.other_open_same_specialty, (patient_key, rid, specialty))
-    if sql.sqlite:
-        return [(i, sqlite_read_time(t)) for i, t in rows]
-    return [(i, t) for i, t in rows]
+
+    def t(moment: datetime) -> Any:
+        return sqlite_time(moment) if sql.sqlite else moment
+
+    params = (patient_key, t(sent - window), t(sent), specialty, rid, t(sent), rid)
+    return rawsql.first(conn, sql.earlier_open_same_specialty, params) is not None
 
 
 class ReferralRow:
