@@ -9,18 +9,17 @@ keys concerned (the fold in :func:`refloop.store.referrals.recompute`, a new pat
 :func:`refloop.store.referrals.get_or_create`, a merge of two patients in
 :func:`refloop.store.identity.person_key`).
 
-Why by year and in SQL: most patients have a handful of referrals, but a test patient that interface
-analysts send for years can have thousands, and reading them all into Python on every new referral made
-each apply of theirs grow with that count. Per year of the patient's referrals (found by index probes on
-``ix_referrals_patient_first``, one a year) the first candidate is one ordered lookup, and one UPDATE
-moves the mark within that year's range; nothing is read into Python but the ids.
+Why in SQL: most patients have a handful of referrals, but a test patient that interface analysts send
+for years can have thousands, and reading them all into Python on every new referral of theirs made each
+apply grow with that count. One statement ranks the patient's candidates per year inside the database
+and returns only the rows whose mark must change (usually none), so the common case stays one round trip
+and the test patient's costs a sort inside the database, not a transfer of every row.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
-from typing import Any
+from functools import cache
 
 from sqlalchemy import Connection
 
@@ -28,32 +27,28 @@ from refloop import report as rp
 from refloop.store import rawsql, sqlhot
 
 
+@cache
+def _changes_sql(dialect: str) -> str:
+    """One patient's rows whose mark differs from the rule of :func:`refloop.report.cms50_candidate` and
+    :func:`refloop.report.cms50_firsts`: candidates (sent 1 January to 31 October, UTC, not cancelled)
+    ranked by ``(sent_at, id)`` within their year; the first of each year is marked."""
+    if dialect == "sqlite":  # stored as 'YYYY-MM-DD HH:MM:SS.ffffff' in UTC
+        year, month, ph = "substr(sent_at, 1, 4)", "CAST(substr(sent_at, 6, 2) AS INTEGER)", "?"
+    else:
+        year, month, ph = ("extract(year FROM sent_at AT TIME ZONE 'UTC')",
+                           "extract(month FROM sent_at AT TIME ZONE 'UTC')", "%s")
+    candidate = f"(sent_at IS NOT NULL AND {month} <= 10 AND status <> '{rp.CMS50_EXCLUDED}')"
+    rank = f"row_number() OVER (PARTITION BY {candidate}, {year} ORDER BY sent_at, id)"
+    return (f"SELECT id, mark FROM (SELECT id, cms50_first, CASE WHEN {candidate} AND {rank} = 1 THEN 1 ELSE 0 END "
+            f"AS mark FROM referrals WHERE patient_key = {ph}) AS ranked WHERE mark <> cms50_first")
+
+
 def refresh(conn: Connection, patient_keys: Iterable[str]) -> None:
     """Re-mark the first candidates of these patients' referrals (in the caller's transaction). Driver-level
     SQL (:mod:`refloop.store.sqlhot`'s pattern): the fold calls this for every new referral, on the apply path."""
     sql = sqlhot.hot(conn)
-    ph = sql.ph
-
-    def t(moment: datetime) -> Any:
-        return sqlhot.sqlite_time(moment) if sql.sqlite else moment
-
+    find = _changes_sql(conn.dialect.name)
     for key in sorted({k for k in patient_keys if k}):
-        rawsql.execute(conn, f"UPDATE referrals SET cms50_first = 0 WHERE patient_key = {ph} AND sent_at IS NULL "
-                       "AND cms50_first <> 0", (key,))
-        after: datetime | None = None
-        while True:
-            sent = rawsql.first(conn, f"SELECT sent_at FROM referrals WHERE patient_key = {ph} AND sent_at "
-                                + (f">= {ph}" if after else "IS NOT NULL") + " ORDER BY sent_at LIMIT 1",
-                                (key, t(after)) if after else (key,))
-            if sent is None:
-                break
-            moment = sqlhot.sqlite_read_time(sent[0]) if sql.sqlite else sent[0]
-            start, cutoff, after = rp.cms50_window(moment.astimezone(UTC).year)  # type: ignore[union-attr]
-            first = rawsql.first(conn, f"SELECT id FROM referrals WHERE patient_key = {ph} AND sent_at >= {ph} "
-                                 f"AND sent_at < {ph} AND status <> {ph} ORDER BY sent_at, id LIMIT 1",
-                                 (key, t(start), t(cutoff), rp.CMS50_EXCLUDED))
-            fid = int(first[0]) if first is not None else 0  # ids start at 1: 0 marks nothing
-            mark = f"CASE WHEN id = {ph} THEN 1 ELSE 0 END"
-            rawsql.execute(conn, f"UPDATE referrals SET cms50_first = {mark} WHERE patient_key = {ph} "
-                           f"AND sent_at >= {ph} AND sent_at < {ph} AND cms50_first <> {mark}",
-                           (fid, key, t(start), t(after), fid))
+        changed = [(int(mark), int(rid)) for rid, mark in rawsql.rows(conn, find, (key,))]
+        if changed:
+            rawsql.executemany(conn, f"UPDATE referrals SET cms50_first = {sql.ph} WHERE id = {sql.ph}", changed)
