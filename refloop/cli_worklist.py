@@ -42,7 +42,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         print(json.dumps(result.as_json(), indent=2))
         return EXIT_OK
     for name in ("raised", "escalated", "resolved"):
-        rows: list[dict[str, Any]] = getattr(result, name)
+        rows = result.rows(name)
         print(f"{name}: {len(rows)}")
         if rows:
             _table(rows, _COLUMNS)

@@ -166,7 +166,7 @@ def test_window_change_recomputes_and_a_scan_in_between_agrees(db_url: str) -> N
                     repo.recompute(conn, rid, T0, windows=windows)
         result = stall_scan.run_scan(engine, new, T0 + timedelta(days=10))
         assert result is not None
-        results.append(sorted((ids.index(r["referral"]), r["stage"], r["level"]) for r in result.raised))
+        results.append(sorted((ids.index(r["referral"]), r["stage"], r["level"]) for r in result.rows("raised")))
         assert {stored(engine, rid).clock_version for rid in ids} == {windows.version}
         engine.dispose()
     assert results[0] == results[1]
@@ -189,7 +189,8 @@ def test_an_unrelated_event_keeps_the_moved_on_due_time(db_url: str) -> None:
         start=(T0 + timedelta(days=20)).isoformat())  # scheduling stops: look again at once to resolve it
     assert repo.aware(stored(engine, rid).next_due_at) == T0 + timedelta(days=17)
     result = stall_scan.run_scan(engine, s, T0 + timedelta(days=17, hours=1))
-    assert result is not None and [(r["stage"], r["status"]) for r in result.resolved] == [("scheduling", "resolved")]
+    assert result is not None
+    assert [(r["stage"], r["status"]) for r in result.rows("resolved")] == [("scheduling", "resolved")]
     assert repo.aware(stored(engine, rid).next_due_at) == T0 + timedelta(days=45)  # the visit window's end
     engine.dispose()
 

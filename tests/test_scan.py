@@ -73,18 +73,18 @@ def test_raise_once_escalate_in_place_resolve(db_url: str) -> None:
     """Day 15: scheduling level 1; same instant again: nothing; day 29: level 2 in place; booked: resolved."""
     engine, settings = engine_for(db_url), settings_for(db_url)
     rid = new_referral(engine)
-    assert not scan(engine, settings, T0 + timedelta(days=13)).raised
+    assert not scan(engine, settings, T0 + timedelta(days=13)).rows("raised")
     first = scan(engine, settings, T0 + timedelta(days=15))
-    assert [(r["referral"], r["stage"], r["level"]) for r in first.raised] == [(rid, "scheduling", 1)]
+    assert [(r["referral"], r["stage"], r["level"]) for r in first.rows("raised")] == [(rid, "scheduling", 1)]
     again = scan(engine, settings, T0 + timedelta(days=15))
     assert again.as_json() == {"raised": [], "escalated": [], "resolved": []}
     later = scan(engine, settings, T0 + timedelta(days=29))
-    assert [(r["stage"], r["level"]) for r in later.escalated] == [("scheduling", 2)]
+    assert [(r["stage"], r["level"]) for r in later.rows("escalated")] == [("scheduling", 2)]
     assert open_alerts(engine) == [(rid, "scheduling", 2, "open")]
     add_event(engine, rid, rf.APPOINTMENT_BOOKED, T0 + timedelta(days=30), appointment_id="A1",
               start=(T0 + timedelta(days=40)).isoformat())
     moved = scan(engine, settings, T0 + timedelta(days=31))
-    assert [(r["stage"], r["status"]) for r in moved.resolved] == [("scheduling", "resolved")]
+    assert [(r["stage"], r["status"]) for r in moved.rows("resolved")] == [("scheduling", "resolved")]
     assert open_alerts(engine) == []
     with engine.connect() as conn:  # the resolved row stays as history; a new stall may open a fresh one
         assert conn.execute(select(func.count()).select_from(alerts.ALERTS)).scalar() == 1
@@ -96,7 +96,7 @@ def test_missed_runs_are_caught_up(db_url: str) -> None:
     engine, settings = engine_for(db_url), settings_for(db_url)
     new_referral(engine)
     result = scan(engine, settings, T0 + timedelta(days=50))
-    assert sorted((r["stage"], r["level"]) for r in result.raised) == [("scheduling", 3), ("visit", 1)]
+    assert sorted((r["stage"], r["level"]) for r in result.rows("raised")) == [("scheduling", 3), ("visit", 1)]
     engine.dispose()
 
 
@@ -106,11 +106,12 @@ def test_hold_pauses_the_clock_and_ends_at_resume(db_url: str) -> None:
     rid = new_referral(engine)
     add_event(engine, rid, rf.HOLD_STARTED, T0 + timedelta(days=5),
               resume_at=(T0 + timedelta(days=15)).isoformat(), reason="patient travelling")
-    assert not scan(engine, settings, T0 + timedelta(days=20)).raised
+    assert not scan(engine, settings, T0 + timedelta(days=20)).rows("raised")
     with engine.connect() as conn:
         kinds = [r.kind for r in repo.load_events(conn, rid)]
     assert kinds.count(rf.HOLD_ENDED) == 1  # ended by the scan, at resume_at
-    assert [r["stage"] for r in scan(engine, settings, T0 + timedelta(days=24, hours=1)).raised] == ["scheduling"]
+    resumed = scan(engine, settings, T0 + timedelta(days=24, hours=1))
+    assert [r["stage"] for r in resumed.rows("raised")] == ["scheduling"]
     engine.dispose()
 
 
@@ -121,7 +122,7 @@ def test_closed_referral_is_not_scanned_and_alerts_resolve(db_url: str) -> None:
     scan(engine, settings, T0 + timedelta(days=15))
     add_event(engine, rid, rf.REFERRAL_CANCELLED, T0 + timedelta(days=16))
     result = scan(engine, settings, T0 + timedelta(days=17))
-    assert [r["referral"] for r in result.resolved] == [rid]
+    assert [r["referral"] for r in result.rows("resolved")] == [rid]
     assert open_alerts(engine) == []
     engine.dispose()
 
@@ -156,15 +157,16 @@ def test_scan_result_rows_are_the_alerts_as_the_scan_wrote_them(db_url: str) -> 
     written = stored(day15)
     with engine.begin() as conn:  # acted on before the scan's rows are read
         alerts.act(conn, settings, written[0]["alert_id"], "acknowledge", day15, actor="tester")
-    assert (len(first.raised), len(first.escalated), len(first.resolved)) == (2, 0, 0)
+    assert (len(first.rows("raised")), len(first.rows("escalated")), len(first.rows("resolved"))) == (2, 0, 0)
     assert first.as_json() == {"raised": written, "escalated": [], "resolved": []}
-    assert first.raised == written and first.escalated == [] and [r["status"] for r in first.raised] == ["open"] * 2
+    assert first.rows("raised") == written and first.rows("escalated") == []
+    assert [r["status"] for r in first.rows("raised")] == ["open"] * 2
     later = scan(engine, settings, day29)
     assert later.as_json()["escalated"] == stored(day29)  # the acknowledged alert reopened: it got worse
     add_event(engine, other, rf.REFERRAL_CANCELLED, day29 + timedelta(hours=1))
     before = stored(day31)[1]
     moved = scan(engine, settings, day31)
-    assert list(moved.resolved) == [{**before, "status": "resolved"}] and json.loads(json.dumps(moved.as_json()))
+    assert moved.rows("resolved") == [{**before, "status": "resolved"}] and json.loads(json.dumps(moved.as_json()))
     assert moved.as_json()["raised"] == moved.as_json()["escalated"] == [] and rid != other
     engine.dispose()
 
@@ -227,7 +229,7 @@ def test_concurrent_scans_on_postgres_make_one_set_of_alerts(pg_url: str) -> Non
     for t in threads:
         t.join(60)
     assert not errors
-    raised = sum(len(r.raised) for r in results if r is not None)
+    raised = sum(len(r.rows("raised")) for r in results if r is not None)
     assert raised == 20
     with setup.connect() as conn:
         assert conn.execute(select(func.count()).select_from(alerts.ALERTS)).scalar() == 20

@@ -78,7 +78,7 @@ def test_successive_scans_write_only_what_changed(store: tuple[str, Settings]) -
     url, settings = store
     engine = make_engine(DatabaseSettings(url=url))
     first = stall_scan.run_scan(engine, settings, AS_OF)
-    assert first is not None and first.raised
+    assert first is not None and first.rows("raised")
     assert open_levels(url) == expected_levels(url, settings, AS_OF)
 
     before = dump(url)

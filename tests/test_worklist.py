@@ -59,7 +59,7 @@ def test_actions_are_timeline_events_and_audited(db_url: str) -> None:
     settings = settings_for(db_url)
     rid = new_referral(engine)
     now = T0 + timedelta(days=15)
-    [raised] = scan(engine, settings, now).raised
+    [raised] = scan(engine, settings, now).rows("raised")
     aid = raised["alert_id"]
     with engine.begin() as conn:
         assert alerts.act(conn, settings, aid, "acknowledge", now, actor="dana")["status"] == "acknowledged"
@@ -88,7 +88,7 @@ def test_snooze_holds_through_escalation_until_its_date(db_url: str) -> None:
     settings = settings_for(db_url, webhook_url="http://127.0.0.1:9/hook")
     new_referral(engine)
     now = T0 + timedelta(days=15)
-    [raised] = scan(engine, settings, now).raised
+    [raised] = scan(engine, settings, now).rows("raised")
     with engine.begin() as conn:
         alerts.act(conn, settings, raised["alert_id"], "snooze", now, actor="dana", until=T0 + timedelta(days=35))
     scan(engine, settings, T0 + timedelta(days=29))
@@ -107,7 +107,7 @@ def test_close_by_hand_is_a_manual_closed_event(db_url: str) -> None:
     settings = settings_for(db_url)
     rid = new_referral(engine)
     now = T0 + timedelta(days=15)
-    [raised] = scan(engine, settings, now).raised
+    [raised] = scan(engine, settings, now).rows("raised")
     with engine.begin() as conn:
         with pytest.raises(alerts.ActionError):
             alerts.act(conn, settings, raised["alert_id"], "close", now, actor="dana")

@@ -99,11 +99,8 @@ class ScanResult:
     notifications: int = 0
 
     def rows(self, kind: str) -> list[dict[str, Any]]:
+        """The worklist rows of one kind of change: ``raised``, ``escalated`` or ``resolved``."""
         return [render(self.settings, s, self.now) for s in self.shown[kind]]
-
-    raised = property(lambda self: self.rows("raised"))
-    escalated = property(lambda self: self.rows("escalated"))
-    resolved = property(lambda self: self.rows("resolved"))
 
     def counts(self) -> dict[str, int]:
         """How many alerts were raised, escalated and resolved."""
