@@ -1,13 +1,14 @@
-"""Stall alerts: how they are written (raised, escalated, resolved, with their notifications), the worklist
-that shows them, and coordinator actions. The scan that finds due referrals is :mod:`refloop.store.scan`;
-the daily digest is :mod:`refloop.store.digest`.
+"""Stall alerts: how they are written (raised, escalated, resolved, with their notifications), the row each
+shows on the worklist (:func:`render`), and coordinator actions. The scan that finds due referrals is
+:mod:`refloop.store.scan`, the worklist's query :mod:`refloop.store.worklist_view`, the digest
+:mod:`refloop.store.digest`.
 
 Alerts are diffed, never recomputed wholesale: :func:`apply_diff` compares the open alerts of some referrals
 with their stage clocks (:mod:`refloop.stall`) and writes only what changed, in the caller's transaction,
 with every notification it causes enqueued there too (:mod:`refloop.store.outbox`). How overdue an alert
 is *now* is computed on read from the instant its window ended (``alerts.due_at``), so nothing is
 rewritten just because time passed. Levels are bounded (``stall.max_level``) and named
-(``stall.level_names``); :func:`level_name` gives a level's name.
+(``stall.level_names``, :func:`refloop.config.windows.level_name`).
 """
 
 from __future__ import annotations
