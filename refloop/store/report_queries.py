@@ -248,7 +248,7 @@ def monthly(conn: Connection, params: ReportParams) -> list[tuple[str, int, int]
     return out
 
 
-# -- leaks ------------------------------------------------------------------
+# -- leaks ---------------------------------------------------------------------------------------
 def leaks(conn: Connection, params: ReportParams, windows: Windows) -> list[dict[str, Any]]:
     """The first ``leak_limit`` leaks, oldest first (then by placer ID as rounded ages tie)."""
     if params.leak_limit <= 0:
