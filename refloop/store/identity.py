@@ -23,7 +23,7 @@ from sqlalchemy import Connection
 
 from refloop import referral as rf
 from refloop.store import cms50, rawsql
-from refloop.store.journal import sqlite_time
+from refloop.store.sqlhot import bind_time
 
 _OPEN_SQL = ", ".join(f"'{s}'" for s in sorted(s.value for s in rf.OPEN_STATUSES))
 
@@ -64,10 +64,6 @@ def _ph(conn: Connection) -> str:
     return "?" if conn.dialect.name == "sqlite" else "%s"
 
 
-def _time(conn: Connection, moment: datetime) -> Any:
-    return sqlite_time(moment) if conn.dialect.name == "sqlite" else moment
-
-
 # -- writes -----------------------------------------------------------------------------------------
 def add_referral_ids(conn: Connection, referral_id: int, ids: Sequence[Identifier]) -> None:
     """Add identifiers to a referral's set (a REF^I13 may bring more); existing ones are kept."""
@@ -106,7 +102,7 @@ def set_message_ids(conn: Connection, message_id: int, ids: Sequence[Identifier]
         rawsql.execute(conn, f"DELETE FROM message_identifiers WHERE message_id = {ph}", (message_id,))
     if not ids:
         return
-    at = _time(conn, received_at)
+    at = bind_time(conn, received_at)
     sql = ("INSERT INTO message_identifiers (message_id, id_hash, authority, received_at) "
            f"VALUES ({ph}, {ph}, {ph}, {ph})")
     rows = [(message_id, i.key, i.authority[:180], at) for i in ids]
@@ -167,7 +163,7 @@ def adoptable_messages(conn: Connection, keys: Sequence[str], since: datetime) -
     found = rawsql.rows(conn, (
         "SELECT DISTINCT i.message_id FROM message_identifiers i JOIN messages m ON m.id = i.message_id "
         f"WHERE i.id_hash IN ({_marks(conn, len(keys))}) AND i.received_at >= {ph} AND m.patient_key IS NOT NULL "
-        "ORDER BY i.message_id"), (*keys, _time(conn, since)))
+        "ORDER BY i.message_id"), (*keys, bind_time(conn, since)))
     return [int(r.message_id) for r in found]
 
 

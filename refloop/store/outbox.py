@@ -25,7 +25,7 @@ from sqlalchemy import Connection, Engine, Table, func, or_, select, update
 from refloop.store import rawsql
 from refloop.store.models import OutboxEntry
 from refloop.store.referrals import aware, iso, mark, utc
-from refloop.store.sqlhot import sqlite_time
+from refloop.store.sqlhot import bind_time
 
 OUTBOX: Table = OutboxEntry.__table__  # type: ignore[assignment]
 
@@ -43,7 +43,7 @@ def enqueue(conn: Connection, *, key: str, channel: str, event: str, now: dateti
             suppressed: bool = False) -> bool:
     """Add one notification in the caller's transaction; False if its key was already enqueued."""
     sql = _insert(conn.dialect.name)
-    stamp = sqlite_time(now) if conn.dialect.name == "sqlite" else utc(now)
+    stamp = bind_time(conn, utc(now))  # type: ignore[arg-type]
     added = rawsql.execute(conn, sql, (
         key[:255], channel, target[:255], event[:32], referral_id, alert_id,
         json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str),

@@ -53,6 +53,11 @@ def sqlite_time(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
+def bind_time(conn: Connection, moment: datetime) -> Any:
+    """A time as a driver-level parameter: SQLite's stored text (:func:`sqlite_time`), else the datetime."""
+    return sqlite_time(moment) if conn.dialect.name == "sqlite" else moment
+
+
 def sqlite_read_time(value: str | None) -> datetime | None:
     """A stored SQLite DateTime string as an aware UTC datetime (SQLAlchemy's value, then ``aware``)."""
     if value is None:
@@ -193,13 +198,9 @@ def earlier_open_same_specialty(conn: Connection, patient_key: str, rid: int, sp
                                 window: timedelta) -> bool:
     """Whether the patient has another open referral in *specialty* sent within *window* before *sent*
     (or at the same instant with a lower id): one bounded index range, no row read into Python."""
-    sql = hot(conn)
-
-    def t(moment: datetime) -> Any:
-        return sqlite_time(moment) if sql.sqlite else moment
-
-    params = (patient_key, t(sent - window), t(sent), specialty, rid, t(sent), rid)
-    return rawsql.first(conn, sql.earlier_open_same_specialty, params) is not None
+    at = bind_time(conn, sent)
+    params = (patient_key, bind_time(conn, sent - window), at, specialty, rid, at, rid)
+    return rawsql.first(conn, hot(conn).earlier_open_same_specialty, params) is not None
 
 
 class ReferralRow:
